@@ -1,0 +1,55 @@
+//! The one place where errors become errnos (and log levels).
+
+use crate::store::StoreError;
+
+#[derive(thiserror::Error, Debug)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("the object changed or vanished since it was opened")]
+    Stale,
+    #[error("the mount is read-only")]
+    ReadOnly,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("unknown file handle")]
+    BadHandle,
+    #[error("not supported: {0}")]
+    NotSupported(&'static str),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Stale => libc::ESTALE,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::BadHandle => libc::EBADF,
+            FsError::NotSupported(_) => libc::ENOTSUP,
+            FsError::Store(e) => match e {
+                StoreError::NotFound(_) => libc::ENOENT,
+                StoreError::PreconditionFailed(_) => libc::ESTALE,
+                StoreError::Unauthorized(_) => libc::EACCES,
+                StoreError::Conflict(_) => libc::EBUSY,
+                StoreError::BucketNotFound(_)
+                | StoreError::Throttled(_)
+                | StoreError::Transient(_)
+                | StoreError::Invalid(_) => libc::EIO,
+            },
+        }
+    }
+
+    /// Whether the error says something is wrong beyond the application's own request, and so
+    /// deserves a warning in the log (a missing file is an answer, not a problem).
+    pub fn is_unexpected(&self) -> bool {
+        matches!(self, FsError::Store(e) if !matches!(e, StoreError::NotFound(_)))
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;

@@ -1,0 +1,377 @@
+//! The filesystem, free of FUSE: inodes, handles and the semantics of each operation.
+//!
+//! `fuse/` decodes kernel requests and calls these async methods; everything here can be tested
+//! without a kernel. Inode numbers are assigned on first lookup of a (parent, name) pair and live
+//! until the kernel forgets them (lookup counting), so a path keeps its number while in use.
+//!
+//! LOCK ORDERING: `inodes` and `handles` are never held at the same time, and never across an
+//! `.await`.
+
+mod error;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+pub use error::{FsError, FsResult};
+
+use crate::meta::{Kind, Meta, Stat};
+use crate::read::Reader;
+use crate::store::{DynStore, Version};
+
+pub const ROOT_INO: u64 = 1;
+
+/// Settings of the filesystem view.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// Key prefix of the mount root (`""` or ending with `/`).
+    pub prefix: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    /// How long metadata (and the kernel's attribute and entry caches) may be reused.
+    pub metadata_ttl: std::time::Duration,
+    pub read_only: bool,
+}
+
+/// Attributes of an inode, as the kernel sees them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One entry of `readdir`.
+#[derive(Clone, Debug)]
+pub struct DirEntryOut {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// What `open` hands back.
+#[derive(Debug)]
+pub struct Opened {
+    pub fh: u64,
+    /// The kernel's page cache for this inode still holds this version's bytes.
+    pub keep_cache: bool,
+}
+
+struct Inode {
+    parent: u64,
+    name: String,
+    /// Full object key; for directories it ends with `/` (or is the empty bucket root).
+    key: String,
+    stat: Stat,
+    /// When `stat` was last confirmed by the store.
+    checked: Instant,
+    /// Kernel references (lookups minus forgets).
+    lookups: u64,
+    /// Version whose bytes the kernel page cache may hold (the last one opened).
+    cached_version: Option<Version>,
+}
+
+#[derive(Default)]
+struct InodeTable {
+    by_ino: HashMap<u64, Inode>,
+    by_name: HashMap<(u64, String), u64>,
+    next: u64,
+}
+
+enum Handle {
+    File(Arc<Reader>),
+    Dir(Arc<tokio::sync::OnceCell<Vec<DirEntryOut>>>, u64),
+}
+
+pub struct Fs {
+    store: DynStore,
+    meta: Arc<Meta>,
+    cfg: FsConfig,
+    inodes: Mutex<InodeTable>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    /// Shown as the mtime of directories, which a bucket does not record.
+    mounted_at: SystemTime,
+}
+
+impl Fs {
+    pub fn new(store: DynStore, cfg: FsConfig) -> Arc<Fs> {
+        let meta = Meta::new(store.clone(), cfg.metadata_ttl, cfg.prefix.is_empty());
+        let mut table = InodeTable {
+            next: ROOT_INO + 1,
+            ..Default::default()
+        };
+        table.by_ino.insert(
+            ROOT_INO,
+            Inode {
+                parent: ROOT_INO,
+                name: String::new(),
+                key: cfg.prefix.clone(),
+                stat: Stat::dir(),
+                checked: Instant::now(),
+                lookups: 1,
+                cached_version: None,
+            },
+        );
+        Arc::new(Fs {
+            store,
+            meta,
+            cfg,
+            inodes: Mutex::new(table),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            mounted_at: SystemTime::now(),
+        })
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    fn attr(&self, ino: u64, stat: &Stat) -> Attr {
+        Attr {
+            ino,
+            kind: stat.kind,
+            size: stat.size,
+            mtime: match stat.kind {
+                Kind::File => stat.mtime,
+                Kind::Dir => self.mounted_at,
+            },
+            perm: match stat.kind {
+                Kind::File => self.cfg.file_mode,
+                Kind::Dir => self.cfg.dir_mode,
+            },
+            uid: self.cfg.uid,
+            gid: self.cfg.gid,
+        }
+    }
+
+    /// (key, kind) of an inode.
+    fn inode_key(&self, ino: u64) -> FsResult<(String, Kind)> {
+        let t = self.inodes.lock().unwrap();
+        let i = t.by_ino.get(&ino).ok_or(FsError::NotFound)?;
+        Ok((i.key.clone(), i.stat.kind))
+    }
+
+    fn dir_key(&self, ino: u64) -> FsResult<String> {
+        match self.inode_key(ino)? {
+            (key, Kind::Dir) => Ok(key),
+            _ => Err(FsError::NotDir),
+        }
+    }
+
+    /// Records that the kernel now holds a reference to (parent, name) with `stat`.
+    fn remember(&self, parent: u64, name: &str, key: String, stat: Stat) -> Attr {
+        let mut t = self.inodes.lock().unwrap();
+        let existing = t.by_name.get(&(parent, name.to_string())).copied();
+        let ino = match existing {
+            Some(ino) if t.by_ino.get(&ino).is_some_and(|i| i.stat.kind == stat.kind) => {
+                let i = t.by_ino.get_mut(&ino).unwrap();
+                i.stat = stat.clone();
+                i.checked = Instant::now();
+                i.lookups += 1;
+                ino
+            }
+            _ => {
+                let ino = t.next;
+                t.next += 1;
+                t.by_ino.insert(
+                    ino,
+                    Inode {
+                        parent,
+                        name: name.to_string(),
+                        key,
+                        stat: stat.clone(),
+                        checked: Instant::now(),
+                        lookups: 1,
+                        cached_version: None,
+                    },
+                );
+                t.by_name.insert((parent, name.to_string()), ino);
+                ino
+            }
+        };
+        self.attr(ino, &stat)
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        let dir_key = self.dir_key(parent)?;
+        if crate::meta::check_name(name).is_err() || self.meta.is_reserved(&dir_key, name) {
+            return Err(FsError::NotFound);
+        }
+        let path_key = format!("{dir_key}{name}");
+        let stat = self
+            .meta
+            .resolve(&path_key)
+            .await?
+            .ok_or(FsError::NotFound)?;
+        let key = match stat.kind {
+            Kind::Dir => format!("{path_key}/"),
+            Kind::File => path_key,
+        };
+        Ok(self.remember(parent, name, key, stat))
+    }
+
+    pub fn forget(&self, ino: u64, nlookup: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut t = self.inodes.lock().unwrap();
+        let Some(i) = t.by_ino.get_mut(&ino) else {
+            return;
+        };
+        i.lookups = i.lookups.saturating_sub(nlookup);
+        if i.lookups == 0 {
+            let i = t.by_ino.remove(&ino).unwrap();
+            let name_key = (i.parent, i.name);
+            if t.by_name.get(&name_key) == Some(&ino) {
+                t.by_name.remove(&name_key);
+            }
+        }
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let (key, stat, fresh) = {
+            let t = self.inodes.lock().unwrap();
+            let i = t.by_ino.get(&ino).ok_or(FsError::NotFound)?;
+            (
+                i.key.clone(),
+                i.stat.clone(),
+                i.checked.elapsed() < self.cfg.metadata_ttl,
+            )
+        };
+        if stat.kind == Kind::Dir || fresh {
+            return Ok(self.attr(ino, &stat));
+        }
+        let stat = match self.meta.resolve(&key).await? {
+            Some(s) if s.kind == Kind::File => s,
+            _ => return Err(FsError::NotFound),
+        };
+        let mut t = self.inodes.lock().unwrap();
+        if let Some(i) = t.by_ino.get_mut(&ino) {
+            i.stat = stat.clone();
+            i.checked = Instant::now();
+        }
+        Ok(self.attr(ino, &stat))
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, h);
+        fh
+    }
+
+    /// Opens a file for reading, pinned to the version current now.
+    pub async fn open(&self, ino: u64, write: bool) -> FsResult<Opened> {
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let (key, kind) = self.inode_key(ino)?;
+        if kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let stat = match self.meta.resolve(&key).await? {
+            Some(s) if s.kind == Kind::File => s,
+            _ => return Err(FsError::NotFound),
+        };
+        let version = stat
+            .version
+            .clone()
+            .unwrap_or_else(|| Version(String::new()));
+        let keep_cache = {
+            let mut t = self.inodes.lock().unwrap();
+            let i = t.by_ino.get_mut(&ino).ok_or(FsError::NotFound)?;
+            let keep = i.cached_version.as_ref() == Some(&version) && i.stat.size == stat.size;
+            i.cached_version = Some(version.clone());
+            i.stat = stat.clone();
+            i.checked = Instant::now();
+            keep
+        };
+        let reader = Reader::new(self.store.clone(), key, version, stat.size);
+        let fh = self.add_handle(Handle::File(Arc::new(reader)));
+        Ok(Opened { fh, keep_cache })
+    }
+
+    fn reader(&self, fh: u64) -> FsResult<Arc<Reader>> {
+        match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::File(r)) => Ok(r.clone()),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
+        let reader = self.reader(fh)?;
+        reader.read(offset, size as u64).await
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+    }
+
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        self.dir_key(ino)?;
+        Ok(self.add_handle(Handle::Dir(Arc::new(tokio::sync::OnceCell::new()), ino)))
+    }
+
+    /// The directory's entries (without `.` and `..`), listed once per open handle so that
+    /// paging through them with offsets is consistent.
+    pub async fn readdir(&self, fh: u64) -> FsResult<Vec<DirEntryOut>> {
+        let (cell, ino) = match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::Dir(cell, ino)) => (cell.clone(), *ino),
+            _ => return Err(FsError::BadHandle),
+        };
+        let entries = cell
+            .get_or_try_init(|| async {
+                let dir_key = self.dir_key(ino)?;
+                let listed = self.meta.list_dir(&dir_key).await?;
+                let t = self.inodes.lock().unwrap();
+                Ok::<_, FsError>(
+                    listed
+                        .into_iter()
+                        .map(|e| {
+                            let ino = t
+                                .by_name
+                                .get(&(ino, e.name.clone()))
+                                .copied()
+                                .unwrap_or_else(|| synthetic_ino(&dir_key, &e.name));
+                            DirEntryOut {
+                                ino,
+                                kind: e.stat.kind,
+                                name: e.name,
+                            }
+                        })
+                        .collect(),
+                )
+            })
+            .await?;
+        Ok(entries.clone())
+    }
+
+    /// The parent inode of a directory (for `..`).
+    pub fn parent_of(&self, ino: u64) -> u64 {
+        let t = self.inodes.lock().unwrap();
+        t.by_ino.get(&ino).map(|i| i.parent).unwrap_or(ROOT_INO)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+    }
+}
+
+/// An inode number for a listed entry the kernel has not looked up yet. `readdir` numbers are
+/// informational (`ls -i`); the kernel uses the number from `lookup` for everything else. The
+/// high bit keeps them apart from assigned numbers.
+fn synthetic_ino(dir_key: &str, name: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir_key.hash(&mut h);
+    name.hash(&mut h);
+    h.finish() | (1 << 63)
+}

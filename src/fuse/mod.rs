@@ -1,0 +1,272 @@
+//! The thin FUSE adapter: decode a kernel request, call [`crate::fs::Fs`], reply or errno.
+//!
+//! Nothing else in the crate imports `fuser`. Each request becomes a task on the tokio runtime,
+//! so a slow store call never blocks the threads reading `/dev/fuse` and many reads of one file
+//! proceed in parallel (the kernel sends them asynchronously, `FUSE_ASYNC_READ`).
+//!
+//! Kernel settings, and why:
+//! - max read size: fuser negotiates `max_pages` from its 16 MiB write limit; the kernel caps it
+//!   at 256 pages, so each read request carries up to 1 MiB (instead of 128 KiB by default): 8x
+//!   fewer round trips through the kernel for large sequential reads.
+//! - readahead: 1 MiB (`max_readahead`), so the kernel asks for the next megabyte while the
+//!   application consumes this one; our own prefetcher looks further ahead.
+//! - keep-cache: an open of an unchanged object version keeps the kernel page cache, so a file
+//!   read twice is served from memory the second time.
+//! - attribute and entry TTLs: the `--metadata-ttl`, the same promise as our metadata cache.
+//! - two threads read `/dev/fuse` (with cloned fds): enough to keep dispatch off the critical path
+//!   on small machines; the work itself runs on the tokio runtime.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use crate::fs::{Attr, Fs, FsError, ROOT_INO};
+use crate::meta::Kind;
+
+/// Largest readahead we ask the kernel for (see the module docs).
+const MAX_READAHEAD: u32 = 1 << 20;
+
+pub struct FuseAdapter {
+    fs: Arc<Fs>,
+    rt: tokio::runtime::Handle,
+    ttl: Duration,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
+        let ttl = fs.config().metadata_ttl;
+        FuseAdapter { fs, rt, ttl }
+    }
+
+    fn spawn<F>(&self, f: impl FnOnce(Arc<Fs>) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.fs.clone()));
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+    }
+}
+
+/// Turns an fs error into the errno the application sees, logging the unexpected ones.
+fn errno(op: &str, e: FsError) -> Errno {
+    if e.is_unexpected() {
+        tracing::warn!(op, error = %e, "request failed");
+    } else {
+        tracing::debug!(op, error = %e, "request failed");
+    }
+    Errno::from_i32(e.errno())
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(MAX_READAHEAD);
+        // Enough concurrent background (readahead, async read) requests to keep parallel ranged
+        // GETs busy; the kernel default of 12 throttles large sequential reads.
+        let _ = config.set_max_background(64);
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let ttl = self.ttl;
+        let Some(name) = name.to_str().map(str::to_string) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        self.spawn(|fs| async move {
+            match fs.lookup(parent.0, &name).await {
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno("lookup", e)),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.ttl;
+        self.spawn(|fs| async move {
+            match fs.getattr(ino.0).await {
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Err(e) => reply.error(errno("getattr", e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY
+            || flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0;
+        self.spawn(|fs| async move {
+            match fs.open(ino.0, write).await {
+                Ok(o) => {
+                    let flags = if o.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(o.fh), flags)
+                }
+                Err(e) => reply.error(errno("open", e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(|fs| async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno("read", e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno("opendir", e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        self.spawn(|fs| async move {
+            let entries = match fs.readdir(fh.0).await {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno("readdir", e)),
+            };
+            let parent = if ino.0 == ROOT_INO {
+                ROOT_INO
+            } else {
+                fs.parent_of(ino.0)
+            };
+            // Offsets: 1 is ".", 2 is "..", 3 + i is entries[i]; each entry carries the offset of
+            // the one after it, as the kernel expects.
+            let dots = [(ino.0, Kind::Dir, "."), (parent, Kind::Dir, "..")];
+            let all = dots
+                .into_iter()
+                .chain(entries.iter().map(|e| (e.ino, e.kind, e.name.as_str())));
+            for (i, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(ino), i as u64 + 1, file_type(kind), name) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        // ENOSYS tells the kernel once that there are no extended attributes; it stops asking.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission checks, when wanted, are the kernel's (`default_permissions` with
+        // `--allow-other`); everything that can be looked up is accessible.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // A bucket has no fixed size; report a large, constant capacity so tools that check free
+        // space (installers, `df`) do not refuse to write.
+        const BLOCKS: u64 = 1 << 40;
+        reply.statfs(BLOCKS, BLOCKS, BLOCKS, 1 << 32, 1 << 32, 4096, 255, 4096);
+    }
+}

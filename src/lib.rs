@@ -1,0 +1,34 @@
+//! bucketfs: mount S3 buckets and local directories as a filesystem.
+//!
+//! ## Layout
+//! ```text
+//!             kernel FUSE
+//!                 |  (one request = one task)
+//!         +-------v--------+
+//!         |  fuse/          |  thin adapter: decode request -> call fs -> reply / errno
+//!         +-------+--------+
+//!         +-------v--------+
+//!         |  fs/            |  FUSE-free async filesystem: inodes, handles, semantics
+//!         +--+---------+---+
+//!            |         |
+//!   +--------v-+   +---v--------+
+//!   | read/    |   | meta/      |  per-handle reads pinned to a version; metadata cache + naming rule
+//!   +--+-------+   +---+--------+
+//!   +--v---------------v-----+
+//!   | store/                 |  ObjectStore trait: s3, local dir, in-memory (tests), retry policy
+//!   +------------------------+
+//! ```
+//! - [`cli`] parses arguments and maps failures to exit codes; [`config`] validates input.
+//! - [`mount`] mounts, serves until a signal, and unmounts cleanly.
+//! - [`fuse`] is the only module that knows `fuser`.
+//! - [`fs`] holds the semantics; [`meta`] decides what a key is and which keys can be names.
+//! - [`read`] reads object versions; [`store`] is the only door to a bucket.
+
+pub mod cli;
+pub mod config;
+pub mod fs;
+pub mod fuse;
+pub mod meta;
+pub mod mount;
+pub mod read;
+pub mod store;

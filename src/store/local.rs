@@ -1,0 +1,546 @@
+//! A local directory used as a bucket (`file:///path`): how a new user tries bucketfs with no
+//! cloud account, and a real backend with honest preconditions.
+//!
+//! Mapping: the object key `a/b/c` is the file `ROOT/a/b/c`; a directory `ROOT/a/` is the common
+//! prefix `a/`, and an *empty* directory is also the marker object `a/` (so `mkdir` is visible, as
+//! on a bucket with marker objects; a non-empty directory is implied by its contents). Keys that cannot be paths (`a//b`, `.` or `..` segments) are `Invalid`.
+//!
+//! Versions are `inode.mtime-nanos.size` of the file: every write replaces the file by an atomic
+//! `rename` of a fully written temporary file, so a new version is a new inode and a reader with
+//! the old file open keeps reading the old bytes (which `get_range` pins by comparing the open
+//! file's version).
+//!
+//! Preconditions hold across processes: create-if-absent publishes with `link(2)`, which fails
+//! atomically if the name exists; compare-and-replace and conditional delete run under an
+//! exclusive `flock` on the root directory, which every mutating call of every bucketfs process
+//! takes. Temporary files (`.bucketfs-tmp.*`) and multipart parts (under `.bucketfs/uploads/`) are
+//! never listed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{
+    ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload,
+    Version, page_of,
+};
+
+const TMP_PREFIX: &str = ".bucketfs-tmp.";
+const UPLOADS_DIR: &str = ".bucketfs/uploads";
+
+#[derive(Debug)]
+pub struct LocalStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    counter: AtomicU64,
+}
+
+impl LocalStore {
+    /// Opens `root`, which must be an existing directory.
+    pub fn new(root: impl Into<PathBuf>) -> StoreResult<Self> {
+        let root = root.into();
+        match fs::metadata(&root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(StoreError::BucketNotFound(format!(
+                    "{} is not a directory",
+                    root.display()
+                )));
+            }
+            Err(_) => {
+                return Err(StoreError::BucketNotFound(format!(
+                    "directory {} does not exist",
+                    root.display()
+                )));
+            }
+        }
+        Ok(LocalStore {
+            inner: Arc::new(Inner {
+                root,
+                counter: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Transient(format!("local store task failed: {e}")))?
+    }
+}
+
+fn io_err(what: &str, e: io::Error) -> StoreError {
+    match e.kind() {
+        io::ErrorKind::NotFound => StoreError::NotFound(what.to_string()),
+        io::ErrorKind::PermissionDenied => StoreError::Unauthorized(format!("{what}: {e}")),
+        io::ErrorKind::AlreadyExists => StoreError::PreconditionFailed(what.to_string()),
+        _ if e.raw_os_error() == Some(libc::ENOTDIR) => StoreError::NotFound(what.to_string()),
+        _ if e.raw_os_error() == Some(libc::EISDIR) => {
+            StoreError::Conflict(format!("{what}: a directory has this name"))
+        }
+        _ if e.raw_os_error() == Some(libc::ENOSPC) => {
+            StoreError::Invalid(format!("{what}: no space left on device"))
+        }
+        _ => StoreError::Transient(format!("{what}: {e}")),
+    }
+}
+
+fn version_of(m: &fs::Metadata) -> Version {
+    if m.is_dir() {
+        return Version("dir".to_string());
+    }
+    let mtime = (m.mtime() as i128) * 1_000_000_000 + m.mtime_nsec() as i128;
+    Version(format!("{:x}.{:x}.{:x}", m.ino(), mtime, m.size()))
+}
+
+fn mtime_of(m: &fs::Metadata) -> SystemTime {
+    if m.mtime() >= 0 {
+        UNIX_EPOCH + Duration::new(m.mtime() as u64, m.mtime_nsec() as u32)
+    } else {
+        UNIX_EPOCH
+    }
+}
+
+fn meta_of(key: String, m: &fs::Metadata) -> ObjectMeta {
+    ObjectMeta {
+        key,
+        size: if m.is_dir() { 0 } else { m.size() },
+        version: version_of(m),
+        last_modified: mtime_of(m),
+    }
+}
+
+/// Names the store itself uses inside the root; never listed as objects.
+fn is_internal(name: &str) -> bool {
+    name.starts_with(TMP_PREFIX)
+}
+
+fn is_empty_dir(path: &Path) -> bool {
+    fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
+}
+
+/// An exclusive `flock` on the root directory, held for the life of the guard.
+struct RootLock {
+    /// Held open for the lock; closing it releases the flock.
+    _dir: File,
+}
+
+impl RootLock {
+    fn take(root: &Path) -> StoreResult<RootLock> {
+        let f = File::open(root).map_err(|e| io_err("lock store root", e))?;
+        // SAFETY: flock on a valid, owned file descriptor.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(io_err("lock store root", io::Error::last_os_error()));
+        }
+        Ok(RootLock { _dir: f })
+    }
+}
+
+impl Inner {
+    /// The path of `key`, refusing keys that are not clean relative paths.
+    fn path(&self, key: &str) -> StoreResult<PathBuf> {
+        let trimmed = key.strip_suffix('/').unwrap_or(key);
+        if trimmed.is_empty() {
+            return Ok(self.root.clone());
+        }
+        let mut p = self.root.clone();
+        for seg in trimmed.split('/') {
+            if seg.is_empty() || seg == "." || seg == ".." || seg.contains('\0') {
+                return Err(StoreError::Invalid(format!(
+                    "key {key:?} cannot be stored in a local directory"
+                )));
+            }
+            p.push(seg);
+        }
+        Ok(p)
+    }
+
+    fn tmp_path(&self, dir: &Path) -> PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        dir.join(format!("{TMP_PREFIX}{}.{n}", std::process::id()))
+    }
+
+    fn current(&self, path: &Path) -> Option<fs::Metadata> {
+        fs::metadata(path).ok()
+    }
+
+    /// Publishes the fully written `tmp` at `key` if `pre` holds. Consumes `tmp` either way.
+    fn commit(&self, key: &str, tmp: &Path, pre: &Precondition) -> StoreResult<Version> {
+        let result = self.commit_inner(key, tmp, pre);
+        let _ = fs::remove_file(tmp);
+        result
+    }
+
+    fn commit_inner(&self, key: &str, tmp: &Path, pre: &Precondition) -> StoreResult<Version> {
+        let path = self.path(key)?;
+        let _lock = RootLock::take(&self.root)?;
+        match pre {
+            Precondition::IfAbsent => {
+                fs::hard_link(tmp, &path).map_err(|e| io_err(key, e))?;
+            }
+            Precondition::IfVersion(v) => {
+                match self.current(&path) {
+                    Some(m) if version_of(&m) == *v && !m.is_dir() => {}
+                    _ => return Err(StoreError::PreconditionFailed(key.to_string())),
+                }
+                fs::rename(tmp, &path).map_err(|e| io_err(key, e))?;
+            }
+            Precondition::None => {
+                fs::rename(tmp, &path).map_err(|e| io_err(key, e))?;
+            }
+        }
+        let m = fs::metadata(&path).map_err(|e| io_err(key, e))?;
+        Ok(version_of(&m))
+    }
+
+    /// Writes `body` to a new temporary file next to `key`'s path.
+    fn stage(
+        &self,
+        key: &str,
+        write: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> StoreResult<PathBuf> {
+        let path = self.path(key)?;
+        let dir = path
+            .parent()
+            .ok_or_else(|| StoreError::Invalid(format!("key {key:?} has no parent")))?;
+        fs::create_dir_all(dir).map_err(|e| io_err(key, e))?;
+        let tmp = self.tmp_path(dir);
+        let result = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            write(&mut f)?;
+            f.sync_data()
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(key, e));
+        }
+        Ok(tmp)
+    }
+
+    fn put(&self, key: &str, body: &[u8], pre: &Precondition) -> StoreResult<Version> {
+        if key.ends_with('/') {
+            // A directory marker.
+            let path = self.path(key)?;
+            let _lock = RootLock::take(&self.root)?;
+            if *pre == Precondition::IfAbsent && path.exists() {
+                return Err(StoreError::PreconditionFailed(key.to_string()));
+            }
+            fs::create_dir_all(&path).map_err(|e| io_err(key, e))?;
+            return Ok(Version("dir".into()));
+        }
+        let tmp = self.stage(key, |f| f.write_all(body))?;
+        self.commit(key, &tmp, pre)
+    }
+
+    fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        let path = self.path(key)?;
+        let m = fs::metadata(&path).map_err(|e| io_err(key, e))?;
+        if m.is_dir() != key.ends_with('/') || key.is_empty() {
+            return Err(StoreError::NotFound(key.to_string()));
+        }
+        Ok(meta_of(key.to_string(), &m))
+    }
+
+    fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_version: Option<&Version>,
+    ) -> StoreResult<Bytes> {
+        let path = self.path(key)?;
+        let f = File::open(&path).map_err(|e| io_err(key, e))?;
+        let m = f.metadata().map_err(|e| io_err(key, e))?;
+        if m.is_dir() {
+            return Err(StoreError::NotFound(key.to_string()));
+        }
+        if let Some(v) = if_version
+            && version_of(&m) != *v
+        {
+            return Err(StoreError::PreconditionFailed(key.to_string()));
+        }
+        let len = m.size();
+        if range.start >= len && !(range.start == 0 && len == 0) {
+            return Err(StoreError::Invalid(format!(
+                "range {range:?} outside object of {len} bytes"
+            )));
+        }
+        let end = range.end.min(len);
+        let mut buf = vec![0u8; (end - range.start) as usize];
+        f.read_exact_at(&mut buf, range.start)
+            .map_err(|e| io_err(key, e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Every object under the directory `dir` (key prefix `dir_key`), recursively, with a marker
+    /// for each directory; `recursive == false` stops at one level (markers stand for subdirs).
+    fn walk(
+        &self,
+        dir: &Path,
+        dir_key: &str,
+        name_filter: &str,
+        recursive: bool,
+        out: &mut Vec<ObjectMeta>,
+    ) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(name) = entry.file_name().into_string() else {
+                tracing::warn!(dir = %dir.display(), "skipping a file name that is not UTF-8");
+                continue;
+            };
+            if !name.starts_with(name_filter) || is_internal(&name) {
+                continue;
+            }
+            if format!("{dir_key}{name}") == UPLOADS_DIR {
+                // Multipart parts in progress: not objects (other `.bucketfs/` keys, such as
+                // lock objects, are).
+                continue;
+            }
+            let Ok(m) = fs::metadata(entry.path()) else {
+                continue;
+            };
+            if m.is_dir() {
+                let key = format!("{dir_key}{name}/");
+                if !recursive || is_empty_dir(&entry.path()) {
+                    // One level: the marker stands for the subdirectory (it rolls up into a
+                    // common prefix). Recursive: only an empty directory needs its marker to
+                    // exist; a non-empty one is implied by its contents, as on a bucket.
+                    out.push(meta_of(key.clone(), &m));
+                } else {
+                    self.walk(&entry.path(), &key, "", true, out);
+                }
+            } else if m.is_file() {
+                out.push(meta_of(format!("{dir_key}{name}"), &m));
+            }
+        }
+    }
+
+    fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        page: Option<String>,
+        max_keys: usize,
+    ) -> StoreResult<ListPage> {
+        let (dir_key, partial) = match prefix.rfind('/') {
+            Some(i) => (&prefix[..=i], &prefix[i + 1..]),
+            None => ("", prefix),
+        };
+        let dir = match self.path(dir_key) {
+            Ok(d) => d,
+            // A prefix that no path can hold matches nothing.
+            Err(StoreError::Invalid(_)) => return Ok(ListPage::default()),
+            Err(e) => return Err(e),
+        };
+        let mut all = Vec::new();
+        if partial.is_empty()
+            && !dir_key.is_empty()
+            && is_empty_dir(&dir)
+            && let Ok(m) = fs::metadata(&dir)
+        {
+            all.push(meta_of(dir_key.to_string(), &m));
+        }
+        // A delimiter other than "/" cannot use the directory shape; walk everything.
+        let recursive = delimiter != Some("/");
+        self.walk(&dir, dir_key, partial, recursive, &mut all);
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(page_of(all, prefix, delimiter, page, max_keys))
+    }
+
+    fn uploads_dir(&self, id: &str) -> PathBuf {
+        self.root.join(UPLOADS_DIR).join(id)
+    }
+
+    fn delete(&self, key: &str, pre: &Precondition) -> StoreResult<()> {
+        let path = self.path(key)?;
+        let _lock = RootLock::take(&self.root)?;
+        let current = self.current(&path);
+        match pre {
+            Precondition::None => {}
+            Precondition::IfAbsent => {
+                return Err(StoreError::Invalid(
+                    "delete if absent makes no sense".into(),
+                ));
+            }
+            Precondition::IfVersion(v) => match &current {
+                Some(m) if version_of(m) == *v => {}
+                _ => return Err(StoreError::PreconditionFailed(key.to_string())),
+            },
+        }
+        match current {
+            None => Ok(()),
+            Some(m) if m.is_dir() => {
+                if !key.ends_with('/') {
+                    return Ok(());
+                }
+                // A marker of a non-empty directory: the directory stays (implicitly).
+                match fs::remove_dir(&path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Ok(()),
+                    Err(e) => Err(io_err(key, e)),
+                }
+            }
+            Some(_) => {
+                if key.ends_with('/') {
+                    return Ok(());
+                }
+                match fs::remove_file(&path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(io_err(key, e)),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for LocalStore {
+    fn describe(&self) -> String {
+        format!("file://{}", self.inner.root.display())
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        let key = key.to_string();
+        self.blocking(move |s| s.head(&key)).await
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_version: Option<&Version>,
+    ) -> StoreResult<Bytes> {
+        let key = key.to_string();
+        let v = if_version.cloned();
+        self.blocking(move |s| s.get_range(&key, range, v.as_ref()))
+            .await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        page: Option<String>,
+        max_keys: usize,
+    ) -> StoreResult<ListPage> {
+        let prefix = prefix.to_string();
+        let delimiter = delimiter.map(str::to_string);
+        self.blocking(move |s| s.list(&prefix, delimiter.as_deref(), page, max_keys))
+            .await
+    }
+
+    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version> {
+        let key = key.to_string();
+        self.blocking(move |s| s.put(&key, &body, &pre)).await
+    }
+
+    async fn start_upload(&self, key: &str) -> StoreResult<Upload> {
+        let key = key.to_string();
+        self.blocking(move |s| {
+            s.path(&key)?;
+            let id = format!(
+                "{}.{}.{}",
+                std::process::id(),
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+                s.counter.fetch_add(1, Ordering::Relaxed)
+            );
+            fs::create_dir_all(s.uploads_dir(&id)).map_err(|e| io_err(&key, e))?;
+            Ok(Upload { key, id })
+        })
+        .await
+    }
+
+    async fn upload_part(&self, upload: &Upload, number: u32, body: Bytes) -> StoreResult<Part> {
+        let upload = upload.clone();
+        self.blocking(move |s| {
+            let dir = s.uploads_dir(&upload.id);
+            if !dir.is_dir() {
+                return Err(StoreError::NotFound(format!("upload {}", upload.id)));
+            }
+            let path = dir.join(format!("{number:08}"));
+            fs::write(&path, &body).map_err(|e| io_err(&upload.key, e))?;
+            Ok(Part {
+                number,
+                tag: format!("{number}"),
+            })
+        })
+        .await
+    }
+
+    async fn complete_upload(
+        &self,
+        upload: &Upload,
+        parts: Vec<Part>,
+        pre: Precondition,
+    ) -> StoreResult<Version> {
+        let upload = upload.clone();
+        self.blocking(move |s| {
+            let dir = s.uploads_dir(&upload.id);
+            if !dir.is_dir() {
+                return Err(StoreError::NotFound(format!("upload {}", upload.id)));
+            }
+            let tmp = s.stage(&upload.key, |f| {
+                for p in &parts {
+                    let mut part = File::open(dir.join(format!("{:08}", p.number)))?;
+                    io::copy(&mut part, f)?;
+                }
+                Ok(())
+            })?;
+            let v = s.commit(&upload.key, &tmp, &pre)?;
+            let _ = fs::remove_dir_all(&dir);
+            Ok(v)
+        })
+        .await
+    }
+
+    async fn abort_upload(&self, upload: &Upload) -> StoreResult<()> {
+        let id = upload.id.clone();
+        self.blocking(move |s| {
+            let _ = fs::remove_dir_all(s.uploads_dir(&id));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn copy(&self, src: &str, dst: &str, pre: Precondition) -> StoreResult<Version> {
+        let (src, dst) = (src.to_string(), dst.to_string());
+        self.blocking(move |s| {
+            let src_path = s.path(&src)?;
+            let mut from = File::open(&src_path).map_err(|e| io_err(&src, e))?;
+            if from.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+                return Err(StoreError::NotFound(src.clone()));
+            }
+            let tmp = s.stage(&dst, |f| io::copy(&mut from, f).map(|_| ()))?;
+            s.commit(&dst, &tmp, &pre)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {
+        let key = key.to_string();
+        self.blocking(move |s| s.delete(&key, &pre)).await
+    }
+}

@@ -1,0 +1,312 @@
+//! An in-memory store with scriptable faults, for fast unit tests and fault injection.
+//!
+//! It keeps the same semantics as the real backends (the conformance suite runs against it too),
+//! and adds what real servers cannot do on demand: fail the next N calls of one operation with a
+//! chosen error, delay them, or hang them, and count calls per operation (to prove, for example,
+//! that a cached block is not fetched twice).
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+
+use super::{
+    ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload,
+    Version, page_of,
+};
+
+/// The store operations faults can be attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Head,
+    GetRange,
+    List,
+    Put,
+    StartUpload,
+    UploadPart,
+    CompleteUpload,
+    AbortUpload,
+    Copy,
+    Delete,
+}
+
+/// What happens to a call that a fault applies to.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Fail with this error.
+    Error(StoreError),
+    /// Answer normally, but only after this long.
+    Delay(Duration),
+    /// Never answer (until the caller gives up).
+    Hang,
+}
+
+#[derive(Clone, Debug)]
+struct Object {
+    data: Bytes,
+    version: u64,
+    modified: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    objects: BTreeMap<String, Object>,
+    uploads: HashMap<String, (String, BTreeMap<u32, Bytes>)>,
+    /// Scripted faults per operation: (fault, remaining count).
+    faults: HashMap<Op, Vec<(Fault, usize)>>,
+    calls: HashMap<Op, u64>,
+}
+
+#[derive(Debug)]
+pub struct MemStore {
+    bucket: String,
+    state: Mutex<State>,
+    next_version: AtomicU64,
+}
+
+impl MemStore {
+    pub fn new(bucket: &str) -> Self {
+        MemStore {
+            bucket: bucket.to_string(),
+            state: Mutex::new(State::default()),
+            next_version: AtomicU64::new(1),
+        }
+    }
+
+    /// Applies `fault` to the next `times` calls of `op` (after any faults already queued).
+    pub fn inject(&self, op: Op, fault: Fault, times: usize) {
+        let mut st = self.state.lock().unwrap();
+        st.faults.entry(op).or_default().push((fault, times));
+    }
+
+    /// Removes every queued fault.
+    pub fn clear_faults(&self) {
+        self.state.lock().unwrap().faults.clear();
+    }
+
+    /// How many times `op` was called (faulted calls included).
+    pub fn calls(&self, op: Op) -> u64 {
+        *self.state.lock().unwrap().calls.get(&op).unwrap_or(&0)
+    }
+
+    /// Number of multipart uploads started and neither completed nor aborted.
+    pub fn open_uploads(&self) -> usize {
+        self.state.lock().unwrap().uploads.len()
+    }
+
+    async fn enter(&self, op: Op) -> StoreResult<()> {
+        let fault = {
+            let mut st = self.state.lock().unwrap();
+            *st.calls.entry(op).or_default() += 1;
+            let queue = st.faults.entry(op).or_default();
+            let fault = queue.first_mut().map(|(f, n)| {
+                *n -= 1;
+                f.clone()
+            });
+            if queue.first().is_some_and(|(_, n)| *n == 0) {
+                queue.remove(0);
+            }
+            fault
+        };
+        match fault {
+            None => Ok(()),
+            Some(Fault::Error(e)) => Err(e),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
+            Some(Fault::Hang) => std::future::pending().await,
+        }
+    }
+
+    fn version_of(v: u64) -> Version {
+        Version(format!("v{v}"))
+    }
+
+    fn meta(key: &str, o: &Object) -> ObjectMeta {
+        ObjectMeta {
+            key: key.to_string(),
+            size: o.data.len() as u64,
+            version: Self::version_of(o.version),
+            last_modified: o.modified,
+        }
+    }
+
+    fn check(st: &State, key: &str, pre: &Precondition) -> StoreResult<()> {
+        let current = st.objects.get(key);
+        let ok = match pre {
+            Precondition::None => true,
+            Precondition::IfAbsent => current.is_none(),
+            Precondition::IfVersion(v) => {
+                current.is_some_and(|o| Self::version_of(o.version) == *v)
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(StoreError::PreconditionFailed(key.to_string()))
+        }
+    }
+
+    fn store(&self, st: &mut State, key: &str, data: Bytes) -> Version {
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        st.objects.insert(
+            key.to_string(),
+            Object {
+                data,
+                version,
+                modified: SystemTime::now(),
+            },
+        );
+        Self::version_of(version)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for MemStore {
+    fn describe(&self) -> String {
+        format!("mem://{}", self.bucket)
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        self.enter(Op::Head).await?;
+        let st = self.state.lock().unwrap();
+        st.objects
+            .get(key)
+            .map(|o| Self::meta(key, o))
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_version: Option<&Version>,
+    ) -> StoreResult<Bytes> {
+        self.enter(Op::GetRange).await?;
+        let st = self.state.lock().unwrap();
+        let o = st
+            .objects
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        if let Some(v) = if_version
+            && Self::version_of(o.version) != *v
+        {
+            return Err(StoreError::PreconditionFailed(key.to_string()));
+        }
+        let len = o.data.len() as u64;
+        if range.start >= len && !(range.start == 0 && len == 0) {
+            return Err(StoreError::Invalid(format!(
+                "range {range:?} outside object of {len} bytes"
+            )));
+        }
+        let end = range.end.min(len);
+        Ok(o.data.slice(range.start as usize..end as usize))
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        page: Option<String>,
+        max_keys: usize,
+    ) -> StoreResult<ListPage> {
+        self.enter(Op::List).await?;
+        let st = self.state.lock().unwrap();
+        let all = st
+            .objects
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, o)| Self::meta(k, o));
+        Ok(page_of(all, prefix, delimiter, page, max_keys))
+    }
+
+    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version> {
+        self.enter(Op::Put).await?;
+        let mut st = self.state.lock().unwrap();
+        Self::check(&st, key, &pre)?;
+        Ok(self.store(&mut st, key, body))
+    }
+
+    async fn start_upload(&self, key: &str) -> StoreResult<Upload> {
+        self.enter(Op::StartUpload).await?;
+        let id = format!("u{}", self.next_version.fetch_add(1, Ordering::Relaxed));
+        let mut st = self.state.lock().unwrap();
+        st.uploads
+            .insert(id.clone(), (key.to_string(), BTreeMap::new()));
+        Ok(Upload {
+            key: key.to_string(),
+            id,
+        })
+    }
+
+    async fn upload_part(&self, upload: &Upload, number: u32, body: Bytes) -> StoreResult<Part> {
+        self.enter(Op::UploadPart).await?;
+        let mut st = self.state.lock().unwrap();
+        let (_, parts) = st
+            .uploads
+            .get_mut(&upload.id)
+            .ok_or_else(|| StoreError::NotFound(format!("upload {}", upload.id)))?;
+        parts.insert(number, body);
+        Ok(Part {
+            number,
+            tag: format!("{}-{number}", upload.id),
+        })
+    }
+
+    async fn complete_upload(
+        &self,
+        upload: &Upload,
+        parts: Vec<Part>,
+        pre: Precondition,
+    ) -> StoreResult<Version> {
+        self.enter(Op::CompleteUpload).await?;
+        let mut st = self.state.lock().unwrap();
+        Self::check(&st, &upload.key, &pre)?;
+        let (_, stored) = st
+            .uploads
+            .remove(&upload.id)
+            .ok_or_else(|| StoreError::NotFound(format!("upload {}", upload.id)))?;
+        let mut body = BytesMut::new();
+        for p in &parts {
+            let data = stored
+                .get(&p.number)
+                .ok_or_else(|| StoreError::Invalid(format!("part {} missing", p.number)))?;
+            body.extend_from_slice(data);
+        }
+        Ok(self.store(&mut st, &upload.key, body.freeze()))
+    }
+
+    async fn abort_upload(&self, upload: &Upload) -> StoreResult<()> {
+        self.enter(Op::AbortUpload).await?;
+        self.state.lock().unwrap().uploads.remove(&upload.id);
+        Ok(())
+    }
+
+    async fn copy(&self, src: &str, dst: &str, pre: Precondition) -> StoreResult<Version> {
+        self.enter(Op::Copy).await?;
+        let mut st = self.state.lock().unwrap();
+        let data = st
+            .objects
+            .get(src)
+            .ok_or_else(|| StoreError::NotFound(src.to_string()))?
+            .data
+            .clone();
+        Self::check(&st, dst, &pre)?;
+        Ok(self.store(&mut st, dst, data))
+    }
+
+    async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {
+        self.enter(Op::Delete).await?;
+        let mut st = self.state.lock().unwrap();
+        if pre != Precondition::None {
+            Self::check(&st, key, &pre)?;
+        }
+        st.objects.remove(key);
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! The object store: the only door to a bucket.
+//!
+//! Every backend (S3, local directory, in-memory) implements [`ObjectStore`] with the same
+//! semantics, and one conformance suite (`tests/conformance.rs`) checks each of them against the
+//! same cases, so the in-memory store used by fast unit tests cannot drift from the real servers.
+//!
+//! The rules every backend keeps:
+//! - A *version* is the backend's own change token (S3 ETag, a local file's inode+mtime+size, a
+//!   counter in memory). Any change to an object's bytes changes its version.
+//! - `get_range` with `if_version` fails with [`StoreError::PreconditionFailed`] when the object
+//!   changed: readers pinned to the version seen at open never mix two versions.
+//! - Writes take a typed [`Precondition`]; a failed one is `PreconditionFailed`, never a silent
+//!   overwrite. Backends that cannot honour a precondition must say so, not ignore it.
+//! - Errors are classified once, here, into [`StoreError`]; retrying the transient ones with
+//!   jittered backoff happens in exactly one place, [`retry::Retrying`].
+
+pub mod local;
+pub mod mem;
+pub mod retry;
+pub mod s3;
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// The change token of one object version (S3 ETag, GCS generation, ...). Opaque to callers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Version(pub String);
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What `head` and `list` say about one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Full object key, including any mount prefix.
+    pub key: String,
+    pub size: u64,
+    pub version: Version,
+    pub last_modified: SystemTime,
+}
+
+/// One page of a listing. Keys and prefixes are full keys, in lexicographic order.
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectMeta>,
+    /// Common prefixes (with the delimiter at the end), when listing with a delimiter.
+    pub prefixes: Vec<String>,
+    /// Continuation token for the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// A condition a write must meet, checked atomically by the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// Create only: fails if any object exists at the key (S3 `If-None-Match: *`).
+    IfAbsent,
+    /// Replace only this version (S3 `If-Match`).
+    IfVersion(Version),
+}
+
+/// An in-progress multipart upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    pub key: String,
+    pub id: String,
+}
+
+/// A part that was uploaded, as `complete_upload` needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// 1-based part number.
+    pub number: u32,
+    pub tag: String,
+}
+
+/// Store errors, classified so callers can match on what matters to them.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("bucket not found: {0}")]
+    BucketNotFound(String),
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
+    #[error("conflicting concurrent request: {0}")]
+    Conflict(String),
+    #[error("throttled by the store: {0}")]
+    Throttled(String),
+    #[error("transient store error: {0}")]
+    Transient(String),
+    #[error("not authorized: {0}")]
+    Unauthorized(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// Errors worth trying again: the same request may succeed a moment later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Throttled(_) | StoreError::Transient(_))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The operations bucketfs needs from a bucket. See the module docs for the shared semantics.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
+    /// A short human description for logs and errors, e.g. `s3://bucket`.
+    fn describe(&self) -> String;
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta>;
+
+    /// Bytes `range` of `key`; shorter only at the end of the object. With `if_version`, fails
+    /// with `PreconditionFailed` if the object is no longer that version.
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_version: Option<&Version>,
+    ) -> StoreResult<Bytes>;
+
+    /// One page of keys under `prefix`. With a delimiter, keys containing it after the prefix are
+    /// rolled up into common prefixes. `max_keys` is an upper bound, not a promise.
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        page: Option<String>,
+        max_keys: usize,
+    ) -> StoreResult<ListPage>;
+
+    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version>;
+
+    async fn start_upload(&self, key: &str) -> StoreResult<Upload>;
+    async fn upload_part(&self, upload: &Upload, number: u32, body: Bytes) -> StoreResult<Part>;
+    /// Publishes the upload atomically if `pre` holds; otherwise the upload stays open (abort it).
+    async fn complete_upload(
+        &self,
+        upload: &Upload,
+        parts: Vec<Part>,
+        pre: Precondition,
+    ) -> StoreResult<Version>;
+    async fn abort_upload(&self, upload: &Upload) -> StoreResult<()>;
+
+    /// Server-side copy of `src` to `dst`, with `pre` checked on `dst`.
+    async fn copy(&self, src: &str, dst: &str, pre: Precondition) -> StoreResult<Version>;
+    /// Deletes `key`. `Precondition::IfVersion` deletes only that version; deleting a missing key
+    /// without a precondition succeeds.
+    async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()>;
+}
+
+pub type DynStore = Arc<dyn ObjectStore>;
+
+/// Cuts one listing page out of `objects` (sorted by key, all keys), the same way for every
+/// backend that lists from a full sorted view (in-memory, local directory). The continuation token
+/// is the last key or common prefix returned.
+pub(crate) fn page_of(
+    objects: impl IntoIterator<Item = ObjectMeta>,
+    prefix: &str,
+    delimiter: Option<&str>,
+    page: Option<String>,
+    max_keys: usize,
+) -> ListPage {
+    let max_keys = max_keys.max(1);
+    let mut out = ListPage::default();
+    let mut emitted = 0usize;
+    let mut last: Option<String> = None;
+    for meta in objects {
+        let Some(rest) = meta.key.strip_prefix(prefix) else {
+            continue;
+        };
+        let (entry, rolled_up) = match delimiter.and_then(|d| rest.find(d).map(|i| (i, d.len()))) {
+            Some((i, dlen)) => (format!("{prefix}{}", &rest[..i + dlen]), true),
+            None => (meta.key.clone(), false),
+        };
+        if page.as_deref().is_some_and(|token| entry.as_str() <= token) {
+            continue;
+        }
+        if last.as_deref() == Some(entry.as_str()) {
+            continue;
+        }
+        if emitted == max_keys {
+            out.next = last.clone();
+            return out;
+        }
+        if rolled_up {
+            out.prefixes.push(entry.clone());
+        } else {
+            out.objects.push(meta);
+        }
+        emitted += 1;
+        last = Some(entry);
+    }
+    out
+}

@@ -1,0 +1,410 @@
+//! S3 (and S3-compatible servers) through the AWS SDK.
+//!
+//! Credentials come from the SDK's default chain: environment variables, shared profiles, web
+//! identity (IRSA on EKS), ECS and EC2 instance metadata. The SDK's own retries are disabled:
+//! retrying lives in [`super::retry`], so that every backend follows one policy.
+//!
+//! Conditional writes map to S3's: `IfAbsent` is `If-None-Match: *`, `IfVersion(etag)` is
+//! `If-Match`, on PutObject, CompleteMultipartUpload and DeleteObject. CopyObject has no
+//! condition on its destination, so a conditional copy is a multipart upload of `UploadPartCopy`
+//! parts completed with the condition; that is also how objects over 5 GiB are copied.
+
+use std::ops::Range;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+
+use super::{
+    ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload, Version,
+};
+
+/// Largest single part of a server-side multipart copy (S3 allows up to 5 GiB per part).
+const COPY_PART_SIZE: u64 = 1 << 30;
+
+/// How to reach the bucket.
+#[derive(Clone, Debug, Default)]
+pub struct S3Options {
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+impl S3Store {
+    pub async fn new(bucket: &str, opts: &S3Options) -> StoreResult<Self> {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &opts.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(url) = &opts.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let shared = loader.load().await;
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    // An unreachable endpoint must fail in seconds, not minutes.
+                    .connect_timeout(Duration::from_secs(3))
+                    .read_timeout(Duration::from_secs(30))
+                    .build(),
+            )
+            .force_path_style(opts.force_path_style);
+        if shared.region().is_none() {
+            // S3-compatible servers ignore the region, but the signer needs one.
+            conf = conf.region(aws_config::Region::new("us-east-1"));
+        }
+        Ok(S3Store {
+            client: Client::from_conf(conf.build()),
+            bucket: bucket.to_string(),
+        })
+    }
+}
+
+fn classify<E>(what: &str, err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let code = err.code().map(str::to_string);
+    let detail = DisplayErrorContext(&err).to_string();
+    let msg = format!("{what}: {}", code.as_deref().unwrap_or(&detail));
+    match &err {
+        SdkError::ServiceError(_) => {}
+        SdkError::TimeoutError(_) => return StoreError::Transient(format!("{what}: timed out")),
+        _ if detail.contains("credentials") || detail.contains("Credentials") => {
+            return StoreError::Unauthorized(format!(
+                "{what}: no usable AWS credentials ({detail}); set AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY, a profile, or a role"
+            ));
+        }
+        SdkError::ConstructionFailure(_) => {
+            return StoreError::Invalid(format!("{what}: {detail}"));
+        }
+        _ => return StoreError::Transient(format!("{what}: {detail}")),
+    }
+    match (code.as_deref(), status) {
+        (Some("NoSuchBucket"), _) => StoreError::BucketNotFound(msg),
+        (Some("NoSuchKey" | "NotFound" | "NoSuchUpload"), _) | (_, Some(404)) => {
+            StoreError::NotFound(msg)
+        }
+        (Some("PreconditionFailed"), _) | (_, Some(412)) => StoreError::PreconditionFailed(msg),
+        (Some("ConditionalRequestConflict" | "OperationAborted"), _) | (_, Some(409)) => {
+            StoreError::Conflict(msg)
+        }
+        (Some("SlowDown" | "Throttling" | "RequestLimitExceeded"), _) | (_, Some(429 | 503)) => {
+            StoreError::Throttled(msg)
+        }
+        (
+            Some(
+                "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "AccessDenied"
+                | "ExpiredToken"
+                | "InvalidToken",
+            ),
+            _,
+        )
+        | (_, Some(401 | 403)) => StoreError::Unauthorized(msg),
+        (_, Some(s)) if s >= 500 => StoreError::Transient(msg),
+        _ => StoreError::Invalid(msg),
+    }
+}
+
+fn system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+fn version(etag: Option<&str>) -> Version {
+    Version(etag.unwrap_or_default().to_string())
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    fn describe(&self) -> String {
+        format!("s3://{}", self.bucket)
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(key, e))?;
+        Ok(ObjectMeta {
+            key: key.to_string(),
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            version: version(out.e_tag()),
+            last_modified: system_time(out.last_modified()),
+        })
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_version: Option<&Version>,
+    ) -> StoreResult<Bytes> {
+        if range.is_empty() {
+            return Err(StoreError::Invalid(format!("empty range {range:?}")));
+        }
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={}-{}", range.start, range.end - 1));
+        if let Some(v) = if_version {
+            req = req.if_match(&v.0);
+        }
+        let out = req.send().await.map_err(|e| classify(key, e))?;
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Transient(format!("{key}: reading body: {e}")))?;
+        Ok(body.into_bytes())
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        page: Option<String>,
+        max_keys: usize,
+    ) -> StoreResult<ListPage> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_delimiter(delimiter.map(str::to_string))
+            .set_continuation_token(page)
+            .max_keys(max_keys.clamp(1, 1000) as i32)
+            .send()
+            .await
+            .map_err(|e| classify(prefix, e))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ObjectMeta {
+                    key: o.key()?.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    version: version(o.e_tag()),
+                    last_modified: system_time(o.last_modified()),
+                })
+            })
+            .collect();
+        let prefixes = out
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix().map(str::to_string))
+            .collect();
+        let next = if out.is_truncated().unwrap_or(false) {
+            out.next_continuation_token().map(str::to_string)
+        } else {
+            None
+        };
+        Ok(ListPage {
+            objects,
+            prefixes,
+            next,
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(ByteStream::from(body));
+        match &pre {
+            Precondition::None => {}
+            Precondition::IfAbsent => req = req.if_none_match("*"),
+            Precondition::IfVersion(v) => req = req.if_match(&v.0),
+        }
+        let out = req.send().await.map_err(|e| classify(key, e))?;
+        Ok(version(out.e_tag()))
+    }
+
+    async fn start_upload(&self, key: &str) -> StoreResult<Upload> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(key, e))?;
+        let id = out
+            .upload_id()
+            .ok_or_else(|| StoreError::Transient(format!("{key}: no upload id returned")))?;
+        Ok(Upload {
+            key: key.to_string(),
+            id: id.to_string(),
+        })
+    }
+
+    async fn upload_part(&self, upload: &Upload, number: u32, body: Bytes) -> StoreResult<Part> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&upload.key)
+            .upload_id(&upload.id)
+            .part_number(number as i32)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| classify(&upload.key, e))?;
+        Ok(Part {
+            number,
+            tag: out.e_tag().unwrap_or_default().to_string(),
+        })
+    }
+
+    async fn complete_upload(
+        &self,
+        upload: &Upload,
+        parts: Vec<Part>,
+        pre: Precondition,
+    ) -> StoreResult<Version> {
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(
+                parts
+                    .iter()
+                    .map(|p| {
+                        CompletedPart::builder()
+                            .part_number(p.number as i32)
+                            .e_tag(&p.tag)
+                            .build()
+                    })
+                    .collect(),
+            ))
+            .build();
+        let mut req = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&upload.key)
+            .upload_id(&upload.id)
+            .multipart_upload(completed);
+        match &pre {
+            Precondition::None => {}
+            Precondition::IfAbsent => req = req.if_none_match("*"),
+            Precondition::IfVersion(v) => req = req.if_match(&v.0),
+        }
+        let out = req.send().await.map_err(|e| classify(&upload.key, e))?;
+        Ok(version(out.e_tag()))
+    }
+
+    async fn abort_upload(&self, upload: &Upload) -> StoreResult<()> {
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&upload.key)
+            .upload_id(&upload.id)
+            .send()
+            .await
+            .map_err(|e| classify(&upload.key, e))
+        {
+            Ok(_) | Err(StoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn copy(&self, src: &str, dst: &str, pre: Precondition) -> StoreResult<Version> {
+        let source = format!("{}/{}", self.bucket, src);
+        let size = self.head(src).await?.size;
+        if pre == Precondition::None && size <= COPY_PART_SIZE {
+            let out = self
+                .client
+                .copy_object()
+                .bucket(&self.bucket)
+                .key(dst)
+                .copy_source(&source)
+                .send()
+                .await
+                .map_err(|e| classify(dst, e))?;
+            return Ok(version(out.copy_object_result().and_then(|r| r.e_tag())));
+        }
+        // Multipart copy: needed for a condition on the destination and for large objects.
+        let upload = self.start_upload(dst).await?;
+        let result = async {
+            let mut parts = Vec::new();
+            let mut start = 0u64;
+            let mut number = 1u32;
+            loop {
+                let end = (start + COPY_PART_SIZE).min(size);
+                let mut req = self
+                    .client
+                    .upload_part_copy()
+                    .bucket(&self.bucket)
+                    .key(dst)
+                    .upload_id(&upload.id)
+                    .part_number(number as i32)
+                    .copy_source(&source);
+                if size > 0 {
+                    req = req.copy_source_range(format!("bytes={}-{}", start, end - 1));
+                }
+                let out = req.send().await.map_err(|e| classify(src, e))?;
+                let tag = out
+                    .copy_part_result()
+                    .and_then(|r| r.e_tag())
+                    .unwrap_or_default()
+                    .to_string();
+                parts.push(Part { number, tag });
+                if end >= size {
+                    break;
+                }
+                start = end;
+                number += 1;
+            }
+            self.complete_upload(&upload, parts, pre).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = self.abort_upload(&upload).await;
+        }
+        result
+    }
+
+    async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {
+        let mut req = self.client.delete_object().bucket(&self.bucket).key(key);
+        match &pre {
+            Precondition::None => {}
+            Precondition::IfAbsent => {
+                return Err(StoreError::Invalid(
+                    "delete if absent makes no sense".into(),
+                ));
+            }
+            Precondition::IfVersion(v) => req = req.if_match(&v.0),
+        }
+        match req.send().await.map_err(|e| classify(key, e)) {
+            Ok(_) => Ok(()),
+            // Deleting what is not there succeeds, unless a version was required.
+            Err(StoreError::NotFound(_)) if pre == Precondition::None => Ok(()),
+            Err(StoreError::NotFound(m)) => Err(StoreError::PreconditionFailed(m)),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Shared helpers for integration tests: the test servers started by `scripts/test.sh`, and
+//! real mounts of the `bucketfs` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bucketfs::store::DynStore;
+use bucketfs::store::s3::{S3Options, S3Store};
+
+/// The S3 server's endpoint. Tests need the servers that `scripts/test.sh` starts; a missing
+/// server is a failure, not a skip.
+pub fn s3_endpoint() -> String {
+    std::env::var("BUCKETFS_TEST_S3_ENDPOINT").expect(
+        "BUCKETFS_TEST_S3_ENDPOINT is not set: run the tests with ./scripts/test.sh, which starts the S3 server",
+    )
+}
+
+/// A name unique to this process and call, usable as a bucket name.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{tag}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos % 100_000
+    )
+}
+
+pub fn s3_options() -> S3Options {
+    S3Options {
+        endpoint_url: Some(s3_endpoint()),
+        region: Some("us-east-1".into()),
+        force_path_style: true,
+    }
+}
+
+pub async fn s3_client() -> aws_sdk_s3::Client {
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(s3_endpoint())
+        .load()
+        .await;
+    let conf = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// Creates a new, empty bucket on the S3 server.
+pub async fn s3_bucket(tag: &str) -> String {
+    let name = unique(tag);
+    s3_client()
+        .await
+        .create_bucket()
+        .bucket(&name)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create bucket {name}: {e:?}"));
+    name
+}
+
+pub async fn s3_store(bucket: &str) -> DynStore {
+    Arc::new(S3Store::new(bucket, &s3_options()).await.unwrap())
+}
+
+/// Deterministic pseudo-random bytes (a fast xorshift), so big test files need no disk fixture.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_bucketfs")
+}
+
+/// Whether `path` is a mount point right now.
+pub fn is_mounted(path: &Path) -> bool {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let wanted = path.to_string_lossy().replace(' ', "\\040");
+    table
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+}
+
+/// A running `bucketfs mount`, unmounted (SIGTERM) when dropped.
+pub struct Mounted {
+    pub child: Child,
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Mounted {
+    /// Starts `bucketfs mount SOURCE <tmp dir> ARGS...` with the S3 test settings and waits until
+    /// the mount is up.
+    pub fn start(source: &str, args: &[&str]) -> Mounted {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("mnt");
+        std::fs::create_dir(&dir).unwrap();
+        let log = tmp.path().join("bucketfs.log");
+        let child = Command::new(bin())
+            .arg("mount")
+            .arg(source)
+            .arg(&dir)
+            .args(args)
+            .env(
+                "BUCKETFS_ENDPOINT_URL",
+                std::env::var("BUCKETFS_TEST_S3_ENDPOINT").unwrap_or_default(),
+            )
+            .env("BUCKETFS_FORCE_PATH_STYLE", "true")
+            .env("BUCKETFS_LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut m = Mounted {
+            child,
+            dir,
+            _tmp: tmp,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(&m.dir) {
+            if let Some(status) = m.child.try_wait().unwrap() {
+                panic!(
+                    "bucketfs exited with {status} before mounting:\n{}",
+                    m.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount did not come up:\n{}",
+                m.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("bucketfs did not exit after SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+        if is_mounted(&self.dir) {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}

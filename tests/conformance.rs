@@ -1,0 +1,334 @@
+//! The store conformance suite: the same cases against every backend.
+//!
+//! - `mem`: the in-memory store used by unit tests (proves the fake behaves like the real ones);
+//! - `local`: a local directory (`file://`);
+//! - `s3`: the S3 server started by `scripts/test.sh` (SeaweedFS), which enforces conditional
+//!   writes (`If-None-Match`, `If-Match`) on PUT, multipart completion and DELETE.
+
+mod common;
+
+use std::sync::Arc;
+
+use bucketfs::store::local::LocalStore;
+use bucketfs::store::mem::MemStore;
+use bucketfs::store::{DynStore, Precondition, StoreError, Version};
+use bytes::Bytes;
+
+/// Smallest part S3 accepts except the last.
+const MIN_PART: usize = 5 << 20;
+
+fn b(s: &'static str) -> Bytes {
+    Bytes::from_static(s.as_bytes())
+}
+
+async fn put(s: &DynStore, key: &str, body: &'static str) -> Version {
+    s.put(key, b(body), Precondition::None).await.unwrap()
+}
+
+async fn read_all(s: &DynStore, key: &str) -> Vec<u8> {
+    let size = s.head(key).await.unwrap().size;
+    if size == 0 {
+        return Vec::new();
+    }
+    s.get_range(key, 0..size, None).await.unwrap().to_vec()
+}
+
+async fn head_get_and_ranges(s: DynStore, p: String) {
+    let key = format!("{p}obj");
+    let v = put(&s, &key, "0123456789").await;
+    let m = s.head(&key).await.unwrap();
+    assert_eq!(m.size, 10);
+    assert_eq!(m.version, v);
+    assert_eq!(m.key, key);
+    assert_eq!(
+        &s.get_range(&key, 0..10, None).await.unwrap()[..],
+        b"0123456789"
+    );
+    assert_eq!(&s.get_range(&key, 3..5, Some(&v)).await.unwrap()[..], b"34");
+    // A range running past the end is cut at the end.
+    assert_eq!(&s.get_range(&key, 8..100, None).await.unwrap()[..], b"89");
+}
+
+async fn missing_objects_are_not_found(s: DynStore, p: String) {
+    let key = format!("{p}missing");
+    assert!(matches!(s.head(&key).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        s.get_range(&key, 0..1, None).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn reads_pinned_to_a_version_fail_after_a_change(s: DynStore, p: String) {
+    let key = format!("{p}pinned");
+    let v1 = put(&s, &key, "first version").await;
+    let v2 = put(&s, &key, "second version!").await;
+    assert_ne!(v1, v2, "a new write must get a new version");
+    assert!(matches!(
+        s.get_range(&key, 0..4, Some(&v1)).await,
+        Err(StoreError::PreconditionFailed(_))
+    ));
+    assert_eq!(
+        &s.get_range(&key, 0..6, Some(&v2)).await.unwrap()[..],
+        b"second"
+    );
+}
+
+async fn conditional_puts(s: DynStore, p: String) {
+    let key = format!("{p}cond");
+    let v1 = s.put(&key, b("a"), Precondition::IfAbsent).await.unwrap();
+    assert!(matches!(
+        s.put(&key, b("b"), Precondition::IfAbsent).await,
+        Err(StoreError::PreconditionFailed(_))
+    ));
+    let v2 = s
+        .put(&key, b("c"), Precondition::IfVersion(v1.clone()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.put(&key, b("d"), Precondition::IfVersion(v1)).await,
+        Err(StoreError::PreconditionFailed(_))
+    ));
+    assert_eq!(read_all(&s, &key).await, b"c");
+    assert_eq!(s.head(&key).await.unwrap().version, v2);
+    // Replacing a missing object by version fails too.
+    assert!(matches!(
+        s.put(&format!("{p}nothing"), b("x"), Precondition::IfVersion(v2))
+            .await,
+        Err(StoreError::PreconditionFailed(_))
+    ));
+}
+
+async fn listing_with_delimiter(s: DynStore, p: String) {
+    for k in ["a.txt", "b/1", "b/2", "c/d/e", "m/", "z"] {
+        put(&s, &format!("{p}{k}"), "x").await;
+    }
+    let page = s.list(&p, Some("/"), None, 1000).await.unwrap();
+    let objects: Vec<_> = page.objects.iter().map(|o| &o.key[p.len()..]).collect();
+    let prefixes: Vec<_> = page.prefixes.iter().map(|k| &k[p.len()..]).collect();
+    assert_eq!(objects, vec!["a.txt", "z"]);
+    assert_eq!(prefixes, vec!["b/", "c/", "m/"]);
+    assert!(page.next.is_none());
+    // An empty directory's marker object is listed under its own prefix.
+    let page = s
+        .list(&format!("{p}m/"), Some("/"), None, 1000)
+        .await
+        .unwrap();
+    let objects: Vec<_> = page.objects.iter().map(|o| &o.key[p.len()..]).collect();
+    assert_eq!(objects, vec!["m/"]);
+    assert!(s.head(&format!("{p}m/")).await.is_ok());
+    let page = s
+        .list(&format!("{p}c/"), Some("/"), None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(page.prefixes, vec![format!("{p}c/d/")]);
+    // Without a delimiter, everything below the prefix.
+    let page = s.list(&format!("{p}b"), None, None, 1000).await.unwrap();
+    let objects: Vec<_> = page.objects.iter().map(|o| &o.key[p.len()..]).collect();
+    assert_eq!(objects, vec!["b/1", "b/2"]);
+}
+
+async fn listing_pages(s: DynStore, p: String) {
+    let mut want = Vec::new();
+    for i in 0..7 {
+        let k = format!("{p}f{i}");
+        put(&s, &k, "x").await;
+        want.push(k);
+    }
+    put(&s, &format!("{p}sub/x"), "x").await;
+    let mut got = Vec::new();
+    let mut prefixes = Vec::new();
+    let mut token = None;
+    let mut pages = 0;
+    loop {
+        let page = s.list(&p, Some("/"), token, 3).await.unwrap();
+        assert!(page.objects.len() + page.prefixes.len() <= 3);
+        got.extend(page.objects.into_iter().map(|o| o.key));
+        prefixes.extend(page.prefixes);
+        pages += 1;
+        match page.next {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    assert_eq!(got, want);
+    assert_eq!(prefixes, vec![format!("{p}sub/")]);
+    assert!(pages >= 3, "8 entries in pages of 3 take at least 3 pages");
+}
+
+async fn multipart_uploads(s: DynStore, p: String) {
+    let key = format!("{p}multi");
+    let part1 = common::pattern(MIN_PART, 1);
+    let part2 = common::pattern(1000, 2);
+    let up = s.start_upload(&key).await.unwrap();
+    let a = s
+        .upload_part(&up, 1, Bytes::from(part1.clone()))
+        .await
+        .unwrap();
+    let b2 = s
+        .upload_part(&up, 2, Bytes::from(part2.clone()))
+        .await
+        .unwrap();
+    // Not visible before completion.
+    assert!(matches!(s.head(&key).await, Err(StoreError::NotFound(_))));
+    let v = s
+        .complete_upload(&up, vec![a, b2], Precondition::IfAbsent)
+        .await
+        .unwrap();
+    assert_eq!(s.head(&key).await.unwrap().version, v);
+    let mut want = part1;
+    want.extend_from_slice(&part2);
+    assert_eq!(read_all(&s, &key).await, want);
+
+    // A second upload with IfAbsent over the existing object is refused and changes nothing.
+    let up = s.start_upload(&key).await.unwrap();
+    let a = s.upload_part(&up, 1, b("small")).await.unwrap();
+    assert!(matches!(
+        s.complete_upload(&up, vec![a], Precondition::IfAbsent)
+            .await,
+        Err(StoreError::PreconditionFailed(_))
+    ));
+    s.abort_upload(&up).await.unwrap();
+    assert_eq!(s.head(&key).await.unwrap().version, v);
+
+    // An aborted upload leaves nothing.
+    let other = format!("{p}aborted");
+    let up = s.start_upload(&other).await.unwrap();
+    s.upload_part(&up, 1, b("zzz")).await.unwrap();
+    s.abort_upload(&up).await.unwrap();
+    assert!(matches!(s.head(&other).await, Err(StoreError::NotFound(_))));
+    let listed = s.list(&p, None, None, 1000).await.unwrap();
+    assert_eq!(
+        listed.objects.len(),
+        1,
+        "only the completed upload is an object"
+    );
+}
+
+async fn copies(s: DynStore, p: String) {
+    let src = format!("{p}src");
+    let dst = format!("{p}dst");
+    put(&s, &src, "payload").await;
+    s.copy(&src, &dst, Precondition::None).await.unwrap();
+    assert_eq!(read_all(&s, &dst).await, b"payload");
+    assert!(matches!(
+        s.copy(&src, &dst, Precondition::IfAbsent).await,
+        Err(StoreError::PreconditionFailed(_))
+    ));
+    let v = s.head(&dst).await.unwrap().version;
+    put(&s, &src, "payload 2").await;
+    s.copy(&src, &dst, Precondition::IfVersion(v.clone()))
+        .await
+        .unwrap();
+    assert_eq!(read_all(&s, &dst).await, b"payload 2");
+    assert!(matches!(
+        s.copy(&src, &dst, Precondition::IfVersion(v)).await,
+        Err(StoreError::PreconditionFailed(_))
+    ));
+    let fresh = format!("{p}fresh");
+    s.copy(&src, &fresh, Precondition::IfAbsent).await.unwrap();
+    assert_eq!(read_all(&s, &fresh).await, b"payload 2");
+    assert!(matches!(
+        s.copy(&format!("{p}nope"), &fresh, Precondition::None)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn deletes(s: DynStore, p: String) {
+    let key = format!("{p}del");
+    let v1 = put(&s, &key, "one").await;
+    let v2 = put(&s, &key, "two").await;
+    assert!(matches!(
+        s.delete(&key, Precondition::IfVersion(v1)).await,
+        Err(StoreError::PreconditionFailed(_))
+    ));
+    assert!(
+        s.head(&key).await.is_ok(),
+        "a failed conditional delete keeps the object"
+    );
+    s.delete(&key, Precondition::IfVersion(v2.clone()))
+        .await
+        .unwrap();
+    assert!(matches!(s.head(&key).await, Err(StoreError::NotFound(_))));
+    // Deleting what is gone: fine unconditionally, a failed precondition with a version.
+    s.delete(&key, Precondition::None).await.unwrap();
+    assert!(matches!(
+        s.delete(&key, Precondition::IfVersion(v2)).await,
+        Err(StoreError::PreconditionFailed(_))
+    ));
+}
+
+async fn empty_objects(s: DynStore, p: String) {
+    let key = format!("{p}empty");
+    s.put(&key, Bytes::new(), Precondition::None).await.unwrap();
+    assert_eq!(s.head(&key).await.unwrap().size, 0);
+    assert_eq!(read_all(&s, &key).await, b"");
+}
+
+async fn mem_store() -> DynStore {
+    Arc::new(MemStore::new("conformance"))
+}
+
+async fn local_store() -> DynStore {
+    // Leaked on purpose: the directory must outlive the store; the OS temp dir is cleaned anyway.
+    let dir = tempfile::tempdir().unwrap().keep();
+    Arc::new(LocalStore::new(dir).unwrap())
+}
+
+async fn s3_store() -> DynStore {
+    let bucket = common::s3_bucket("conformance").await;
+    common::s3_store(&bucket).await
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod mem { $(#[tokio::test] async fn $case() { super::$case(super::mem_store().await, "t/".into()).await } )* }
+        mod local { $(#[tokio::test] async fn $case() { super::$case(super::local_store().await, "t/".into()).await } )* }
+        mod s3 { $(#[tokio::test] async fn $case() { super::$case(super::s3_store().await, "t/".into()).await } )* }
+    };
+}
+
+conformance!(
+    head_get_and_ranges,
+    missing_objects_are_not_found,
+    reads_pinned_to_a_version_fail_after_a_change,
+    conditional_puts,
+    listing_with_delimiter,
+    listing_pages,
+    multipart_uploads,
+    copies,
+    deletes,
+    empty_objects,
+);
+
+/// Keys a local directory cannot hold are refused as invalid, not mangled.
+#[tokio::test]
+async fn local_refuses_keys_that_are_not_paths() {
+    let s = local_store().await;
+    for key in ["a//b", "a/./b", "../escape", "a/.."] {
+        assert!(
+            matches!(
+                s.put(key, b("x"), Precondition::None).await,
+                Err(StoreError::Invalid(_))
+            ),
+            "{key}"
+        );
+    }
+}
+
+/// Two local stores over one directory (two processes, in effect) honour each other's
+/// create-if-absent: exactly one of many racers wins.
+#[tokio::test]
+async fn local_create_if_absent_has_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores: Vec<DynStore> = (0..8)
+        .map(|_| Arc::new(LocalStore::new(dir.path()).unwrap()) as DynStore)
+        .collect();
+    let results = futures::future::join_all(
+        stores
+            .iter()
+            .map(|s| s.put("lock", b("me"), Precondition::IfAbsent)),
+    )
+    .await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+}
