@@ -222,30 +222,18 @@ fn changed_object_is_stale(b: Backend) {
     assert_eq!(again, pattern(8 << 20, 2));
 }
 
-/// Keys that cannot be file names follow the documented rule (see `meta/`): skipped, or shadowed
-/// by a directory of the same name; never a crash or a wrong listing. Only a bucket can hold
-/// such keys (a local directory cannot).
+/// Keys that cannot be file names follow the documented rule (see `meta/`). The S3 test server
+/// refuses `.`/`..` segments and names over 255 bytes and folds `a//b` into `a/b`, so those cases
+/// are proven on the in-memory store through the fs layer (`fs::tests`); here, through a real mount:
+/// a directory shadows a file of the same name, and the reserved `.bucketfs` is hidden.
 #[test]
-fn s3_keys_that_are_not_file_names() {
+fn s3_shadowed_and_reserved_names() {
     let b = Backend::s3();
-    let long = "n".repeat(256);
-    let ok_long = "n".repeat(255);
-    for key in [
-        "a//b".to_string(),
-        "a/./c".to_string(),
-        "a/../d".to_string(),
-        "a/ok".to_string(),
-        format!("a/{long}"),
-        format!("a/{ok_long}"),
-        "shadow".to_string(),
-        "shadow/inner".to_string(),
-        ".bucketfs/locks/x".to_string(),
-    ] {
-        b.put(&key, "x");
+    for key in ["a/ok", "shadow", "shadow/inner", ".bucketfs/locks/x"] {
+        b.put(key, "x");
     }
     let m = b.mount(&["--read-only"]);
     assert_eq!(names(&m.dir), vec!["a", "shadow"]);
-    assert_eq!(names(&m.path("a")), vec![ok_long.clone(), "ok".to_string()]);
     assert!(std::fs::metadata(m.path("shadow")).unwrap().is_dir());
     assert_eq!(names(&m.path("shadow")), vec!["inner"]);
     assert!(std::fs::metadata(m.path(".bucketfs")).is_err());

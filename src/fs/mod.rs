@@ -375,3 +375,158 @@ fn synthetic_ino(dir_key: &str, name: &str) -> u64 {
     name.hash(&mut h);
     h.finish() | (1 << 63)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::mem::MemStore;
+    use crate::store::{ObjectStore, Precondition};
+    use bytes::Bytes;
+    use std::time::Duration;
+
+    fn cfg(ttl: Duration) -> FsConfig {
+        FsConfig {
+            prefix: String::new(),
+            uid: 1,
+            gid: 2,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+            metadata_ttl: ttl,
+            read_only: true,
+        }
+    }
+
+    async fn fs_with(keys: &[(&str, &'static [u8])], ttl: Duration) -> (Arc<MemStore>, Arc<Fs>) {
+        let mem = Arc::new(MemStore::new("b"));
+        for (k, v) in keys {
+            mem.put(k, Bytes::from_static(v), Precondition::None)
+                .await
+                .unwrap();
+        }
+        let fs = Fs::new(mem.clone(), cfg(ttl));
+        (mem, fs)
+    }
+
+    async fn ls(fs: &Fs, ino: u64) -> Vec<(String, Kind)> {
+        let fh = fs.opendir(ino).unwrap();
+        let out = fs.readdir(fh).await.unwrap();
+        fs.releasedir(fh);
+        out.into_iter().map(|e| (e.name, e.kind)).collect()
+    }
+
+    #[tokio::test]
+    async fn keys_that_are_not_file_names_are_skipped_or_shadowed() {
+        let long = format!("a/{}", "n".repeat(256));
+        let long: &'static str = Box::leak(long.into_boxed_str());
+        let (_, fs) = fs_with(
+            &[
+                ("a//b", b"x"),
+                ("a/./c", b"x"),
+                ("a/../d", b"x"),
+                ("a/ok", b"x"),
+                (long, b"x"),
+                ("shadow", b"file"),
+                ("shadow/inner", b"x"),
+                (".bucketfs/locks/l", b"x"),
+            ],
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(
+            ls(&fs, ROOT_INO).await,
+            vec![("a".into(), Kind::Dir), ("shadow".into(), Kind::Dir)]
+        );
+        let a = fs.lookup(ROOT_INO, "a").await.unwrap();
+        assert_eq!(ls(&fs, a.ino).await, vec![("ok".into(), Kind::File)]);
+        // Nothing reachable through an invalid name either.
+        for name in ["", ".", ".."] {
+            assert!(matches!(
+                fs.lookup(a.ino, name).await,
+                Err(FsError::NotFound)
+            ));
+        }
+        let shadow = fs.lookup(ROOT_INO, "shadow").await.unwrap();
+        assert_eq!(shadow.kind, Kind::Dir);
+        assert!(matches!(
+            fs.lookup(ROOT_INO, ".bucketfs").await,
+            Err(FsError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn lookup_getattr_open_read() {
+        let (_, fs) = fs_with(&[("d/f", b"hello world")], Duration::from_secs(5)).await;
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+        assert_eq!((d.kind, d.perm, d.uid, d.gid), (Kind::Dir, 0o755, 1, 2));
+        let f = fs.lookup(d.ino, "f").await.unwrap();
+        assert_eq!((f.kind, f.size, f.perm), (Kind::File, 11, 0o644));
+        assert_eq!(fs.getattr(f.ino).await.unwrap().size, 11);
+        let o = fs.open(f.ino, false).await.unwrap();
+        assert!(!o.keep_cache, "first open has nothing cached");
+        assert_eq!(&fs.read(o.fh, 6, 100).await.unwrap()[..], b"world");
+        assert_eq!(&fs.read(o.fh, 11, 10).await.unwrap()[..], b"");
+        fs.release(o.fh);
+        let o = fs.open(f.ino, false).await.unwrap();
+        assert!(o.keep_cache, "same version: the page cache is still good");
+        assert!(matches!(fs.open(f.ino, true).await, Err(FsError::ReadOnly)));
+        assert!(matches!(fs.open(d.ino, false).await, Err(FsError::IsDir)));
+        assert!(matches!(fs.lookup(f.ino, "x").await, Err(FsError::NotDir)));
+    }
+
+    #[tokio::test]
+    async fn reads_fail_stale_when_the_object_changes() {
+        let (mem, fs) = fs_with(&[("f", b"version one")], Duration::ZERO).await;
+        let f = fs.lookup(ROOT_INO, "f").await.unwrap();
+        let o = fs.open(f.ino, false).await.unwrap();
+        assert_eq!(&fs.read(o.fh, 0, 7).await.unwrap()[..], b"version");
+        mem.put("f", Bytes::from_static(b"version two"), Precondition::None)
+            .await
+            .unwrap();
+        let err = fs.read(o.fh, 0, 7).await.unwrap_err();
+        assert_eq!(err.errno(), libc::ESTALE);
+        mem.delete("f", Precondition::None).await.unwrap();
+        assert_eq!(fs.read(o.fh, 0, 7).await.unwrap_err().errno(), libc::ESTALE);
+        // And a new open of the deleted file is ENOENT.
+        assert!(matches!(
+            fs.open(f.ino, false).await,
+            Err(FsError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn forgotten_inodes_are_dropped_and_renumbered() {
+        let (_, fs) = fs_with(&[("f", b"x")], Duration::from_secs(5)).await;
+        let a = fs.lookup(ROOT_INO, "f").await.unwrap();
+        let b = fs.lookup(ROOT_INO, "f").await.unwrap();
+        assert_eq!(a.ino, b.ino, "one inode per path while it is known");
+        fs.forget(a.ino, 2);
+        assert!(matches!(fs.getattr(a.ino).await, Err(FsError::NotFound)));
+        let c = fs.lookup(ROOT_INO, "f").await.unwrap();
+        assert_ne!(c.ino, a.ino);
+    }
+
+    #[tokio::test]
+    async fn store_errors_become_eio_or_eacces() {
+        use crate::store::StoreError;
+        use crate::store::mem::{Fault, Op};
+        let (mem, fs) = fs_with(&[("f", b"x")], Duration::ZERO).await;
+        mem.inject(
+            Op::List,
+            Fault::Error(StoreError::Transient("down".into())),
+            1,
+        );
+        assert_eq!(
+            fs.lookup(ROOT_INO, "f").await.unwrap_err().errno(),
+            libc::EIO
+        );
+        mem.inject(
+            Op::Head,
+            Fault::Error(StoreError::Unauthorized("no".into())),
+            1,
+        );
+        assert_eq!(
+            fs.lookup(ROOT_INO, "f").await.unwrap_err().errno(),
+            libc::EACCES
+        );
+    }
+}

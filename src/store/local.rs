@@ -45,8 +45,10 @@ pub struct LocalStore {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
-    counter: AtomicU64,
 }
+
+/// Makes temporary and upload names unique within the process (with the pid: across processes).
+static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl LocalStore {
     /// Opens `root`, which must be an existing directory.
@@ -68,10 +70,7 @@ impl LocalStore {
             }
         }
         Ok(LocalStore {
-            inner: Arc::new(Inner {
-                root,
-                counter: AtomicU64::new(0),
-            }),
+            inner: Arc::new(Inner { root }),
         })
     }
 
@@ -174,7 +173,7 @@ impl Inner {
     }
 
     fn tmp_path(&self, dir: &Path) -> PathBuf {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         dir.join(format!("{TMP_PREFIX}{}.{n}", std::process::id()))
     }
 
@@ -465,7 +464,7 @@ impl ObjectStore for LocalStore {
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_nanos(),
-                s.counter.fetch_add(1, Ordering::Relaxed)
+                COUNTER.fetch_add(1, Ordering::Relaxed)
             );
             fs::create_dir_all(s.uploads_dir(&id)).map_err(|e| io_err(&key, e))?;
             Ok(Upload { key, id })
