@@ -17,8 +17,10 @@ use std::time::{Instant, SystemTime};
 
 pub use error::{FsError, FsResult};
 
+use crate::cache::memory::MemoryCache;
 use crate::meta::{Kind, Meta, Stat};
-use crate::read::Reader;
+use crate::read::budget::MemoryBudget;
+use crate::read::{ReadConfig, ReadContext, Reader};
 use crate::store::{DynStore, Version};
 
 pub const ROOT_INO: u64 = 1;
@@ -35,6 +37,7 @@ pub struct FsConfig {
     /// How long metadata (and the kernel's attribute and entry caches) may be reused.
     pub metadata_ttl: std::time::Duration,
     pub read_only: bool,
+    pub read: ReadConfig,
 }
 
 /// Attributes of an inode, as the kernel sees them.
@@ -92,8 +95,8 @@ enum Handle {
 }
 
 pub struct Fs {
-    store: DynStore,
     meta: Arc<Meta>,
+    read: Arc<ReadContext>,
     cfg: FsConfig,
     inodes: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -103,7 +106,16 @@ pub struct Fs {
 }
 
 impl Fs {
-    pub fn new(store: DynStore, cfg: FsConfig) -> Arc<Fs> {
+    /// Builds the filesystem; fails only on read settings that contradict each other.
+    pub fn new(store: DynStore, cfg: FsConfig) -> Result<Arc<Fs>, String> {
+        let (prefetch, demand, tier) = cfg.read.split()?;
+        let read = Arc::new(ReadContext {
+            store_id: store.describe().into(),
+            store: store.clone(),
+            cache: Arc::new(MemoryCache::new(tier)),
+            budget: Arc::new(MemoryBudget::new(prefetch, demand)),
+            cfg: cfg.read.clone(),
+        });
         let meta = Meta::new(store.clone(), cfg.metadata_ttl, cfg.prefix.is_empty());
         let mut table = InodeTable {
             next: ROOT_INO + 1,
@@ -121,15 +133,15 @@ impl Fs {
                 cached_version: None,
             },
         );
-        Arc::new(Fs {
-            store,
+        Ok(Arc::new(Fs {
             meta,
+            read,
             cfg,
             inodes: Mutex::new(table),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             mounted_at: SystemTime::now(),
-        })
+        }))
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -295,7 +307,7 @@ impl Fs {
             i.checked = Instant::now();
             keep
         };
-        let reader = Reader::new(self.store.clone(), key, version, stat.size);
+        let reader = Reader::new(self.read.clone(), key, version, stat.size);
         let fh = self.add_handle(Handle::File(Arc::new(reader)));
         Ok(Opened { fh, keep_cache })
     }
@@ -393,6 +405,7 @@ mod tests {
             dir_mode: 0o755,
             metadata_ttl: ttl,
             read_only: true,
+            read: ReadConfig::default(),
         }
     }
 
@@ -403,7 +416,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let fs = Fs::new(mem.clone(), cfg(ttl));
+        let fs = Fs::new(mem.clone(), cfg(ttl)).unwrap();
         (mem, fs)
     }
 
@@ -475,17 +488,25 @@ mod tests {
 
     #[tokio::test]
     async fn reads_fail_stale_when_the_object_changes() {
-        let (mem, fs) = fs_with(&[("f", b"version one")], Duration::ZERO).await;
+        let (mem, fs) = fs_with(&[], Duration::ZERO).await;
+        let v1 = Bytes::from(vec![1u8; 3 << 20]);
+        mem.put("f", v1, Precondition::None).await.unwrap();
         let f = fs.lookup(ROOT_INO, "f").await.unwrap();
         let o = fs.open(f.ino, false).await.unwrap();
-        assert_eq!(&fs.read(o.fh, 0, 7).await.unwrap()[..], b"version");
-        mem.put("f", Bytes::from_static(b"version two"), Precondition::None)
+        assert_eq!(&fs.read(o.fh, 0, 4).await.unwrap()[..], &[1, 1, 1, 1]);
+        mem.put("f", Bytes::from(vec![2u8; 3 << 20]), Precondition::None)
             .await
             .unwrap();
-        let err = fs.read(o.fh, 0, 7).await.unwrap_err();
+        // Bytes already fetched are the pinned version's: still served, never mixed.
+        assert_eq!(&fs.read(o.fh, 0, 4).await.unwrap()[..], &[1, 1, 1, 1]);
+        // Bytes not fetched yet cannot come from the pinned version any more.
+        let err = fs.read(o.fh, 2 << 20, 4).await.unwrap_err();
         assert_eq!(err.errno(), libc::ESTALE);
         mem.delete("f", Precondition::None).await.unwrap();
-        assert_eq!(fs.read(o.fh, 0, 7).await.unwrap_err().errno(), libc::ESTALE);
+        assert_eq!(
+            fs.read(o.fh, (2 << 20) + 8, 4).await.unwrap_err().errno(),
+            libc::ESTALE
+        );
         // And a new open of the deleted file is ENOENT.
         assert!(matches!(
             fs.open(f.ino, false).await,

@@ -173,13 +173,18 @@ impl ObjectStore for S3Store {
         if let Some(v) = if_version {
             req = req.if_match(&v.0);
         }
-        let out = req.send().await.map_err(|e| classify(key, e))?;
-        let body = out
-            .body
-            .collect()
+        let mut body = req.send().await.map_err(|e| classify(key, e))?.body;
+        // One buffer of the exact size: collecting the chunks and joining them would hold the
+        // bytes twice at the peak.
+        let mut buf = bytes::BytesMut::with_capacity((range.end - range.start) as usize);
+        while let Some(chunk) = body
+            .try_next()
             .await
-            .map_err(|e| StoreError::Transient(format!("{key}: reading body: {e}")))?;
-        Ok(body.into_bytes())
+            .map_err(|e| StoreError::Transient(format!("{key}: reading body: {e}")))?
+        {
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
     }
 
     async fn list(

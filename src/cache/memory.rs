@@ -1,0 +1,44 @@
+//! The memory tier: a byte-weighted LRU/LFU cache (moka) of blocks shared by every handle of
+//! the mount. It serves seeks back into recently read data and several handles reading one file.
+//!
+//! Stored blocks are copied into their own allocation: a block cut out of an 8 MiB response
+//! would otherwise keep the whole response alive while being weighed as 1 MiB.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{BlockCache, BlockKey};
+
+pub struct MemoryCache {
+    blocks: moka::sync::Cache<BlockKey, Bytes>,
+}
+
+impl MemoryCache {
+    /// A cache holding at most about `capacity` bytes.
+    pub fn new(capacity: u64) -> MemoryCache {
+        MemoryCache {
+            blocks: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .weigher(|_k: &BlockKey, v: &Bytes| v.len().try_into().unwrap_or(u32::MAX))
+                .build(),
+        }
+    }
+
+    /// Bytes held now (after pending evictions are applied).
+    pub fn weighted_size(&self) -> u64 {
+        self.blocks.run_pending_tasks();
+        self.blocks.weighted_size()
+    }
+}
+
+#[async_trait]
+impl BlockCache for MemoryCache {
+    async fn get(&self, key: &BlockKey) -> Option<Bytes> {
+        self.blocks.get(key)
+    }
+
+    async fn put(&self, key: &BlockKey, data: Bytes) {
+        self.blocks
+            .insert(key.clone(), Bytes::copy_from_slice(&data));
+    }
+}

@@ -1,0 +1,38 @@
+//! Block caches: where bytes already fetched from the store are kept for the next reader.
+//!
+//! Objects are cut into fixed-size blocks ([`BLOCK_SIZE`]); a block is identified by the store,
+//! the object key, the object *version* and its index. Because the version is part of the key, a
+//! changed object is simply a miss: stale bytes can never be served.
+//!
+//! Tiers implement one small trait, [`BlockCache`], so they compose: the memory tier
+//! ([`memory::MemoryCache`]) sits in front of slower ones.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// Size of one cached block. 1 MiB: the largest read the kernel sends us (256 pages), so a read
+/// touches at most two blocks, and a random read fetches at most ~1 MiB more than it asked for.
+pub const BLOCK_SIZE: u64 = 1 << 20;
+
+/// The identity of one block of one object version.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    /// The store (`s3://bucket`, `file:///dir`): two buckets may hold the same key.
+    pub store: Arc<str>,
+    pub key: Arc<str>,
+    pub version: Arc<str>,
+    /// Block number: the block covers `index * BLOCK_SIZE ..` up to `BLOCK_SIZE` bytes.
+    pub index: u64,
+}
+
+#[async_trait]
+pub trait BlockCache: Send + Sync {
+    /// The block's bytes, if cached.
+    async fn get(&self, key: &BlockKey) -> Option<Bytes>;
+    /// Offers a block to the cache, which may keep it or not.
+    async fn put(&self, key: &BlockKey, data: Bytes);
+}
