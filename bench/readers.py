@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""The measured clients of the benchmark, each run as its own process by bench.py.
+
+Every command times only the work itself (imports and start-up excluded), checks what it read
+against the local copy of the data *after* the clock stops, and prints one JSON line:
+
+    random PATH --local FILE --size N --count K --seed S   K preads of N bytes at random offsets
+    safetensors PATH --local FILE                          safetensors.numpy.load_file(PATH)
+    list DIR --expect N                                    scandir + stat of every entry
+
+The sequential read is `dd` (run by bench.py itself).
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+
+def cmd_random(a):
+    size = os.stat(a.local).st_size
+    rng = random.Random(a.seed)
+    span = max(size - a.size, 0)
+    offsets = [rng.randrange(0, span // 4096 + 1) * 4096 for _ in range(a.count)]
+    blocks = []
+    t0 = time.perf_counter()
+    fd = os.open(a.path, os.O_RDONLY)
+    try:
+        for off in offsets:
+            blocks.append(os.pread(fd, a.size, off))
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    total = sum(len(b) for b in blocks)
+    with open(a.local, "rb") as f:
+        for off, got in zip(offsets, blocks):
+            want = os.pread(f.fileno(), a.size, off)
+            if got != want:
+                sys.exit(f"random read at {off}: {len(got)} bytes differ from the uploaded data")
+    print(json.dumps({"bytes": total, "seconds": seconds, "reads": a.count,
+                      "read_size": a.size, "verified": True}))
+
+
+def cmd_safetensors(a):
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    t0 = time.perf_counter()
+    tensors = load_file(a.path, backend=a.backend)
+    seconds = time.perf_counter() - t0
+    loaded = sum(t.nbytes for t in tensors.values())
+    with safe_open(a.local, framework="np") as f:
+        names = set(f.keys())
+        if names != set(tensors):
+            sys.exit(f"loaded {len(tensors)} tensors, the file has {len(names)}")
+        for name in names:
+            want = f.get_tensor(name)
+            got = tensors[name]
+            if got.shape != want.shape or got.dtype != want.dtype or not np.array_equal(
+                    got.view(np.uint8), want.view(np.uint8)):
+                sys.exit(f"tensor {name} differs from the uploaded data")
+    print(json.dumps({"bytes": os.stat(a.local).st_size, "tensor_bytes": loaded,
+                      "tensors": len(tensors), "seconds": seconds, "backend": a.backend,
+                      "verified": True}))
+
+
+def cmd_list(a):
+    t0 = time.perf_counter()
+    n = 0
+    total = 0
+    with os.scandir(a.path) as it:
+        for entry in it:
+            st = os.stat(entry.path)
+            n += 1
+            total += st.st_size
+    seconds = time.perf_counter() - t0
+    if a.expect is not None and n != a.expect:
+        sys.exit(f"listed {n} entries, expected {a.expect}")
+    print(json.dumps({"files": n, "bytes": total, "seconds": seconds, "verified": True}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("random")
+    r.add_argument("path")
+    r.add_argument("--local", required=True)
+    r.add_argument("--size", type=int, default=4 << 20)
+    r.add_argument("--count", type=int, default=64)
+    r.add_argument("--seed", type=int, default=1)
+    s = sub.add_parser("safetensors")
+    s.add_argument("path")
+    s.add_argument("--local", required=True)
+    s.add_argument("--backend", default="mmap", choices=["mmap", "pread"])
+    li = sub.add_parser("list")
+    li.add_argument("path")
+    li.add_argument("--expect", type=int)
+    a = p.parse_args()
+    {"random": cmd_random, "safetensors": cmd_safetensors, "list": cmd_list}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

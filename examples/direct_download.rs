@@ -1,0 +1,292 @@
+//! The baseline of the model-loading benchmark: the best direct download of one object.
+//!
+//! One S3 client (one connection pool, keep-alive), one HEAD for size and ETag, then the object in
+//! `--part-size` ranged GETs, `--concurrency` of them in flight at once, each pinned to the ETag.
+//! The bytes go to memory (every cache line is read, then dropped) or to a file written at each
+//! part's offset. Prints one JSON line: bytes, seconds (HEAD to last byte), MiB/s and the
+//! process's peak RSS.
+//!
+//! `--list` instead lists every key under KEY as a prefix (ListObjectsV2 pages), the baseline of
+//! the listing benchmark.
+//!
+//! ```text
+//! cargo run --release --example direct_download -- BUCKET KEY --endpoint-url http://127.0.0.1:8333 \
+//!     --force-path-style --part-size 8MiB --concurrency 16
+//! ```
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::error::DisplayErrorContext;
+use bytes::BytesMut;
+use clap::Parser;
+use futures::StreamExt;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser, Debug)]
+#[command(about = "Parallel ranged download of one S3 object (benchmark baseline)")]
+struct Args {
+    bucket: String,
+    /// Object key (with --list: a prefix).
+    key: String,
+    /// S3-compatible endpoint (default: AWS).
+    #[arg(long)]
+    endpoint_url: Option<String>,
+    /// Region (default: from the AWS configuration, else us-east-1).
+    #[arg(long)]
+    region: Option<String>,
+    /// Address buckets as ENDPOINT/BUCKET.
+    #[arg(long)]
+    force_path_style: bool,
+    /// Size of each ranged GET, e.g. 8MiB.
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    part_size: u64,
+    /// Ranged GETs in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Write the object to this file instead of keeping it in memory.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// List the keys under KEY instead of downloading.
+    #[arg(long)]
+    list: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1000,
+        "mb" => 1000 * 1000,
+        "gb" => 1000 * 1000 * 1000,
+        _ => return Err(format!("bad size unit in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("bad size {s:?}"))
+}
+
+async fn client(args: &Args) -> Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &args.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(url) = &args.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    let shared = loader.load().await;
+    let mut conf = aws_sdk_s3::config::Builder::from(&shared)
+        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .read_timeout(Duration::from_secs(60))
+                .build(),
+        )
+        .force_path_style(args.force_path_style);
+    if shared.region().is_none() {
+        conf = conf.region(aws_config::Region::new("us-east-1"));
+    }
+    Client::from_conf(conf.build())
+}
+
+/// Reads one byte of every 64 (every cache line), so the download cannot be optimised away.
+fn touch(data: &[u8]) -> u64 {
+    data.iter()
+        .step_by(64)
+        .fold(0u64, |acc, &b| acc.wrapping_mul(31).wrapping_add(b as u64))
+}
+
+async fn get_part(
+    client: Client,
+    bucket: Arc<str>,
+    key: Arc<str>,
+    etag: Arc<str>,
+    start: u64,
+    end: u64,
+    file: Option<Arc<std::fs::File>>,
+) -> Result<(u64, u64), Error> {
+    let out = client
+        .get_object()
+        .bucket(&*bucket)
+        .key(&*key)
+        .range(format!("bytes={start}-{}", end - 1))
+        .if_match(&*etag)
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "GET {key} bytes {start}-{}: {}",
+                end - 1,
+                DisplayErrorContext(e)
+            )
+        })?;
+    let mut body = out.body;
+    let mut got = 0u64;
+    let mut sum = 0u64;
+    let mut buf = file
+        .as_ref()
+        .map(|_| BytesMut::with_capacity((end - start) as usize));
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("reading {key} at {start}: {e}"))?;
+        got += chunk.len() as u64;
+        match &mut buf {
+            Some(buf) => buf.extend_from_slice(&chunk),
+            None => sum = sum.wrapping_add(touch(&chunk)),
+        }
+    }
+    if got != end - start {
+        return Err(format!("{key}: got {got} bytes for a range of {}", end - start).into());
+    }
+    if let (Some(file), Some(buf)) = (file, buf) {
+        tokio::task::spawn_blocking(move || file.write_all_at(&buf, start)).await??;
+    }
+    Ok((got, sum))
+}
+
+async fn download(args: &Args, client: Client) -> Result<String, Error> {
+    let started = Instant::now();
+    let head = client
+        .head_object()
+        .bucket(&args.bucket)
+        .key(&args.key)
+        .send()
+        .await
+        .map_err(|e| format!("HEAD {}: {}", args.key, DisplayErrorContext(e)))?;
+    let size = head.content_length().unwrap_or(0).max(0) as u64;
+    let etag: Arc<str> = head.e_tag().unwrap_or("*").into();
+    let file = match &args.output {
+        Some(path) => {
+            let f = std::fs::File::create(path)?;
+            f.set_len(size)?;
+            Some(Arc::new(f))
+        }
+        None => None,
+    };
+    let bucket: Arc<str> = args.bucket.as_str().into();
+    let key: Arc<str> = args.key.as_str().into();
+    let part = args.part_size;
+    let parts = size.div_ceil(part);
+    let mut results = futures::stream::iter(0..parts)
+        .map(|i| {
+            let start = i * part;
+            let end = (start + part).min(size);
+            tokio::spawn(get_part(
+                client.clone(),
+                bucket.clone(),
+                key.clone(),
+                etag.clone(),
+                start,
+                end,
+                file.clone(),
+            ))
+        })
+        .buffer_unordered(args.concurrency.max(1));
+    let (mut bytes, mut sum) = (0u64, 0u64);
+    while let Some(r) = results.next().await {
+        let (n, s) = r??;
+        bytes += n;
+        sum = sum.wrapping_add(s);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if bytes != size {
+        return Err(format!("downloaded {bytes} bytes of {size}").into());
+    }
+    Ok(format!(
+        "{{\"bytes\":{bytes},\"seconds\":{seconds:.6},\"mib_per_s\":{:.3},\"parts\":{parts},\
+         \"part_size\":{part},\"concurrency\":{},\"output\":\"{}\",\"touch\":{sum}}}",
+        bytes as f64 / (1 << 20) as f64 / seconds,
+        args.concurrency,
+        if args.output.is_some() {
+            "file"
+        } else {
+            "memory"
+        }
+    ))
+}
+
+async fn list(args: &Args, client: Client) -> Result<String, Error> {
+    let started = Instant::now();
+    let mut pages = client
+        .list_objects_v2()
+        .bucket(&args.bucket)
+        .prefix(&args.key)
+        .into_paginator()
+        .send();
+    let (mut objects, mut bytes, mut requests) = (0u64, 0u64, 0u64);
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| format!("LIST {}: {}", args.key, DisplayErrorContext(e)))?;
+        requests += 1;
+        for o in page.contents() {
+            objects += 1;
+            bytes += o.size().unwrap_or(0).max(0) as u64;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(format!(
+        "{{\"objects\":{objects},\"bytes\":{bytes},\"requests\":{requests},\"seconds\":{seconds:.6},\
+         \"objects_per_s\":{:.3}}}",
+        objects as f64 / seconds
+    ))
+}
+
+/// Peak resident memory of this process (VmHWM), in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let client = client(&args).await;
+    let result = if args.list {
+        list(&args, client).await
+    } else {
+        download(&args, client).await
+    };
+    match result {
+        Ok(json) => println!(
+            "{},\"peak_rss_kib\":{}}}",
+            json.strip_suffix('}').unwrap_or(&json),
+            peak_rss_kib()
+        ),
+        Err(e) => {
+            eprintln!("direct_download: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("x").is_err());
+    }
+}
