@@ -4,11 +4,24 @@
 //! - `local`: a local directory (`file://`);
 //! - `s3`: the S3 server started by `scripts/test.sh` (SeaweedFS), which enforces conditional
 //!   writes (`If-None-Match`, `If-Match`) on PUT, multipart completion and DELETE.
+//! - `gcs`: the GCS server started by `scripts/test.sh` (fake-gcs-server 1.54), through the JSON
+//!   API like Google's. It proves reads, ranges, listings (paging, delimiters), empty objects,
+//!   conditional `put` (`uploadType=multipart` with `ifGenerationMatch`, which it enforces), and
+//!   pinned reads: `GcsStore` asks for the pinned `generation`, which this server honours, so a
+//!   replaced object cannot be read as the old version. It ignores `ifGenerationMatch` on compose,
+//!   copy and delete, so the cases that need those conditions (`multipart_uploads`, `copies`,
+//!   `deletes`) do not run here; `gcs_unconditional_writes` shows the same calls without a
+//!   condition working on it.
+//! - `gcs_strict`: a strict JSON API server owned by the tests (`common/strict_gcs.rs`) that
+//!   enforces `ifGenerationMatch` on every read, write, compose, copy and delete. Every case runs
+//!   there, so it proves the conditional multipart completion (compose), copy and delete, and
+//!   pinned reads failing through `ifGenerationMatch` (412) rather than a missing generation.
 
 mod common;
 
 use std::sync::Arc;
 
+use bucketfs::store::gcs::UPLOADS;
 use bucketfs::store::local::LocalStore;
 use bucketfs::store::mem::MemStore;
 use bucketfs::store::{DynStore, Precondition, StoreError, Version};
@@ -155,29 +168,69 @@ async fn listing_pages(s: DynStore, p: String) {
     assert!(pages >= 3, "8 entries in pages of 3 take at least 3 pages");
 }
 
-async fn multipart_uploads(s: DynStore, p: String) {
-    let key = format!("{p}multi");
-    let part1 = common::pattern(MIN_PART, 1);
+/// Common prefixes between objects, listed in small pages: every entry once, in order, each page
+/// within its bound.
+async fn listing_pages_with_prefixes_between_objects(s: DynStore, p: String) {
+    for k in ["a", "b/1", "b/2", "c", "d/x/y", "e", "f", "g/", "h"] {
+        put(&s, &format!("{p}{k}"), "x").await;
+    }
+    let mut entries = Vec::new();
+    let mut token = None;
+    loop {
+        let page = s.list(&p, Some("/"), token, 2).await.unwrap();
+        assert!(page.objects.len() + page.prefixes.len() <= 2);
+        let mut names: Vec<String> = page.objects.into_iter().map(|o| o.key).collect();
+        names.extend(page.prefixes);
+        names.sort();
+        entries.extend(names);
+        match page.next {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    let want: Vec<String> = ["a", "b/", "c", "d/", "e", "f", "g/", "h"]
+        .iter()
+        .map(|k| format!("{p}{k}"))
+        .collect();
+    assert_eq!(entries, want);
+}
+
+/// Uploads `key` in two parts (a first part of `first_len` bytes, sent last when `reversed`),
+/// completes the upload with `pre` and checks what is published. Returns its version and bytes.
+async fn upload_in_two_parts(
+    s: &DynStore,
+    key: &str,
+    first_len: usize,
+    pre: Precondition,
+    reversed: bool,
+) -> (Version, Vec<u8>) {
+    let part1 = common::pattern(first_len, 1);
     let part2 = common::pattern(1000, 2);
-    let up = s.start_upload(&key).await.unwrap();
-    let a = s
-        .upload_part(&up, 1, Bytes::from(part1.clone()))
-        .await
-        .unwrap();
-    let b2 = s
-        .upload_part(&up, 2, Bytes::from(part2.clone()))
-        .await
-        .unwrap();
+    let up = s.start_upload(key).await.unwrap();
+    let mut parts = Vec::new();
+    for (number, body) in [(1, &part1), (2, &part2)] {
+        parts.push(
+            s.upload_part(&up, number, Bytes::from(body.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    if reversed {
+        parts.reverse();
+    }
     // Not visible before completion.
-    assert!(matches!(s.head(&key).await, Err(StoreError::NotFound(_))));
-    let v = s
-        .complete_upload(&up, vec![a, b2], Precondition::IfAbsent)
-        .await
-        .unwrap();
-    assert_eq!(s.head(&key).await.unwrap().version, v);
+    assert!(matches!(s.head(key).await, Err(StoreError::NotFound(_))));
+    let v = s.complete_upload(&up, parts, pre).await.unwrap();
+    assert_eq!(s.head(key).await.unwrap().version, v);
     let mut want = part1;
     want.extend_from_slice(&part2);
-    assert_eq!(read_all(&s, &key).await, want);
+    assert_eq!(read_all(s, key).await, want);
+    (v, want)
+}
+
+async fn multipart_uploads(s: DynStore, p: String) {
+    let key = format!("{p}multi");
+    let (v, _) = upload_in_two_parts(&s, &key, MIN_PART, Precondition::IfAbsent, false).await;
 
     // A second upload with IfAbsent over the existing object is refused and changes nothing.
     let up = s.start_upload(&key).await.unwrap();
@@ -280,11 +333,28 @@ async fn s3_store() -> DynStore {
     common::s3_store(&bucket).await
 }
 
+async fn gcs_store() -> DynStore {
+    let bucket = common::gcs_bucket("conformance").await;
+    common::gcs_store(&bucket).await
+}
+
+async fn gcs_strict_store() -> DynStore {
+    common::strict_gcs_store("conformance").await
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod mem { $(#[tokio::test] async fn $case() { super::$case(super::mem_store().await, "t/".into()).await } )* }
         mod local { $(#[tokio::test] async fn $case() { super::$case(super::local_store().await, "t/".into()).await } )* }
         mod s3 { $(#[tokio::test] async fn $case() { super::$case(super::s3_store().await, "t/".into()).await } )* }
+        mod gcs_strict { $(#[tokio::test] async fn $case() { super::$case(super::gcs_strict_store().await, "t/".into()).await } )* }
+    };
+}
+
+/// The cases fake-gcs-server can prove (see the module docs for the others).
+macro_rules! on_fake_gcs {
+    ($($case:ident),* $(,)?) => {
+        mod gcs { $(#[tokio::test] async fn $case() { super::$case(super::gcs_store().await, "t/".into()).await } )* }
     };
 }
 
@@ -295,11 +365,119 @@ conformance!(
     conditional_puts,
     listing_with_delimiter,
     listing_pages,
+    listing_pages_with_prefixes_between_objects,
     multipart_uploads,
     copies,
     deletes,
     empty_objects,
 );
+
+on_fake_gcs!(
+    head_get_and_ranges,
+    missing_objects_are_not_found,
+    reads_pinned_to_a_version_fail_after_a_change,
+    conditional_puts,
+    listing_with_delimiter,
+    listing_pages,
+    listing_pages_with_prefixes_between_objects,
+    empty_objects,
+    gcs_unconditional_writes,
+    gcs_uploads_of_many_parts,
+);
+
+/// GCS-only cases on the strict server, and the missing-bucket check on both.
+mod gcs_more {
+    use super::*;
+
+    #[tokio::test]
+    async fn gcs_uploads_of_many_parts_strict() {
+        gcs_uploads_of_many_parts(gcs_strict_store().await, "t/".into()).await
+    }
+
+    #[tokio::test]
+    async fn missing_bucket_fake() {
+        missing_bucket(&common::gcs_endpoint()).await;
+    }
+
+    /// The strict server words a missing bucket like GCS, so even object calls tell it apart.
+    #[tokio::test]
+    async fn missing_bucket_strict() {
+        let s = missing_bucket(common::strict_gcs::StrictGcs::get().endpoint()).await;
+        assert!(matches!(
+            s.head("k").await,
+            Err(StoreError::BucketNotFound(_))
+        ));
+    }
+
+    /// Listing a bucket that does not exist is `BucketNotFound`, not an empty listing.
+    async fn missing_bucket(endpoint: &str) -> DynStore {
+        let s = common::gcs_store_at(endpoint, &common::unique("missing")).await;
+        assert!(matches!(
+            s.list("", Some("/"), None, 10).await,
+            Err(StoreError::BucketNotFound(_))
+        ));
+        s
+    }
+}
+
+/// Multipart upload, copy and delete without conditions: the calls behind `multipart_uploads`,
+/// `copies` and `deletes`, on a server that does not enforce their conditions.
+async fn gcs_unconditional_writes(s: DynStore, p: String) {
+    let key = format!("{p}multi");
+    // Parts may be listed in any order; they are joined by number.
+    let (_, want) = upload_in_two_parts(&s, &key, 300 << 10, Precondition::None, true).await;
+    assert_no_staged_parts(&s).await;
+
+    let other = format!("{p}aborted");
+    let up = s.start_upload(&other).await.unwrap();
+    s.upload_part(&up, 1, b("zzz")).await.unwrap();
+    s.abort_upload(&up).await.unwrap();
+    assert!(matches!(s.head(&other).await, Err(StoreError::NotFound(_))));
+    assert_no_staged_parts(&s).await;
+
+    let dst = format!("{p}copy");
+    let copied = s.copy(&key, &dst, Precondition::None).await.unwrap();
+    assert_eq!(s.head(&dst).await.unwrap().version, copied);
+    assert_eq!(read_all(&s, &dst).await, want);
+    assert!(matches!(
+        s.copy(&format!("{p}nope"), &dst, Precondition::None).await,
+        Err(StoreError::NotFound(_))
+    ));
+    s.delete(&dst, Precondition::None).await.unwrap();
+    assert!(matches!(s.head(&dst).await, Err(StoreError::NotFound(_))));
+    s.delete(&dst, Precondition::None).await.unwrap();
+}
+
+/// More parts than one compose request takes (32): composed in levels, byte-exact, and every
+/// temporary object is gone afterwards.
+async fn gcs_uploads_of_many_parts(s: DynStore, p: String) {
+    let key = format!("{p}many");
+    let up = s.start_upload(&key).await.unwrap();
+    let mut want = Vec::new();
+    let mut parts = Vec::new();
+    for n in 1..=70u32 {
+        let chunk = common::pattern(1000 + n as usize, n as u64);
+        want.extend_from_slice(&chunk);
+        parts.push(s.upload_part(&up, n, Bytes::from(chunk)).await.unwrap());
+    }
+    let v = s
+        .complete_upload(&up, parts, Precondition::IfAbsent)
+        .await
+        .unwrap();
+    let meta = s.head(&key).await.unwrap();
+    assert_eq!((meta.size, meta.version), (want.len() as u64, v));
+    assert_eq!(read_all(&s, &key).await, want);
+    assert_no_staged_parts(&s).await;
+}
+
+async fn assert_no_staged_parts(s: &DynStore) {
+    let staged = s.list(UPLOADS, None, None, 1000).await.unwrap();
+    assert!(
+        staged.objects.is_empty(),
+        "left behind: {:?}",
+        staged.objects
+    );
+}
 
 /// Keys a local directory cannot hold are refused as invalid, not mangled.
 #[tokio::test]

@@ -1,8 +1,8 @@
 //! The memory tier: a byte-weighted LRU/LFU cache (moka) of blocks shared by every handle of
 //! the mount. It serves seeks back into recently read data and several handles reading one file.
 //!
-//! Stored blocks are copied into their own allocation: a block cut out of an 8 MiB response
-//! would otherwise keep the whole response alive while being weighed as 1 MiB.
+//! Blocks are kept as given, without a copy: readers hand in blocks that own their allocation
+//! (see `ObjectStore::get_blocks`), so the weight of an entry is the memory it keeps alive.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -38,7 +38,6 @@ impl BlockCache for MemoryCache {
     }
 
     async fn put(&self, key: &BlockKey, data: Bytes) {
-        self.blocks
-            .insert(key.clone(), Bytes::copy_from_slice(&data));
+        self.blocks.insert(key.clone(), data);
     }
 }

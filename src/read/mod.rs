@@ -112,11 +112,39 @@ pub struct ReadContext {
     pub cfg: ReadConfig,
 }
 
-/// Bytes of `start..start + data.len()` of the object, with the memory they are leased from.
+/// Bytes from `start` (a block boundary) on, as whole blocks, with the memory they are leased
+/// from.
 struct Part {
     start: u64,
-    data: Bytes,
+    blocks: Vec<Bytes>,
     _lease: Lease,
+}
+
+impl Part {
+    fn end(&self) -> u64 {
+        self.start + self.blocks.iter().map(|b| b.len() as u64).sum::<u64>()
+    }
+
+    /// Appends the bytes of `from..to` (inside this part) to `out`, or, if they lie in one block,
+    /// returns them without a copy.
+    fn copy_range(&self, from: u64, to: u64, out: &mut Option<BytesMut>, total: u64) -> Option<Bytes> {
+        let first = ((from - self.start) / BLOCK_SIZE) as usize;
+        let last = ((to - 1 - self.start) / BLOCK_SIZE) as usize;
+        let within = |i: usize| {
+            let block_start = self.start + i as u64 * BLOCK_SIZE;
+            let a = from.max(block_start) - block_start;
+            let b = to.min(block_start + self.blocks[i].len() as u64) - block_start;
+            self.blocks[i].slice(a as usize..b as usize)
+        };
+        if first == last && out.is_none() && to - from == total {
+            return Some(within(first));
+        }
+        let buf = out.get_or_insert_with(|| BytesMut::with_capacity(total as usize));
+        for i in first..=last.min(self.blocks.len() - 1) {
+            buf.extend_from_slice(&within(i));
+        }
+        None
+    }
 }
 
 type FetchResult = Result<Arc<Part>, StoreError>;
@@ -207,21 +235,15 @@ impl Reader {
                 e => FsError::Store(e),
             })?;
             let from = offset.max(part.start);
-            let to = end.min(part.start + part.data.len() as u64);
+            let to = end.min(part.end());
             if from >= to {
                 return Err(FsError::Store(StoreError::Transient(format!(
                     "{}: short read at {from}",
                     self.key
                 ))));
             }
-            let slice = part
-                .data
-                .slice((from - part.start) as usize..(to - part.start) as usize);
-            if from == offset && to == end {
-                single = Some(slice);
-            } else {
-                out.get_or_insert_with(|| BytesMut::with_capacity((end - offset) as usize))
-                    .extend_from_slice(&slice);
+            if let Some(b) = part.copy_range(from, to, &mut out, end - offset) {
+                single = Some(b);
             }
         }
         let data = match (single, out) {
@@ -332,10 +354,10 @@ impl Reader {
                 Some(l) => l,
                 None => ctx.budget.demand(end - start).await,
             };
-            let data = fetch_range(&ctx, &key, &version, start, end).await?;
+            let blocks = fetch_range(&ctx, &key, &version, start, end).await?;
             Ok(Arc::new(Part {
                 start,
-                data,
+                blocks,
                 _lease: lease,
             }))
         });
@@ -354,20 +376,16 @@ fn insert_sorted(fetches: &mut VecDeque<Fetch>, f: Fetch) {
     fetches.insert(at, f);
 }
 
-/// `start..end` (block aligned at `start`) of the object: cached blocks from the cache, the rest
-/// with one ranged GET per run of missing blocks; fetched blocks are offered to the cache.
+/// The blocks of `start..end` (`start` on a block boundary): cached blocks from the cache, the
+/// rest with one ranged GET per run of missing blocks; fetched blocks are offered to the cache.
 async fn fetch_range(
     ctx: &ReadContext,
     key: &Arc<str>,
     version: &Version,
     start: u64,
     end: u64,
-) -> Result<Bytes, StoreError> {
-    debug_assert_eq!(
-        start % BLOCK_SIZE,
-        0,
-        "fetches start on block boundaries: {start}..{end}"
-    );
+) -> Result<Vec<Bytes>, StoreError> {
+    debug_assert_eq!(start % BLOCK_SIZE, 0, "fetches start on block boundaries");
     let version_id: Arc<str> = version.0.as_str().into();
     let block_key = |index: u64| BlockKey {
         store: ctx.store_id.clone(),
@@ -381,15 +399,9 @@ async fn fetch_range(
     for index in first..=last {
         blocks.push(ctx.cache.get(&block_key(index)).await);
     }
-    if blocks.iter().all(Option::is_some) && blocks.len() == 1 {
-        let b = blocks.pop().flatten().unwrap_or_default();
-        return Ok(b.slice(0..((end - start) as usize).min(b.len())));
-    }
-    let mut out = BytesMut::with_capacity((end - start) as usize);
     let mut i = 0usize;
     while i < blocks.len() {
-        if let Some(b) = &blocks[i] {
-            out.extend_from_slice(b);
+        if blocks[i].is_some() {
             i += 1;
             continue;
         }
@@ -399,24 +411,23 @@ async fn fetch_range(
         }
         let from = (first + run_start as u64) * BLOCK_SIZE;
         let to = ((first + i as u64) * BLOCK_SIZE).min(end);
-        let data = ctx.store.get_range(key, from..to, Some(version)).await?;
-        if data.len() as u64 != to - from {
+        let fetched = ctx
+            .store
+            .get_blocks(key, from..to, Some(version), BLOCK_SIZE)
+            .await?;
+        let got: u64 = fetched.iter().map(|b| b.len() as u64).sum();
+        if got != to - from || fetched.len() != i - run_start {
             return Err(StoreError::Transient(format!(
-                "{key}: asked for {} bytes at {from}, got {}",
-                to - from,
-                data.len()
+                "{key}: asked for {} bytes at {from}, got {got}",
+                to - from
             )));
         }
-        for (n, chunk) in data.chunks(BLOCK_SIZE as usize).enumerate() {
-            let index = first + run_start as u64 + n as u64;
-            ctx.cache
-                .put(&block_key(index), data.slice_ref(chunk))
-                .await;
+        for (n, b) in fetched.into_iter().enumerate() {
+            ctx.cache.put(&block_key(first + (run_start + n) as u64), b.clone()).await;
+            blocks[run_start + n] = Some(b);
         }
-        out.extend_from_slice(&data);
     }
-    out.truncate((end - start) as usize);
-    Ok(out.freeze())
+    Ok(blocks.into_iter().flatten().collect())
 }
 
 #[cfg(test)]

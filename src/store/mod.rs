@@ -1,12 +1,12 @@
 //! The object store: the only door to a bucket.
 //!
-//! Every backend (S3, local directory, in-memory) implements [`ObjectStore`] with the same
+//! Every backend (S3, GCS, local directory, in-memory) implements [`ObjectStore`] with the same
 //! semantics, and one conformance suite (`tests/conformance.rs`) checks each of them against the
 //! same cases, so the in-memory store used by fast unit tests cannot drift from the real servers.
 //!
 //! The rules every backend keeps:
-//! - A *version* is the backend's own change token (S3 ETag, a local file's inode+mtime+size, a
-//!   counter in memory). Any change to an object's bytes changes its version.
+//! - A *version* is the backend's own change token (S3 ETag, GCS generation, a local file's
+//!   inode+mtime+size, a counter in memory). Any change to an object's bytes changes its version.
 //! - `get_range` with `if_version` fails with [`StoreError::PreconditionFailed`] when the object
 //!   changed: readers pinned to the version seen at open never mix two versions.
 //! - Writes take a typed [`Precondition`]; a failed one is `PreconditionFailed`, never a silent
@@ -14,6 +14,7 @@
 //! - Errors are classified once, here, into [`StoreError`]; retrying the transient ones with
 //!   jittered backoff happens in exactly one place, [`retry::Retrying`].
 
+pub mod gcs;
 pub mod local;
 pub mod mem;
 pub mod retry;

@@ -124,6 +124,21 @@ impl ObjectStore for Retrying {
             .await
     }
 
+    async fn get_blocks(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_version: Option<&Version>,
+        block: u64,
+    ) -> StoreResult<Vec<Bytes>> {
+        self.policy
+            .run("get", || {
+                self.inner
+                    .get_blocks(key, range.clone(), if_version, block)
+            })
+            .await
+    }
+
     async fn list(
         &self,
         prefix: &str,

@@ -161,6 +161,22 @@ impl ObjectStore for S3Store {
         range: Range<u64>,
         if_version: Option<&Version>,
     ) -> StoreResult<Bytes> {
+        let len = range.end.saturating_sub(range.start);
+        let mut blocks = self.get_blocks(key, range, if_version, len.max(1)).await?;
+        Ok(if blocks.len() == 1 {
+            blocks.pop().unwrap_or_default()
+        } else {
+            Bytes::new()
+        })
+    }
+
+    async fn get_blocks(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_version: Option<&Version>,
+        block: u64,
+    ) -> StoreResult<Vec<Bytes>> {
         if range.is_empty() {
             return Err(StoreError::Invalid(format!("empty range {range:?}")));
         }
@@ -174,17 +190,32 @@ impl ObjectStore for S3Store {
             req = req.if_match(&v.0);
         }
         let mut body = req.send().await.map_err(|e| classify(key, e))?.body;
-        // One buffer of the exact size: collecting the chunks and joining them would hold the
-        // bytes twice at the peak.
-        let mut buf = bytes::BytesMut::with_capacity((range.end - range.start) as usize);
-        while let Some(chunk) = body
+        // The body is copied once, straight into blocks of the exact size.
+        let total = range.end - range.start;
+        let mut blocks = Vec::with_capacity(total.div_ceil(block) as usize);
+        let mut filled = 0u64;
+        let mut current = bytes::BytesMut::with_capacity(block.min(total) as usize);
+        while let Some(mut chunk) = body
             .try_next()
             .await
             .map_err(|e| StoreError::Transient(format!("{key}: reading body: {e}")))?
         {
-            buf.extend_from_slice(&chunk);
+            while !chunk.is_empty() {
+                let room = (block as usize) - current.len();
+                let take = room.min(chunk.len());
+                current.extend_from_slice(&chunk.split_to(take));
+                if current.len() as u64 == block {
+                    filled += block;
+                    blocks.push(current.freeze());
+                    let next = block.min(total.saturating_sub(filled)).max(1);
+                    current = bytes::BytesMut::with_capacity(next as usize);
+                }
+            }
         }
-        Ok(buf.freeze())
+        if !current.is_empty() {
+            blocks.push(current.freeze());
+        }
+        Ok(blocks)
     }
 
     async fn list(

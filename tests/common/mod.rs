@@ -2,6 +2,8 @@
 //! real mounts of the `bucketfs` binary.
 #![allow(dead_code)]
 
+pub mod strict_gcs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bucketfs::store::DynStore;
+use bucketfs::store::gcs::{GcsOptions, GcsStore};
 use bucketfs::store::s3::{S3Options, S3Store};
 
 /// The S3 server's endpoint. Tests need the servers that `scripts/test.sh` starts; a missing
@@ -71,6 +74,61 @@ pub async fn s3_store(bucket: &str) -> DynStore {
     Arc::new(S3Store::new(bucket, &s3_options()).await.unwrap())
 }
 
+/// The GCS server's endpoint (fake-gcs-server, started by `scripts/test.sh` like the S3 server).
+pub fn gcs_endpoint() -> String {
+    std::env::var("BUCKETFS_TEST_GCS_ENDPOINT").expect(
+        "BUCKETFS_TEST_GCS_ENDPOINT is not set: run the tests with ./scripts/test.sh, which starts the GCS server",
+    )
+}
+
+/// Creates a new, empty bucket on fake-gcs-server through the JSON API (`POST /storage/v1/b`).
+pub async fn gcs_bucket(tag: &str) -> String {
+    use gcloud_storage::client::{Client, ClientConfig};
+    use gcloud_storage::http::buckets::insert::{InsertBucketParam, InsertBucketRequest};
+    let name = unique(tag);
+    let client = Client::new(
+        ClientConfig {
+            storage_endpoint: gcs_endpoint(),
+            ..ClientConfig::default()
+        }
+        .anonymous(),
+    );
+    client
+        .insert_bucket(&InsertBucketRequest {
+            name: name.clone(),
+            param: InsertBucketParam {
+                project: "bucketfs-test".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create bucket {name}: {e:?}"));
+    name
+}
+
+/// A store on `bucket` of the GCS server at `endpoint`, without credentials (test servers need
+/// none).
+pub async fn gcs_store_at(endpoint: &str, bucket: &str) -> DynStore {
+    let opts = GcsOptions {
+        endpoint_url: Some(endpoint.to_string()),
+        anonymous: true,
+    };
+    Arc::new(GcsStore::new(bucket, &opts).await.unwrap())
+}
+
+pub async fn gcs_store(bucket: &str) -> DynStore {
+    gcs_store_at(&gcs_endpoint(), bucket).await
+}
+
+/// A new bucket on the strict GCS server of this process (see `strict_gcs`) and a store on it.
+pub async fn strict_gcs_store(tag: &str) -> DynStore {
+    let server = strict_gcs::StrictGcs::get();
+    let bucket = unique(tag);
+    server.create_bucket(&bucket);
+    gcs_store_at(server.endpoint(), &bucket).await
+}
+
 /// Deterministic pseudo-random bytes (a fast xorshift), so big test files need no disk fixture.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -110,6 +168,12 @@ impl Mounted {
     /// Starts `bucketfs mount SOURCE <tmp dir> ARGS...` with the S3 test settings and waits until
     /// the mount is up.
     pub fn start(source: &str, args: &[&str]) -> Mounted {
+        Mounted::start_with_env(source, args, &[])
+    }
+
+    /// Like [`Mounted::start`], with `env` set on top of the S3 test settings (e.g. another
+    /// `BUCKETFS_ENDPOINT_URL`).
+    pub fn start_with_env(source: &str, args: &[&str], env: &[(String, String)]) -> Mounted {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("mnt");
         std::fs::create_dir(&dir).unwrap();
@@ -125,6 +189,7 @@ impl Mounted {
             )
             .env("BUCKETFS_FORCE_PATH_STYLE", "true")
             .env("BUCKETFS_LOG_LEVEL", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
