@@ -16,6 +16,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Source, parse_duration, parse_mode};
 use crate::fs::{Fs, FsConfig};
+use crate::store::gcs::GcsOptions;
 use crate::store::retry::{RetryPolicy, Retrying};
 use crate::store::s3::S3Options;
 use crate::store::{self, DynStore, StoreError};
@@ -24,7 +25,7 @@ use crate::store::{self, DynStore, StoreError};
 #[command(
     name = "bucketfs",
     version,
-    about = "Mount S3 buckets and local directories as a filesystem"
+    about = "Mount S3 and GCS buckets and local directories as a filesystem"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -40,7 +41,8 @@ enum Command {
 /// How to reach the store (shared by every subcommand that talks to a bucket).
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// S3 endpoint URL, for S3-compatible servers (default: AWS, or AWS_ENDPOINT_URL).
+    /// Endpoint URL: an S3-compatible server for s3:// (default: AWS, or AWS_ENDPOINT_URL), a
+    /// GCS JSON API server such as an emulator for gs:// (default: storage.googleapis.com).
     #[arg(long, env = "BUCKETFS_ENDPOINT_URL")]
     pub endpoint_url: Option<String>,
     /// S3 region (default: from the AWS configuration, else us-east-1).
@@ -49,11 +51,16 @@ pub struct StoreArgs {
     /// Address buckets as ENDPOINT/BUCKET instead of BUCKET.ENDPOINT (most local S3 servers).
     #[arg(long, env = "BUCKETFS_FORCE_PATH_STYLE")]
     pub force_path_style: bool,
+    /// gs:// only: send no credentials (public buckets, local emulators) instead of Application
+    /// Default Credentials.
+    #[arg(long, env = "BUCKETFS_ANONYMOUS")]
+    pub anonymous: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct MountArgs {
-    /// What to mount: s3://BUCKET[/PREFIX] or file:///PATH (a local directory used as a bucket).
+    /// What to mount: s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///PATH (a local
+    /// directory used as a bucket).
     #[arg(env = "BUCKETFS_SOURCE")]
     pub source: String,
     /// An existing, empty directory to mount on.
@@ -140,6 +147,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 /// credentials work, the endpoint is reachable. Returns the store wrapped in the retry policy.
 pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, Failure> {
     let raw: DynStore = match source {
+        Source::S3 { .. } if args.anonymous => {
+            return Err(Failure::new(
+                2,
+                "--anonymous is for gs:// sources; S3 credentials come from the AWS chain",
+            ));
+        }
         Source::S3 { bucket, .. } => {
             let opts = S3Options {
                 endpoint_url: args.endpoint_url.clone(),
@@ -148,6 +161,17 @@ pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, F
             };
             Arc::new(
                 store::s3::S3Store::new(bucket, &opts)
+                    .await
+                    .map_err(store_failure)?,
+            )
+        }
+        Source::Gcs { bucket, .. } => {
+            let opts = GcsOptions {
+                endpoint_url: args.endpoint_url.clone(),
+                anonymous: args.anonymous,
+            };
+            Arc::new(
+                store::gcs::GcsStore::new(bucket, &opts)
                     .await
                     .map_err(store_failure)?,
             )

@@ -11,6 +11,8 @@ use std::time::Duration;
 pub enum Source {
     /// `s3://bucket[/prefix]`
     S3 { bucket: String, prefix: String },
+    /// `gs://bucket[/prefix]`: Google Cloud Storage.
+    Gcs { bucket: String, prefix: String },
     /// `file:///path/to/dir`: a local directory used as a bucket.
     Local { root: PathBuf },
 }
@@ -19,27 +21,17 @@ impl Source {
     /// Parses a SOURCE argument. The prefix is normalised to end with `/` (or be empty), so
     /// `s3://b/models` and `s3://b/models/` mount the same thing.
     pub fn parse(url: &str) -> Result<Source, String> {
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            format!("{url:?} is not a source URL; use s3://BUCKET[/PREFIX] or file:///PATH")
-        })?;
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("{url:?} is not a source URL; use {KINDS}"))?;
         match scheme {
             "s3" => {
-                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                if bucket.is_empty() {
-                    return Err(format!("{url:?} names no bucket; use s3://BUCKET[/PREFIX]"));
-                }
-                if !bucket
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c))
-                {
-                    return Err(format!(
-                        "{bucket:?} is not a valid bucket name (lowercase letters, digits, '-', '.', '_')"
-                    ));
-                }
-                Ok(Source::S3 {
-                    bucket: bucket.to_string(),
-                    prefix: normalize_prefix(prefix)?,
-                })
+                let (bucket, prefix) = bucket_and_prefix(url, scheme, rest)?;
+                Ok(Source::S3 { bucket, prefix })
+            }
+            "gs" => {
+                let (bucket, prefix) = bucket_and_prefix(url, scheme, rest)?;
+                Ok(Source::Gcs { bucket, prefix })
             }
             "file" => {
                 if !rest.starts_with('/') {
@@ -52,7 +44,7 @@ impl Source {
                 })
             }
             other => Err(format!(
-                "unsupported scheme {other:?} in {url:?}; use s3://BUCKET[/PREFIX] or file:///PATH"
+                "unsupported scheme {other:?} in {url:?}; use {KINDS}"
             )),
         }
     }
@@ -60,10 +52,32 @@ impl Source {
     /// The key prefix every path of the mount lives under (`""` or ending with `/`).
     pub fn prefix(&self) -> &str {
         match self {
-            Source::S3 { prefix, .. } => prefix,
+            Source::S3 { prefix, .. } | Source::Gcs { prefix, .. } => prefix,
             Source::Local { .. } => "",
         }
     }
+}
+
+/// The sources bucketfs mounts, as error messages list them.
+const KINDS: &str = "s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///PATH";
+
+/// `BUCKET[/PREFIX]` after `scheme://`, checked; the prefix normalised.
+fn bucket_and_prefix(url: &str, scheme: &str, rest: &str) -> Result<(String, String), String> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(format!(
+            "{url:?} names no bucket; use {scheme}://BUCKET[/PREFIX]"
+        ));
+    }
+    if !bucket
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c))
+    {
+        return Err(format!(
+            "{bucket:?} is not a valid bucket name (lowercase letters, digits, '-', '.', '_')"
+        ));
+    }
+    Ok((bucket.to_string(), normalize_prefix(prefix)?))
 }
 
 /// `a/b` -> `a/b/`; `` -> ``; refuses prefixes that no file name could be built on.
@@ -151,6 +165,15 @@ mod tests {
         assert_eq!(Source::parse("s3://bkt/").unwrap().prefix(), "");
         assert_eq!(Source::parse("s3://bkt").unwrap().prefix(), "");
         assert_eq!(
+            Source::parse("gs://bkt/data/set/").unwrap(),
+            Source::Gcs {
+                bucket: "bkt".into(),
+                prefix: "data/set/".into()
+            }
+        );
+        assert_eq!(Source::parse("gs://bkt").unwrap().prefix(), "");
+        assert_eq!(Source::parse("gs://bkt/a").unwrap().prefix(), "a/");
+        assert_eq!(
             Source::parse("file:///tmp/x").unwrap(),
             Source::Local {
                 root: "/tmp/x".into()
@@ -169,14 +192,20 @@ mod tests {
             "file://relative",
             "s3://b/a//b",
             "s3://b/../x",
+            "gs://",
+            "gs://Bad!",
+            "gs://b/a//b",
         ] {
             let err = Source::parse(bad).unwrap_err();
             assert!(!err.is_empty(), "{bad}");
         }
+        let err = Source::parse("gcs://x").unwrap_err();
+        assert!(err.contains("unsupported scheme"), "{err}");
+        assert!(err.contains("gs://BUCKET"), "the hint lists gs://: {err}");
         assert!(
-            Source::parse("gcs://x")
+            Source::parse("gs:///x")
                 .unwrap_err()
-                .contains("unsupported scheme")
+                .contains("gs://BUCKET")
         );
     }
 

@@ -1,4 +1,4 @@
-//! bucketfs: mount S3 buckets and local directories as a filesystem.
+//! bucketfs: mount S3 and GCS buckets and local directories as a filesystem.
 //!
 //! ## Layout
 //! ```text
@@ -15,7 +15,7 @@
 //!   | read/    |   | meta/      |  per-handle reads pinned to a version; metadata cache + naming rule
 //!   +--+-------+   +---+--------+
 //!   +--v---------------v-----+
-//!   | store/                 |  ObjectStore trait: s3, local dir, in-memory (tests), retry policy
+//!   | store/                 |  ObjectStore trait: s3, gcs, local dir, in-memory (tests), retry
 //!   +------------------------+
 //! ```
 //! - [`cli`] parses arguments and maps failures to exit codes; [`config`] validates input.

@@ -6,6 +6,8 @@ mod common;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::strict_gcs::{self, StrictGcs};
+
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(common::bin());
     cmd.args(args)
@@ -206,8 +208,230 @@ fn help_documents_every_option() {
         "--allow-other",
         "--metadata-ttl",
         "--log-level",
+        "--anonymous",
         "BUCKETFS_METADATA_TTL",
+        "BUCKETFS_ANONYMOUS",
+        "gs://BUCKET",
     ] {
         assert!(out.contains(opt), "--help lacks {opt}:\n{out}");
     }
+}
+
+/// `bucketfs mount gs://...` with `env` on top of a clean Google credential environment: no
+/// credentials file, no gcloud configuration, and a metadata server that is not there (nothing
+/// listens on port 9), so nothing on this machine can leak into the test.
+fn mount_gcs(source: &str, mp: &std::path::Path, endpoint: &str, env: &[(&str, &str)]) -> Output {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path().to_str().unwrap();
+    let mut cmd = Command::new(common::bin());
+    cmd.args([
+        "mount",
+        source,
+        mp.to_str().unwrap(),
+        "--read-only",
+        "--endpoint-url",
+        endpoint,
+    ])
+    .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+    .env_remove("GOOGLE_APPLICATION_CREDENTIALS_JSON")
+    .env_remove("BUCKETFS_ANONYMOUS")
+    .env("HOME", home)
+    .env("CLOUDSDK_CONFIG", home)
+    .env("GCE_METADATA_HOST", "127.0.0.1:9")
+    .env("BUCKETFS_LOG_LEVEL", "error");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn gcs_unknown_bucket() {
+    let mp = mountpoint();
+    let o = mount_gcs(
+        "gs://no-such-bucket-bucketfs",
+        mp.path(),
+        &common::gcs_endpoint(),
+        &[("BUCKETFS_ANONYMOUS", "true")],
+    );
+    expect_failure(&o, 3, "bucket does not exist");
+}
+
+#[test]
+fn gcs_bad_credentials_file() {
+    let mp = mountpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.json");
+    std::fs::write(&garbage, "this is { not json").unwrap();
+    let endpoint = common::gcs_endpoint();
+    let o = mount_gcs(
+        "gs://some-bucket",
+        mp.path(),
+        &endpoint,
+        &[("GOOGLE_APPLICATION_CREDENTIALS", garbage.to_str().unwrap())],
+    );
+    expect_failure(&o, 3, "not a Google credentials JSON file");
+    assert!(stderr(&o).contains("garbage.json"), "names the file");
+
+    let missing = dir.path().join("missing.json");
+    let o = mount_gcs(
+        "gs://some-bucket",
+        mp.path(),
+        &endpoint,
+        &[("GOOGLE_APPLICATION_CREDENTIALS", missing.to_str().unwrap())],
+    );
+    expect_failure(&o, 3, "cannot read the credentials file");
+
+    // Well-formed, but the key in it is not a key.
+    let bad_key = dir.path().join("bad-key.json");
+    std::fs::write(
+        &bad_key,
+        r#"{"type": "service_account", "client_email": "x@y.iam.gserviceaccount.com",
+            "private_key_id": "1", "private_key": "not a key", "token_uri": "http://127.0.0.1:9/token"}"#,
+    )
+    .unwrap();
+    let o = mount_gcs(
+        "gs://some-bucket",
+        mp.path(),
+        &endpoint,
+        &[("GOOGLE_APPLICATION_CREDENTIALS", bad_key.to_str().unwrap())],
+    );
+    expect_failure(&o, 3, "not authorized");
+    assert!(stderr(&o).contains("bad-key.json"), "names the file");
+}
+
+#[test]
+fn gcs_no_credentials_at_all() {
+    let mp = mountpoint();
+    let started = Instant::now();
+    let o = mount_gcs("gs://some-bucket", mp.path(), &common::gcs_endpoint(), &[]);
+    expect_failure(&o, 3, "no Google credentials found");
+    assert!(stderr(&o).contains("--anonymous"), "says what to do");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Credentials refused by the token endpoint, and a request without the token the bucket wants.
+#[test]
+fn gcs_refused_credentials() {
+    let server = StrictGcs::get();
+    let bucket = common::unique("refused");
+    server.create_bucket_with_token(&bucket, strict_gcs::USER_TOKEN);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = authorized_user_file(dir.path(), "revoked-refresh-token");
+    let mp = mountpoint();
+    let source = format!("gs://{bucket}");
+    let o = mount_gcs(
+        &source,
+        mp.path(),
+        server.endpoint(),
+        &[("GOOGLE_APPLICATION_CREDENTIALS", creds.to_str().unwrap())],
+    );
+    expect_failure(&o, 3, "no token");
+    let o = mount_gcs(
+        &source,
+        mp.path(),
+        server.endpoint(),
+        &[("BUCKETFS_ANONYMOUS", "true")],
+    );
+    expect_failure(&o, 3, "not authorized");
+}
+
+#[test]
+fn anonymous_is_for_gcs_only() {
+    let mp = mountpoint();
+    let o = mount_s3(
+        "s3://some-bucket",
+        mp.path(),
+        &[("BUCKETFS_ANONYMOUS", "true")],
+    );
+    expect_failure(&o, 2, "--anonymous is for gs://");
+}
+
+/// An authorized-user credentials file (`gcloud auth application-default login` writes one)
+/// whose token URI is the strict server.
+fn authorized_user_file(dir: &std::path::Path, refresh_token: &str) -> std::path::PathBuf {
+    let path = dir.join("adc.json");
+    let body = serde_json::json!({
+        "type": "authorized_user",
+        "client_id": "bucketfs-test",
+        "client_secret": "bucketfs-test-secret",
+        "refresh_token": refresh_token,
+        "token_uri": format!("{}/token", StrictGcs::get().endpoint()),
+    });
+    std::fs::write(&path, body.to_string()).unwrap();
+    path
+}
+
+/// A bucket that wants `token`, holding one object, mounted with `env`: the object reads back,
+/// so the credentials found gave that token.
+fn mount_with_credentials(token: &str, env: Vec<(String, String)>) {
+    let server = StrictGcs::get();
+    let bucket = common::unique("creds");
+    server.create_bucket_with_token(&bucket, token);
+    server.put_object(&bucket, "dir/hello.txt", b"hello from gcs\n");
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path().to_str().unwrap().to_string();
+    let mut all = vec![
+        (
+            "BUCKETFS_ENDPOINT_URL".to_string(),
+            server.endpoint().to_string(),
+        ),
+        ("HOME".into(), home.clone()),
+        ("CLOUDSDK_CONFIG".into(), home),
+        ("GCE_METADATA_HOST".into(), "127.0.0.1:9".into()),
+    ];
+    all.extend(env);
+    let m = common::Mounted::start_with_env(&format!("gs://{bucket}"), &["--read-only"], &all);
+    assert_eq!(
+        std::fs::read(m.path("dir/hello.txt")).unwrap(),
+        b"hello from gcs\n"
+    );
+}
+
+#[test]
+fn gcs_credentials_file_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = authorized_user_file(dir.path(), strict_gcs::REFRESH_TOKEN);
+    mount_with_credentials(
+        strict_gcs::USER_TOKEN,
+        vec![(
+            "GOOGLE_APPLICATION_CREDENTIALS".into(),
+            creds.to_str().unwrap().into(),
+        )],
+    );
+}
+
+/// gcloud's own file, found without GOOGLE_APPLICATION_CREDENTIALS.
+#[test]
+fn gcs_gcloud_credentials_file_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = authorized_user_file(dir.path(), strict_gcs::REFRESH_TOKEN);
+    std::fs::rename(
+        &creds,
+        dir.path().join("application_default_credentials.json"),
+    )
+    .unwrap();
+    mount_with_credentials(
+        strict_gcs::USER_TOKEN,
+        vec![(
+            "CLOUDSDK_CONFIG".into(),
+            dir.path().to_str().unwrap().into(),
+        )],
+    );
+}
+
+/// The GCE/GKE metadata server (what GKE Workload Identity serves).
+#[test]
+fn gcs_metadata_server_credentials_are_used() {
+    mount_with_credentials(
+        strict_gcs::METADATA_TOKEN,
+        vec![(
+            "GCE_METADATA_HOST".into(),
+            StrictGcs::get().host().to_string(),
+        )],
+    );
 }
