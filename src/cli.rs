@@ -14,12 +14,14 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Source, parse_duration, parse_mode};
+use crate::config::{Source, parse_duration, parse_mode, parse_size};
 use crate::fs::{Fs, FsConfig};
+use crate::read::ReadConfig;
 use crate::store::gcs::GcsOptions;
 use crate::store::retry::{RetryPolicy, Retrying};
 use crate::store::s3::S3Options;
 use crate::store::{self, DynStore, StoreError};
+use crate::write::{Journal, WriteConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -90,6 +92,23 @@ pub struct MountArgs {
     /// by others become visible after at most this long; 0 asks every time.
     #[arg(long, env = "BUCKETFS_METADATA_TTL", default_value = "5s", value_parser = parse_duration)]
     pub metadata_ttl: Duration,
+    /// Global memory budget for read buffers (prefetch) and the in-memory block cache, held
+    /// whatever the number of open files; when it is used up, reads slow down but never fail.
+    #[arg(long, env = "BUCKETFS_MAX_MEMORY", default_value = "160MiB", value_parser = parse_size)]
+    pub max_memory: u64,
+    /// Bytes per ranged GET when reading ahead (a multiple of 1MiB).
+    #[arg(long, env = "BUCKETFS_READ_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
+    pub read_part_size: u64,
+    /// Most ranged GETs in flight ahead of one sequential reader.
+    #[arg(long, env = "BUCKETFS_READ_CONCURRENCY", default_value = "8")]
+    pub read_concurrency: usize,
+    /// Directory for bucketfs' local files: staging files of writes and the upload journal
+    /// (default: a bucketfs directory under the system temp dir).
+    #[arg(long, env = "BUCKETFS_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes per uploaded part when writing (at least 5MiB; S3 allows 10,000 parts per object).
+    #[arg(long, env = "BUCKETFS_WRITE_PART_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub write_part_size: u64,
     /// Log level or filter (error, warn, info, debug, trace, or e.g. "bucketfs=debug").
     #[arg(long, env = "BUCKETFS_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -214,6 +233,15 @@ fn store_failure(e: StoreError) -> Failure {
     Failure::new(3, format!("{e}{hint}"))
 }
 
+/// The directory for bucketfs' local files.
+pub fn cache_dir(given: Option<&Path>) -> PathBuf {
+    match given {
+        Some(p) => p.to_path_buf(),
+        // SAFETY: getuid cannot fail.
+        None => std::env::temp_dir().join(format!("bucketfs-{}", unsafe { libc::getuid() })),
+    }
+}
+
 /// Refuses mount points that cannot work, before anything is mounted.
 fn check_mountpoint(path: &Path) -> Result<PathBuf, Failure> {
     let shown = path.display();
@@ -290,7 +318,29 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
     let source = Source::parse(&args.source).map_err(|m| Failure::new(2, m))?;
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     let rt = runtime()?;
+    if args.write_part_size < 5 << 20 || args.write_part_size > 1 << 30 {
+        return Err(Failure::new(
+            2,
+            "--write-part-size must be between 5MiB and 1GiB",
+        ));
+    }
     let store = rt.block_on(open_store(&source, &args.store))?;
+    let staging_dir = cache_dir(args.cache_dir.as_deref()).join("staging");
+    if !args.read_only {
+        std::fs::create_dir_all(&staging_dir).map_err(|e| {
+            Failure::new(
+                4,
+                format!(
+                    "cannot create the staging directory {}: {e}",
+                    staging_dir.display()
+                ),
+            )
+        })?;
+        let aborted = rt.block_on(Journal::recover(&staging_dir, &args.source, &store));
+        if aborted > 0 {
+            tracing::info!(aborted, "cleaned up uploads left by processes that died");
+        }
+    }
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let fs = Fs::new(
@@ -303,8 +353,19 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
             dir_mode: args.dir_mode,
             metadata_ttl: args.metadata_ttl,
             read_only: args.read_only,
+            read: ReadConfig {
+                part_size: args.read_part_size,
+                concurrency: args.read_concurrency,
+                max_memory: args.max_memory,
+            },
+            write: (!args.read_only).then(|| WriteConfig {
+                part_size: args.write_part_size,
+                staging_dir: staging_dir.clone(),
+            }),
+            source: args.source.clone(),
         },
-    );
+    )
+    .map_err(|m| Failure::new(2, m))?;
     crate::mount::serve(
         fs,
         &rt,

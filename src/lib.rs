@@ -22,8 +22,10 @@
 //! - [`mount`] mounts, serves until a signal, and unmounts cleanly.
 //! - [`fuse`] is the only module that knows `fuser`.
 //! - [`fs`] holds the semantics; [`meta`] decides what a key is and which keys can be names.
-//! - [`read`] reads object versions; [`store`] is the only door to a bucket.
+//! - [`read`] reads object versions; [`write`] stages and commits writes; [`cache`] keeps blocks.
+//! - [`store`] is the only door to a bucket.
 
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod fs;
@@ -32,3 +34,4 @@ pub mod meta;
 pub mod mount;
 pub mod read;
 pub mod store;
+pub mod write;

@@ -18,6 +18,14 @@ pub enum FsError {
     BadHandle,
     #[error("not supported: {0}")]
     NotSupported(&'static str),
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("not a valid name here")]
+    InvalidName,
+    #[error("{0}")]
+    Write(#[from] crate::write::WriteError),
     #[error("{0}")]
     Store(#[from] StoreError),
 }
@@ -32,6 +40,10 @@ impl FsError {
             FsError::IsDir => libc::EISDIR,
             FsError::BadHandle => libc::EBADF,
             FsError::NotSupported(_) => libc::ENOTSUP,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::InvalidName => libc::EINVAL,
+            FsError::Write(e) => e.errno(),
             FsError::Store(e) => match e {
                 StoreError::NotFound(_) => libc::ENOENT,
                 StoreError::PreconditionFailed(_) => libc::ESTALE,
@@ -48,7 +60,11 @@ impl FsError {
     /// Whether the error says something is wrong beyond the application's own request, and so
     /// deserves a warning in the log (a missing file is an answer, not a problem).
     pub fn is_unexpected(&self) -> bool {
-        matches!(self, FsError::Store(e) if !matches!(e, StoreError::NotFound(_)))
+        match self {
+            FsError::Store(e) => !matches!(e, StoreError::NotFound(_)),
+            FsError::Write(_) => true,
+            _ => false,
+        }
     }
 }
 

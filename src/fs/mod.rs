@@ -8,6 +8,7 @@
 //! `.await`.
 
 mod error;
+mod write_ops;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -22,6 +23,7 @@ use crate::meta::{Kind, Meta, Stat};
 use crate::read::budget::MemoryBudget;
 use crate::read::{ReadConfig, ReadContext, Reader};
 use crate::store::{DynStore, Version};
+use crate::write::{Journal, WriteConfig, WriteContext, WriteHandle};
 
 pub const ROOT_INO: u64 = 1;
 
@@ -38,6 +40,10 @@ pub struct FsConfig {
     pub metadata_ttl: std::time::Duration,
     pub read_only: bool,
     pub read: ReadConfig,
+    /// Staging and upload settings; `None` on a read-only mount.
+    pub write: Option<WriteConfig>,
+    /// The SOURCE URL, which names this mount's uploads in the crash journal.
+    pub source: String,
 }
 
 /// Attributes of an inode, as the kernel sees them.
@@ -91,12 +97,20 @@ struct InodeTable {
 
 enum Handle {
     File(Arc<Reader>),
+    Write(Arc<WriteHandle>, u64),
     Dir(Arc<tokio::sync::OnceCell<Vec<DirEntryOut>>>, u64),
 }
 
 pub struct Fs {
+    store: DynStore,
     meta: Arc<Meta>,
     read: Arc<ReadContext>,
+    /// `None` on a read-only mount.
+    write: Option<Arc<WriteContext>>,
+    /// The open write handle of each inode being written, so `stat` shows the size being written.
+    writing: Mutex<HashMap<u64, Arc<WriteHandle>>>,
+    /// The process that opened each write handle (see `flush`).
+    writer_process: Mutex<HashMap<u64, u32>>,
     cfg: FsConfig,
     inodes: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -109,13 +123,23 @@ impl Fs {
     /// Builds the filesystem; fails only on read settings that contradict each other.
     pub fn new(store: DynStore, cfg: FsConfig) -> Result<Arc<Fs>, String> {
         let (prefetch, demand, tier) = cfg.read.split()?;
+        let budget = Arc::new(MemoryBudget::new(prefetch, demand));
         let read = Arc::new(ReadContext {
             store_id: store.describe().into(),
             store: store.clone(),
             cache: Arc::new(MemoryCache::new(tier)),
-            budget: Arc::new(MemoryBudget::new(prefetch, demand)),
+            budget: budget.clone(),
             cfg: cfg.read.clone(),
         });
+        let write = match (&cfg.write, cfg.read_only) {
+            (Some(w), false) => Some(Arc::new(WriteContext {
+                store: store.clone(),
+                budget,
+                journal: Journal::new(&w.staging_dir, &cfg.source),
+                cfg: w.clone(),
+            })),
+            _ => None,
+        };
         let meta = Meta::new(store.clone(), cfg.metadata_ttl, cfg.prefix.is_empty());
         let mut table = InodeTable {
             next: ROOT_INO + 1,
@@ -134,8 +158,12 @@ impl Fs {
             },
         );
         Ok(Arc::new(Fs {
+            store,
             meta,
             read,
+            write,
+            writing: Mutex::new(HashMap::new()),
+            writer_process: Mutex::new(HashMap::new()),
             cfg,
             inodes: Mutex::new(table),
             handles: Mutex::new(HashMap::new()),
@@ -251,6 +279,14 @@ impl Fs {
     }
 
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let writer = self.writing.lock().unwrap().get(&ino).cloned();
+        if let Some(w) = writer {
+            // Being written here: this mount sees the file as written so far.
+            let size = w.size().await;
+            let mut stat = self.inode_stat(ino)?;
+            stat.size = size;
+            return Ok(self.attr(ino, &stat));
+        }
         let (key, stat, fresh) = {
             let t = self.inodes.lock().unwrap();
             let i = t.by_ino.get(&ino).ok_or(FsError::NotFound)?;
@@ -282,9 +318,9 @@ impl Fs {
     }
 
     /// Opens a file for reading, pinned to the version current now.
-    pub async fn open(&self, ino: u64, write: bool) -> FsResult<Opened> {
-        if write {
-            return Err(FsError::ReadOnly);
+    pub async fn open(&self, ino: u64, write: bool, truncate: bool, pid: u32) -> FsResult<Opened> {
+        if write || truncate {
+            return self.open_write(ino, truncate, pid).await;
         }
         let (key, kind) = self.inode_key(ino)?;
         if kind == Kind::Dir {
@@ -312,20 +348,39 @@ impl Fs {
         Ok(Opened { fh, keep_cache })
     }
 
-    fn reader(&self, fh: u64) -> FsResult<Arc<Reader>> {
-        match self.handles.lock().unwrap().get(&fh) {
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
+        let handle = match self.handles.lock().unwrap().get(&fh) {
             Some(Handle::File(r)) => Ok(r.clone()),
-            _ => Err(FsError::BadHandle),
+            Some(Handle::Write(w, _)) => Err(w.clone()),
+            _ => return Err(FsError::BadHandle),
+        };
+        match handle {
+            Ok(reader) => reader.read(offset, size as u64).await,
+            Err(writer) => Ok(writer.read(offset, size as u64).await?),
         }
     }
 
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
-        let reader = self.reader(fh)?;
-        reader.read(offset, size as u64).await
+    /// Closes a handle. A write handle still holding uncommitted changes (a `flush` failed or
+    /// never came) commits them now; the result can only be logged.
+    pub async fn release(&self, fh: u64) {
+        let handle = self.handles.lock().unwrap().remove(&fh);
+        self.writer_process.lock().unwrap().remove(&fh);
+        if let Some(Handle::Write(w, ino)) = handle {
+            if let Err(e) = self.commit_handle(&w, ino).await {
+                let key = w.key().await;
+                tracing::error!(%key, error = %e, "changes lost at close: the upload failed");
+                w.discard().await;
+            }
+            let mut writing = self.writing.lock().unwrap();
+            if writing.get(&ino).is_some_and(|x| Arc::ptr_eq(x, &w)) {
+                writing.remove(&ino);
+            }
+        }
     }
 
-    pub fn release(&self, fh: u64) {
-        self.handles.lock().unwrap().remove(&fh);
+    fn inode_stat(&self, ino: u64) -> FsResult<Stat> {
+        let t = self.inodes.lock().unwrap();
+        Ok(t.by_ino.get(&ino).ok_or(FsError::NotFound)?.stat.clone())
     }
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
@@ -406,6 +461,8 @@ mod tests {
             metadata_ttl: ttl,
             read_only: true,
             read: ReadConfig::default(),
+            write: None,
+            source: "mem://b".into(),
         }
     }
 
@@ -474,15 +531,21 @@ mod tests {
         let f = fs.lookup(d.ino, "f").await.unwrap();
         assert_eq!((f.kind, f.size, f.perm), (Kind::File, 11, 0o644));
         assert_eq!(fs.getattr(f.ino).await.unwrap().size, 11);
-        let o = fs.open(f.ino, false).await.unwrap();
+        let o = fs.open(f.ino, false, false, 0).await.unwrap();
         assert!(!o.keep_cache, "first open has nothing cached");
         assert_eq!(&fs.read(o.fh, 6, 100).await.unwrap()[..], b"world");
         assert_eq!(&fs.read(o.fh, 11, 10).await.unwrap()[..], b"");
-        fs.release(o.fh);
-        let o = fs.open(f.ino, false).await.unwrap();
+        fs.release(o.fh).await;
+        let o = fs.open(f.ino, false, false, 0).await.unwrap();
         assert!(o.keep_cache, "same version: the page cache is still good");
-        assert!(matches!(fs.open(f.ino, true).await, Err(FsError::ReadOnly)));
-        assert!(matches!(fs.open(d.ino, false).await, Err(FsError::IsDir)));
+        assert!(matches!(
+            fs.open(f.ino, true, false, 0).await,
+            Err(FsError::ReadOnly)
+        ));
+        assert!(matches!(
+            fs.open(d.ino, false, false, 0).await,
+            Err(FsError::IsDir)
+        ));
         assert!(matches!(fs.lookup(f.ino, "x").await, Err(FsError::NotDir)));
     }
 
@@ -492,7 +555,7 @@ mod tests {
         let v1 = Bytes::from(vec![1u8; 3 << 20]);
         mem.put("f", v1, Precondition::None).await.unwrap();
         let f = fs.lookup(ROOT_INO, "f").await.unwrap();
-        let o = fs.open(f.ino, false).await.unwrap();
+        let o = fs.open(f.ino, false, false, 0).await.unwrap();
         assert_eq!(&fs.read(o.fh, 0, 4).await.unwrap()[..], &[1, 1, 1, 1]);
         mem.put("f", Bytes::from(vec![2u8; 3 << 20]), Precondition::None)
             .await
@@ -509,7 +572,7 @@ mod tests {
         );
         // And a new open of the deleted file is ENOENT.
         assert!(matches!(
-            fs.open(f.ino, false).await,
+            fs.open(f.ino, false, false, 0).await,
             Err(FsError::NotFound)
         ));
     }

@@ -127,7 +127,13 @@ impl Part {
 
     /// Appends the bytes of `from..to` (inside this part) to `out`, or, if they lie in one block,
     /// returns them without a copy.
-    fn copy_range(&self, from: u64, to: u64, out: &mut Option<BytesMut>, total: u64) -> Option<Bytes> {
+    fn copy_range(
+        &self,
+        from: u64,
+        to: u64,
+        out: &mut Option<BytesMut>,
+        total: u64,
+    ) -> Option<Bytes> {
         let first = ((from - self.start) / BLOCK_SIZE) as usize;
         let last = ((to - 1 - self.start) / BLOCK_SIZE) as usize;
         let within = |i: usize| {
@@ -423,7 +429,9 @@ async fn fetch_range(
             )));
         }
         for (n, b) in fetched.into_iter().enumerate() {
-            ctx.cache.put(&block_key(first + (run_start + n) as u64), b.clone()).await;
+            ctx.cache
+                .put(&block_key(first + (run_start + n) as u64), b.clone())
+                .await;
             blocks[run_start + n] = Some(b);
         }
     }

@@ -130,6 +130,23 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         if_version: Option<&Version>,
     ) -> StoreResult<Bytes>;
 
+    /// Like `get_range`, but cut into blocks of `block` bytes (the last may be shorter), each in
+    /// its own allocation, so a cache can keep one block without keeping the whole response.
+    /// Backends that stream their responses fill the blocks directly, without a second copy.
+    async fn get_blocks(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_version: Option<&Version>,
+        block: u64,
+    ) -> StoreResult<Vec<Bytes>> {
+        let data = self.get_range(key, range, if_version).await?;
+        Ok(data
+            .chunks(block as usize)
+            .map(Bytes::copy_from_slice)
+            .collect())
+    }
+
     /// One page of keys under `prefix`. With a delimiter, keys containing it after the prefix are
     /// rolled up into common prefixes. `max_keys` is an upper bound, not a promise.
     async fn list(

@@ -133,8 +133,7 @@ impl ObjectStore for Retrying {
     ) -> StoreResult<Vec<Bytes>> {
         self.policy
             .run("get", || {
-                self.inner
-                    .get_blocks(key, range.clone(), if_version, block)
+                self.inner.get_blocks(key, range.clone(), if_version, block)
             })
             .await
     }

@@ -2,6 +2,7 @@
 //! real mounts of the `bucketfs` binary.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod strict_gcs;
 
 use std::path::{Path, PathBuf};

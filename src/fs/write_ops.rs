@@ -1,0 +1,430 @@
+//! The write side of the filesystem: create, write, commit, truncate, unlink, mkdir, rmdir,
+//! rename. See `write/` for staging and commit, and the README for what is atomic.
+//!
+//! Renames: a file is renamed by a server-side copy (conditional on the target being what this
+//! mount last saw: absent, or the version it knew) followed by a conditional delete of the source.
+//! A directory is renamed object by object, which is **not atomic**: another client can see
+//! both names, or a half-moved directory, while it runs, and a crash in the middle leaves the
+//! objects split between the two names (nothing is lost: every object exists under one of them).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+
+use super::{Attr, Fs, FsError, FsResult, Handle, Opened};
+use crate::meta::{Kind, Stat, check_name};
+use crate::store::{Precondition, StoreError, Version};
+use crate::write::{WriteContext, WriteHandle};
+
+impl Fs {
+    fn write_ctx(&self) -> FsResult<&Arc<WriteContext>> {
+        self.write.as_ref().ok_or(FsError::ReadOnly)
+    }
+
+    /// The key a new entry `name` in directory `parent` would have, refusing names the bucket
+    /// could not list back.
+    fn child_path(&self, parent: u64, name: &str) -> FsResult<String> {
+        let dir_key = self.dir_key(parent)?;
+        if check_name(name).is_err() || self.meta.is_reserved(&dir_key, name) {
+            return Err(FsError::InvalidName);
+        }
+        Ok(format!("{dir_key}{name}"))
+    }
+
+    /// The open write handle of the file (parent, name), if any.
+    fn open_writer_of(&self, parent: u64, name: &str) -> Option<(Arc<WriteHandle>, u64)> {
+        let ino = *self
+            .inodes
+            .lock()
+            .unwrap()
+            .by_name
+            .get(&(parent, name.to_string()))?;
+        let w = self.writing.lock().unwrap().get(&ino).cloned()?;
+        Some((w, ino))
+    }
+
+    fn register_writer(&self, ino: u64, handle: Arc<WriteHandle>, pid: u32) -> u64 {
+        self.writing.lock().unwrap().insert(ino, handle.clone());
+        let fh = self.add_handle(Handle::Write(handle, ino));
+        self.writer_process
+            .lock()
+            .unwrap()
+            .insert(fh, process_of(pid));
+        fh
+    }
+
+    /// Creates `name` in `parent` and opens it for writing. The object appears at the first
+    /// commit (close or fsync).
+    pub async fn create(&self, parent: u64, name: &str, pid: u32) -> FsResult<(Attr, u64)> {
+        let ctx = self.write_ctx()?.clone();
+        let path_key = self.child_path(parent, name)?;
+        let base = match self.meta.resolve(&path_key).await? {
+            Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
+            Some(s) => s.version,
+            None => None,
+        };
+        let handle = Arc::new(WriteHandle::open(ctx, path_key.clone(), base, None).await?);
+        let stat = Stat {
+            kind: Kind::File,
+            size: 0,
+            version: None,
+            mtime: SystemTime::now(),
+        };
+        let attr = self.remember(parent, name, path_key, stat);
+        let fh = self.register_writer(attr.ino, handle, pid);
+        Ok((attr, fh))
+    }
+
+    /// Opens an existing file for writing: truncated, or with its content staged for changes.
+    pub(super) async fn open_write(&self, ino: u64, truncate: bool, pid: u32) -> FsResult<Opened> {
+        let ctx = self.write_ctx()?.clone();
+        let (key, kind) = self.inode_key(ino)?;
+        if kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        // A file created here and not yet committed has no object: it starts empty.
+        let current = match self.meta.refresh_file(&key).await? {
+            Some(s) if s.kind == Kind::File => s.version.map(|v| (v, s.size)),
+            Some(_) => return Err(FsError::IsDir),
+            None => None,
+        };
+        let base = current.as_ref().map(|(v, _)| v.clone());
+        let existing = if truncate { None } else { current };
+        let handle = Arc::new(WriteHandle::open(ctx, key, base, existing).await?);
+        if truncate {
+            self.update_inode(ino, |i| {
+                i.stat.size = 0;
+                i.cached_version = None;
+            });
+        }
+        let fh = self.register_writer(ino, handle, pid);
+        Ok(Opened {
+            fh,
+            keep_cache: false,
+        })
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: Bytes) -> FsResult<u32> {
+        let handle = match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::Write(w, _)) => w.clone(),
+            Some(_) => return Err(FsError::BadHandle),
+            None => return Err(FsError::BadHandle),
+        };
+        Ok(handle.write(offset, data).await?)
+    }
+
+    /// `close` (flush): commit what the handle changed — unless the close comes from another
+    /// process. A fork duplicates every descriptor and its exec closes them again, and each of
+    /// those closes reaches us as a flush; committing then would publish a half-written file
+    /// under the writer's feet. Such flushes are ignored; the writer's own close commits (and
+    /// `release` commits whatever is left).
+    pub async fn flush(&self, fh: u64, pid: u32) -> FsResult<()> {
+        let opener = self.writer_process.lock().unwrap().get(&fh).copied();
+        if let Some(opener) = opener
+            && process_of(pid) != opener
+        {
+            return Ok(());
+        }
+        self.fsync(fh).await
+    }
+
+    /// `fsync`: commit what the handle changed.
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        let handle = match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::Write(w, ino)) => Some((w.clone(), *ino)),
+            _ => None,
+        };
+        match handle {
+            Some((w, ino)) => self.commit_handle(&w, ino).await,
+            None => Ok(()),
+        }
+    }
+
+    pub(super) async fn commit_handle(&self, w: &WriteHandle, ino: u64) -> FsResult<()> {
+        let committed = w.commit().await?;
+        if let Some(c) = committed {
+            self.meta.invalidate(&c.key);
+            self.update_inode(ino, |i| {
+                i.stat = Stat {
+                    kind: Kind::File,
+                    size: c.size,
+                    version: Some(c.version.clone()),
+                    mtime: SystemTime::now(),
+                };
+                i.checked = Instant::now();
+                // The kernel's pages may hold what was written; the next open starts clean.
+                i.cached_version = None;
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn update_inode(&self, ino: u64, f: impl FnOnce(&mut super::Inode)) {
+        if let Some(i) = self.inodes.lock().unwrap().by_ino.get_mut(&ino) {
+            f(i);
+        }
+    }
+
+    /// `setattr`: a size change truncates (through the open handle if there is one); mode,
+    /// owner and times are accepted and ignored (a bucket keeps none of them).
+    pub async fn setattr(&self, ino: u64, size: Option<u64>, fh: Option<u64>) -> FsResult<Attr> {
+        if let Some(size) = size {
+            self.write_ctx()?;
+            let open = fh.and_then(|fh| match self.handles.lock().unwrap().get(&fh) {
+                Some(Handle::Write(w, _)) => Some(w.clone()),
+                _ => None,
+            });
+            let open = open.or_else(|| self.writing.lock().unwrap().get(&ino).cloned());
+            match open {
+                Some(w) => w.truncate(size).await?,
+                None => {
+                    // truncate(2) on a path: stage, cut, commit at once.
+                    let opened = self.open_write(ino, size == 0, std::process::id()).await?;
+                    let w = match self.handles.lock().unwrap().get(&opened.fh) {
+                        Some(Handle::Write(w, _)) => w.clone(),
+                        _ => return Err(FsError::BadHandle),
+                    };
+                    let result = match w.truncate(size).await {
+                        Ok(()) => self.commit_handle(&w, ino).await,
+                        Err(e) => Err(e.into()),
+                    };
+                    self.release(opened.fh).await;
+                    result?;
+                }
+            }
+        } else if self.write.is_none() {
+            return Err(FsError::ReadOnly);
+        }
+        self.getattr(ino).await
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
+        self.write_ctx()?;
+        let path_key = self
+            .child_path(parent, name)
+            .map_err(|_| FsError::NotFound)?;
+        match self.meta.refresh_file(&path_key).await? {
+            None => return Err(FsError::NotFound),
+            Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
+            Some(_) => {}
+        }
+        self.store.delete(&path_key, Precondition::None).await?;
+        self.meta.invalidate(&path_key);
+        self.forget_name(parent, name);
+        Ok(())
+    }
+
+    /// Drops the (parent, name) -> inode link after the name went away; the inode itself lives
+    /// until the kernel forgets it.
+    fn forget_name(&self, parent: u64, name: &str) {
+        let mut t = self.inodes.lock().unwrap();
+        t.by_name.remove(&(parent, name.to_string()));
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        self.write_ctx()?;
+        let path_key = self.child_path(parent, name)?;
+        self.meta.invalidate(&path_key);
+        if self.meta.resolve(&path_key).await?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let marker = format!("{path_key}/");
+        match self
+            .store
+            .put(&marker, Bytes::new(), Precondition::IfAbsent)
+            .await
+        {
+            Ok(_) | Err(StoreError::PreconditionFailed(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.meta.invalidate(&path_key);
+        Ok(self.remember(parent, name, marker, Stat::dir()))
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
+        self.write_ctx()?;
+        let path_key = self
+            .child_path(parent, name)
+            .map_err(|_| FsError::NotFound)?;
+        self.meta.invalidate(&path_key);
+        match self.meta.resolve(&path_key).await? {
+            None => return Err(FsError::NotFound),
+            Some(s) if s.kind == Kind::File => return Err(FsError::NotDir),
+            Some(_) => {}
+        }
+        let marker = format!("{path_key}/");
+        let children = self.store.list(&marker, Some("/"), None, 2).await?;
+        let non_marker =
+            children.objects.iter().any(|o| o.key != marker) || !children.prefixes.is_empty();
+        if non_marker {
+            return Err(FsError::NotEmpty);
+        }
+        self.store.delete(&marker, Precondition::None).await?;
+        self.meta.invalidate(&path_key);
+        self.forget_name(parent, name);
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+        no_replace: bool,
+    ) -> FsResult<()> {
+        self.write_ctx()?;
+        let src = self
+            .child_path(parent, name)
+            .map_err(|_| FsError::NotFound)?;
+        let dst = self.child_path(new_parent, new_name)?;
+        if src == dst {
+            return Ok(());
+        }
+        // A file renamed while open for writing (temp-file-then-rename savers do this) is
+        // committed first, so there is an object to move; the handle then follows the new name.
+        let open_writer = self.open_writer_of(parent, name);
+        if let Some((w, ino)) = &open_writer {
+            self.commit_handle(w, *ino).await?;
+        }
+        let src_stat = self
+            .meta
+            .refresh_file(&src)
+            .await?
+            .ok_or(FsError::NotFound)?;
+        let dst_stat = self.meta.refresh_file(&dst).await?;
+        if no_replace && dst_stat.is_some() {
+            return Err(FsError::Exists);
+        }
+        match src_stat.kind {
+            Kind::File => {
+                let pre = match &dst_stat {
+                    None => Precondition::IfAbsent,
+                    Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
+                    Some(s) => {
+                        Precondition::IfVersion(s.version.clone().unwrap_or(Version(String::new())))
+                    }
+                };
+                let moved = self.store.copy(&src, &dst, pre).await?;
+                if let Some((w, _)) = &open_writer {
+                    w.rekey(dst.clone(), moved).await;
+                }
+                let src_pre = match &src_stat.version {
+                    Some(v) => Precondition::IfVersion(v.clone()),
+                    None => Precondition::None,
+                };
+                self.store.delete(&src, src_pre).await?;
+            }
+            Kind::Dir => {
+                if let Some(d) = &dst_stat {
+                    if d.kind == Kind::File {
+                        return Err(FsError::NotDir);
+                    }
+                    let probe = self.store.list(&format!("{dst}/"), None, None, 2).await?;
+                    if probe.objects.iter().any(|o| o.key != format!("{dst}/")) {
+                        return Err(FsError::NotEmpty);
+                    }
+                }
+                self.rename_dir(&format!("{src}/"), &format!("{dst}/"))
+                    .await?;
+            }
+        }
+        self.meta.invalidate(&src);
+        self.meta.invalidate(&dst);
+        self.move_inode(parent, name, new_parent, new_name, &src, &dst);
+        Ok(())
+    }
+
+    /// Moves every object under `src` (a prefix ending in `/`) to `dst`, one by one.
+    async fn rename_dir(&self, src: &str, dst: &str) -> FsResult<()> {
+        let mut page = None;
+        let mut keys = Vec::new();
+        loop {
+            let out = self.store.list(src, None, page, 1000).await?;
+            keys.extend(out.objects.into_iter().map(|o| (o.key, o.version)));
+            match out.next {
+                Some(n) => page = Some(n),
+                None => break,
+            }
+        }
+        if keys.is_empty() {
+            // An implicit directory with nothing in it cannot exist; a marker-less empty
+            // directory only exists in this mount's memory.
+            self.store
+                .put(dst, Bytes::new(), Precondition::None)
+                .await?;
+            return Ok(());
+        }
+        // Every directory level seen under `src`: their (possibly implicit) markers go last,
+        // deepest first, so nothing of the old name is left behind.
+        let mut dirs = std::collections::BTreeSet::new();
+        dirs.insert(src.to_string());
+        for (key, version) in keys {
+            let rest = &key[src.len()..];
+            for (i, _) in rest.match_indices('/') {
+                dirs.insert(format!("{src}{}", &rest[..=i]));
+            }
+            let target = format!("{dst}{rest}");
+            if key.ends_with('/') {
+                // A directory marker has no content: make a new one (some servers cannot copy
+                // their directory entries).
+                self.store
+                    .put(&target, Bytes::new(), Precondition::None)
+                    .await?;
+            } else {
+                self.store.copy(&key, &target, Precondition::None).await?;
+            }
+            self.store
+                .delete(&key, Precondition::IfVersion(version))
+                .await?;
+        }
+        for dir in dirs.iter().rev() {
+            self.store.delete(dir, Precondition::None).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-points the inode of (parent, name) at its new place, and the keys of everything below
+    /// it for a directory.
+    fn move_inode(
+        &self,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+        src: &str,
+        dst: &str,
+    ) {
+        let mut t = self.inodes.lock().unwrap();
+        t.by_name.remove(&(new_parent, new_name.to_string()));
+        if let Some(ino) = t.by_name.remove(&(parent, name.to_string())) {
+            t.by_name.insert((new_parent, new_name.to_string()), ino);
+            if let Some(i) = t.by_ino.get_mut(&ino) {
+                i.parent = new_parent;
+                i.name = new_name.to_string();
+            }
+        }
+        let (src_dir, dst_dir) = (format!("{src}/"), format!("{dst}/"));
+        for i in t.by_ino.values_mut() {
+            if i.key == src {
+                i.key = dst.to_string();
+            } else if let Some(rest) = i.key.strip_prefix(&src_dir) {
+                i.key = format!("{dst_dir}{rest}");
+            }
+        }
+    }
+}
+
+/// The process (thread group) of the thread `tid` that sent a request; FUSE reports thread ids,
+/// and a file opened by one thread is often closed by another of the same process.
+fn process_of(tid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(tid)
+}
