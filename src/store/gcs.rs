@@ -42,7 +42,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::TryStreamExt;
 use gcloud_storage::client::google_cloud_auth::credentials::CredentialsFile;
 use gcloud_storage::client::google_cloud_auth::error::Error as AuthError;
@@ -58,7 +58,8 @@ use gcloud_storage::http::objects::upload::{UploadObjectRequest, UploadType};
 use gcloud_storage::http::objects::{Object, SourceObjects};
 
 use super::{
-    ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload, Version,
+    BlockBuilder, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
+    Upload, Version,
 };
 
 /// Where the parts of multipart uploads wait for `complete_upload`, at the bucket root.
@@ -69,9 +70,6 @@ const MAX_COMPOSE: usize = 32;
 
 /// Largest `maxResults` GCS honours.
 const MAX_RESULTS: usize = 1000;
-
-/// Largest buffer reserved up front for a ranged read; longer reads grow it.
-const MAX_PREALLOC: u64 = 64 << 20;
 
 const CONTENT_TYPE: &str = "application/octet-stream";
 
@@ -494,6 +492,16 @@ impl ObjectStore for GcsStore {
         range: Range<u64>,
         if_version: Option<&Version>,
     ) -> StoreResult<Bytes> {
+        super::range_in_one_block(self, key, range, if_version).await
+    }
+
+    async fn get_blocks(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_version: Option<&Version>,
+        block: u64,
+    ) -> StoreResult<Vec<Bytes>> {
         if range.is_empty() {
             return Err(StoreError::Invalid(format!("empty range {range:?}")));
         }
@@ -514,7 +522,7 @@ impl ObjectStore for GcsStore {
         let stream = match self.client.download_streamed_object(&req, &bytes).await {
             Ok(stream) => stream,
             // Nothing at or after `range.start`: only an empty object when reading from 0.
-            Err(e) if status_of(&e) == Some(416) && range.start == 0 => return Ok(Bytes::new()),
+            Err(e) if status_of(&e) == Some(416) && range.start == 0 => return Ok(Vec::new()),
             Err(e) if status_of(&e) == Some(416) => {
                 return Err(StoreError::Invalid(format!(
                     "{key}: range {range:?} starts past the end of the object"
@@ -529,15 +537,14 @@ impl ObjectStore for GcsStore {
             }
         };
         let mut stream = std::pin::pin!(stream);
-        // One buffer of the final size: collecting chunks and joining them would hold the bytes
-        // twice at the peak.
-        let mut buf = BytesMut::with_capacity((range.end - range.start).min(MAX_PREALLOC) as usize);
+        // The body is copied once, straight into blocks of the exact size.
+        let mut blocks = BlockBuilder::new(block, range.end - range.start);
         while let Some(chunk) = stream.try_next().await.map_err(|e| {
             StoreError::Transient(format!("{key}: reading body: {}", error_chain(&e)))
         })? {
-            buf.extend_from_slice(&chunk);
+            blocks.push(chunk);
         }
-        Ok(buf.freeze())
+        Ok(blocks.finish())
     }
 
     async fn list(

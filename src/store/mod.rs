@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 /// The change token of one object version (S3 ETag, GCS generation, ...). Opaque to callers.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -179,6 +179,73 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
 
 pub type DynStore = Arc<dyn ObjectStore>;
 
+/// `get_range` of a backend that streams `get_blocks`: the whole range as one block.
+pub(crate) async fn range_in_one_block<S: ObjectStore + ?Sized>(
+    store: &S,
+    key: &str,
+    range: Range<u64>,
+    if_version: Option<&Version>,
+) -> StoreResult<Bytes> {
+    let len = range.end.saturating_sub(range.start);
+    let mut blocks = store.get_blocks(key, range, if_version, len.max(1)).await?;
+    Ok(if blocks.len() == 1 {
+        blocks.pop().unwrap_or_default()
+    } else {
+        Bytes::new()
+    })
+}
+
+/// Cuts a response body into blocks of `block` bytes (the last may be shorter) as its chunks
+/// arrive, copying each byte once: the `get_blocks` of backends that stream their responses.
+pub(crate) struct BlockBuilder {
+    block: u64,
+    /// Bytes the body may still bring (the length of the range asked for).
+    left: u64,
+    current: BytesMut,
+    blocks: Vec<Bytes>,
+}
+
+impl BlockBuilder {
+    /// Largest buffer reserved ahead of the bytes: a range may run far past the object's end.
+    const MAX_RESERVE: u64 = 64 << 20;
+
+    /// For a body of at most `total` bytes.
+    pub(crate) fn new(block: u64, total: u64) -> BlockBuilder {
+        let block = block.max(1);
+        BlockBuilder {
+            block,
+            left: total,
+            current: BytesMut::with_capacity(Self::reserve(block, total)),
+            blocks: Vec::with_capacity(total.div_ceil(block).min(1024) as usize),
+        }
+    }
+
+    fn reserve(block: u64, left: u64) -> usize {
+        block.min(left).min(Self::MAX_RESERVE) as usize
+    }
+
+    pub(crate) fn push(&mut self, mut chunk: Bytes) {
+        while !chunk.is_empty() {
+            let room = (self.block - self.current.len() as u64).min(chunk.len() as u64);
+            self.current
+                .extend_from_slice(&chunk.split_to(room as usize));
+            self.left = self.left.saturating_sub(room);
+            if self.current.len() as u64 == self.block {
+                let next = BytesMut::with_capacity(Self::reserve(self.block, self.left).max(1));
+                self.blocks
+                    .push(std::mem::replace(&mut self.current, next).freeze());
+            }
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> Vec<Bytes> {
+        if !self.current.is_empty() {
+            self.blocks.push(self.current.freeze());
+        }
+        self.blocks
+    }
+}
+
 /// Cuts one listing page out of `objects` (sorted by key, all keys), the same way for every
 /// backend that lists from a full sorted view (in-memory, local directory). The continuation token
 /// is the last key or common prefix returned.
@@ -220,4 +287,29 @@ pub(crate) fn page_of(
         last = Some(entry);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_builder_cuts_any_chunking_into_exact_blocks() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        for chunk in [1, 7, 1000, 4096, 10_000] {
+            for block in [1, 999, 1000, 4096, 20_000] {
+                let mut b = BlockBuilder::new(block, data.len() as u64);
+                for c in data.chunks(chunk) {
+                    b.push(Bytes::copy_from_slice(c));
+                }
+                let blocks = b.finish();
+                let want: Vec<&[u8]> = data.chunks(block as usize).collect();
+                assert_eq!(blocks.len(), want.len(), "chunk {chunk} block {block}");
+                for (got, want) in blocks.iter().zip(want) {
+                    assert_eq!(&got[..], want);
+                }
+            }
+        }
+        assert!(BlockBuilder::new(10, 0).finish().is_empty());
+    }
 }

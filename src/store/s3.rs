@@ -22,7 +22,8 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 
 use super::{
-    ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload, Version,
+    BlockBuilder, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
+    Upload, Version,
 };
 
 /// Largest single part of a server-side multipart copy (S3 allows up to 5 GiB per part).
@@ -161,13 +162,7 @@ impl ObjectStore for S3Store {
         range: Range<u64>,
         if_version: Option<&Version>,
     ) -> StoreResult<Bytes> {
-        let len = range.end.saturating_sub(range.start);
-        let mut blocks = self.get_blocks(key, range, if_version, len.max(1)).await?;
-        Ok(if blocks.len() == 1 {
-            blocks.pop().unwrap_or_default()
-        } else {
-            Bytes::new()
-        })
+        super::range_in_one_block(self, key, range, if_version).await
     }
 
     async fn get_blocks(
@@ -191,31 +186,15 @@ impl ObjectStore for S3Store {
         }
         let mut body = req.send().await.map_err(|e| classify(key, e))?.body;
         // The body is copied once, straight into blocks of the exact size.
-        let total = range.end - range.start;
-        let mut blocks = Vec::with_capacity(total.div_ceil(block) as usize);
-        let mut filled = 0u64;
-        let mut current = bytes::BytesMut::with_capacity(block.min(total) as usize);
-        while let Some(mut chunk) = body
+        let mut blocks = BlockBuilder::new(block, range.end - range.start);
+        while let Some(chunk) = body
             .try_next()
             .await
             .map_err(|e| StoreError::Transient(format!("{key}: reading body: {e}")))?
         {
-            while !chunk.is_empty() {
-                let room = (block as usize) - current.len();
-                let take = room.min(chunk.len());
-                current.extend_from_slice(&chunk.split_to(take));
-                if current.len() as u64 == block {
-                    filled += block;
-                    blocks.push(current.freeze());
-                    let next = block.min(total.saturating_sub(filled)).max(1);
-                    current = bytes::BytesMut::with_capacity(next as usize);
-                }
-            }
+            blocks.push(chunk);
         }
-        if !current.is_empty() {
-            blocks.push(current.freeze());
-        }
-        Ok(blocks)
+        Ok(blocks.finish())
     }
 
     async fn list(
