@@ -7,6 +7,7 @@
 //! - 3: the store refused or could not be reached (unknown bucket, credentials, endpoint);
 //! - 4: the mount point is unusable (missing, not a directory, already mounted).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,8 +17,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Source, parse_duration, parse_mode, parse_size};
 use crate::fs::{Fs, FsConfig};
+use crate::logging::LogFormat;
 use crate::read::ReadConfig;
 use crate::store::gcs::GcsOptions;
+use crate::store::metered::Metered;
 use crate::store::retry::{RetryPolicy, Retrying};
 use crate::store::s3::S3Options;
 use crate::store::{self, DynStore, StoreError};
@@ -38,6 +41,56 @@ pub struct Cli {
 enum Command {
     /// Mount SOURCE at MOUNTPOINT and serve it until SIGTERM / Ctrl-C (runs in the foreground).
     Mount(MountArgs),
+    /// Fill the disk cache with objects of SOURCE ahead of time (e.g. in an init container).
+    Warm(WarmArgs),
+    /// Inspect or empty the disk cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct WarmArgs {
+    /// s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///PATH.
+    #[arg(env = "BUCKETFS_SOURCE")]
+    pub source: String,
+    /// Files or directories to warm, relative to SOURCE (default: everything under it).
+    pub paths: Vec<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The cache directory to fill (the one the mounts use).
+    #[arg(long, env = "BUCKETFS_CACHE_DIR")]
+    pub cache_dir: PathBuf,
+    /// Size cap of the disk cache: bytes or a percentage of its filesystem.
+    #[arg(long, env = "BUCKETFS_CACHE_MAX_SIZE", default_value = "50%")]
+    pub cache_max_size: String,
+    /// Ranged GETs in flight at once.
+    #[arg(long, env = "BUCKETFS_WARM_CONCURRENCY", default_value = "16")]
+    pub concurrency: usize,
+    /// Bytes per ranged GET.
+    #[arg(long, env = "BUCKETFS_READ_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
+    pub read_part_size: u64,
+    /// Log level or filter.
+    #[arg(long, env = "BUCKETFS_LOG_LEVEL", default_value = "warn")]
+    pub log_level: String,
+    /// Log lines as human-readable text or as JSON objects (one per line).
+    #[arg(long, env = "BUCKETFS_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Objects and bytes in the disk cache.
+    Stats {
+        #[arg(long, env = "BUCKETFS_CACHE_DIR")]
+        cache_dir: PathBuf,
+    },
+    /// Remove every cached object (safe while mounts run: they fetch again).
+    Clear {
+        #[arg(long, env = "BUCKETFS_CACHE_DIR")]
+        cache_dir: PathBuf,
+    },
 }
 
 /// How to reach the store (shared by every subcommand that talks to a bucket).
@@ -92,10 +145,11 @@ pub struct MountArgs {
     /// by others become visible after at most this long; 0 asks every time.
     #[arg(long, env = "BUCKETFS_METADATA_TTL", default_value = "5s", value_parser = parse_duration)]
     pub metadata_ttl: Duration,
-    /// Global memory budget for read buffers (prefetch) and the in-memory block cache, held
+    /// Global memory budget for read and upload buffers and the in-memory block cache, held
     /// whatever the number of open files; when it is used up, reads slow down but never fail.
-    #[arg(long, env = "BUCKETFS_MAX_MEMORY", default_value = "160MiB", value_parser = parse_size)]
-    pub max_memory: u64,
+    /// Default: 160MiB, or in a container with a memory limit, half of (limit - 64MiB).
+    #[arg(long, env = "BUCKETFS_MAX_MEMORY", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
     /// Bytes per ranged GET when reading ahead (a multiple of 1MiB).
     #[arg(long, env = "BUCKETFS_READ_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
     pub read_part_size: u64,
@@ -106,12 +160,32 @@ pub struct MountArgs {
     /// (default: a bucketfs directory under the system temp dir).
     #[arg(long, env = "BUCKETFS_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Size cap of the disk cache under --cache-dir: bytes (e.g. 20GiB) or a percentage of the
+    /// filesystem holding it (e.g. 50%). The disk cache is used only when --cache-dir is given.
+    #[arg(long, env = "BUCKETFS_CACHE_MAX_SIZE", default_value = "50%")]
+    pub cache_max_size: String,
+    /// Never hand fully cached files to the kernel (FUSE passthrough); read them through the
+    /// daemon instead. Passthrough needs Linux >= 6.9 and CAP_SYS_ADMIN and is used when possible.
+    #[arg(long, env = "BUCKETFS_NO_PASSTHROUGH")]
+    pub no_passthrough: bool,
     /// Bytes per uploaded part when writing (at least 5MiB; S3 allows 10,000 parts per object).
     #[arg(long, env = "BUCKETFS_WRITE_PART_SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub write_part_size: u64,
-    /// Log level or filter (error, warn, info, debug, trace, or e.g. "bucketfs=debug").
+    /// Log level or filter (error, warn, info, debug, trace, or e.g. "bucketfs=debug"). The
+    /// cloud SDK and HTTP crates stay at warn unless named (their debug logs hold signatures).
     #[arg(long, env = "BUCKETFS_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log lines as human-readable text or as JSON objects (one per line, for clusters).
+    #[arg(long, env = "BUCKETFS_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Serve /healthz, /readyz and /metrics on this address, e.g. 0.0.0.0:9180 (default: off;
+    /// the container image turns it on).
+    #[arg(long, env = "BUCKETFS_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// On SIGTERM, how long writers get to finish and uploads to complete before the process
+    /// unmounts and exits (keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(long, env = "BUCKETFS_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
 }
 
 /// A failure with the exit code it deserves and a one-line message that says what to do.
@@ -134,6 +208,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Mount(args) => run_mount(args),
+        Command::Warm(args) => run_warm(args),
+        Command::Cache { command } => run_cache(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,14 +220,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str) -> Result<(), Failure> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .map_err(|e| Failure::new(2, format!("--log-level {level:?}: {e}")))?;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-    Ok(())
+fn init_logging(level: &str, format: LogFormat) -> Result<(), Failure> {
+    crate::logging::init(level, format)
+        .map_err(|e| Failure::new(2, format!("--log-level {level:?}: {e}")))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
@@ -219,7 +290,8 @@ pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, F
                 other => store_failure(other),
             }
         })?;
-    Ok(Arc::new(Retrying::new(raw, RetryPolicy::default())))
+    let metered = Arc::new(Metered::new(raw));
+    Ok(Arc::new(Retrying::new(metered, RetryPolicy::default())))
 }
 
 fn store_failure(e: StoreError) -> Failure {
@@ -231,6 +303,139 @@ fn store_failure(e: StoreError) -> Failure {
         _ => "",
     };
     Failure::new(3, format!("{e}{hint}"))
+}
+
+fn run_warm(args: WarmArgs) -> Result<(), Failure> {
+    init_logging(&args.log_level, args.log_format)?;
+    let source = Source::parse(&args.source).map_err(|m| Failure::new(2, m))?;
+    let rt = runtime()?;
+    let disk = open_disk_cache(Some(&args.cache_dir), &args.cache_max_size)?.ok_or_else(|| {
+        Failure::new(
+            4,
+            format!(
+                "the cache directory {} cannot be used (see the warning above)",
+                args.cache_dir.display()
+            ),
+        )
+    })?;
+    let store = rt.block_on(open_store(&source, &args.store))?;
+    let cfg = ReadConfig {
+        part_size: args.read_part_size,
+        concurrency: args.concurrency,
+        max_memory: 2 * args.read_part_size * args.concurrency as u64,
+    };
+    cfg.split().map_err(|m| Failure::new(2, m))?;
+    let ctx = Arc::new(crate::read::ReadContext {
+        store_id: store.describe().into(),
+        store,
+        // Warm fills the disk; a token memory tier keeps nothing around.
+        cache: Arc::new(crate::cache::memory::MemoryCache::new(0)),
+        disk: Some(disk),
+        budget: Arc::new(crate::read::budget::MemoryBudget::new(0, 0)),
+        cfg,
+    });
+    let prefixes: Vec<String> = if args.paths.is_empty() {
+        vec![source.prefix().to_string()]
+    } else {
+        args.paths
+            .iter()
+            .map(|p| format!("{}{}", source.prefix(), p.trim_start_matches('/')))
+            .collect()
+    };
+    let report = rt.block_on(async {
+        let objects = crate::warm::objects_under(&ctx, &prefixes)
+            .await
+            .map_err(store_failure)?;
+        Ok::<_, Failure>(crate::warm::warm(ctx.clone(), objects, args.concurrency).await)
+    })?;
+    for (key, error) in &report.failed {
+        eprintln!("bucketfs: warm: {key}: {error}");
+    }
+    println!(
+        "warmed {} objects, {} bytes, {} failed",
+        report.objects,
+        report.bytes,
+        report.failed.len()
+    );
+    if report.failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            1,
+            format!("{} objects could not be cached", report.failed.len()),
+        ))
+    }
+}
+
+fn run_cache(command: CacheCommand) -> Result<(), Failure> {
+    let (dir, clear) = match &command {
+        CacheCommand::Stats { cache_dir } => (cache_dir, false),
+        CacheCommand::Clear { cache_dir } => (cache_dir, true),
+    };
+    if !dir.join("cache").is_dir() {
+        return Err(Failure::new(
+            4,
+            format!("{} holds no bucketfs cache", dir.display()),
+        ));
+    }
+    let cache = crate::cache::disk::DiskCache::open(dir, u64::MAX)
+        .map_err(|e| Failure::new(4, e.to_string()))?;
+    if clear {
+        let n = cache.clear().map_err(|e| Failure::new(1, e.to_string()))?;
+        println!("removed {n} cached objects");
+    } else {
+        let s = cache.stats();
+        println!("objects: {}", s.objects);
+        println!("bytes: {}", s.bytes + s.meta_bytes);
+    }
+    Ok(())
+}
+
+/// The node-shared disk cache under `dir`, if a directory was given. A cache that cannot be used
+/// is reported once and the mount goes on without it.
+pub fn open_disk_cache(
+    dir: Option<&Path>,
+    max_size: &str,
+) -> Result<Option<Arc<crate::cache::disk::DiskCache>>, Failure> {
+    let Some(dir) = dir else {
+        return Ok(None);
+    };
+    let cap = cache_cap(dir, max_size).map_err(|m| Failure::new(2, m))?;
+    match crate::cache::disk::DiskCache::open(dir, cap) {
+        Ok(c) => Ok(Some(Arc::new(c))),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "the disk cache is off");
+            Ok(None)
+        }
+    }
+}
+
+/// `--cache-max-size`: bytes, or a percentage of the filesystem that holds `dir`.
+fn cache_cap(dir: &Path, spec: &str) -> Result<u64, String> {
+    if let Some(pct) = spec.trim().strip_suffix('%') {
+        let pct: f64 = pct
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p > 0.0 && *p <= 100.0)
+            .ok_or_else(|| format!("--cache-max-size {spec:?}: a percentage is 1% to 100%"))?;
+        let _ = std::fs::create_dir_all(dir);
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| "cache dir path has a NUL byte".to_string())?;
+        // SAFETY: zeroed statvfs is valid; statvfs fills it.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid path and a pointer to a live statvfs.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(format!(
+                "--cache-dir {}: {}",
+                dir.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        let total = st.f_blocks as f64 * st.f_frsize as f64;
+        return Ok((total * pct / 100.0) as u64);
+    }
+    parse_size(spec).map_err(|e| format!("--cache-max-size: {e}"))
 }
 
 /// The directory for bucketfs' local files.
@@ -314,10 +519,20 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 fn run_mount(args: MountArgs) -> Result<(), Failure> {
-    init_logging(&args.log_level)?;
+    init_logging(&args.log_level, args.log_format)?;
     let source = Source::parse(&args.source).map_err(|m| Failure::new(2, m))?;
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     let rt = runtime()?;
+    // Up before the store is checked: /healthz answers and /readyz says "not yet" meanwhile.
+    let health = crate::http::Health::new(mountpoint.clone());
+    if let Some(addr) = args.http_addr {
+        let listener = rt
+            .block_on(crate::http::bind(addr))
+            .map_err(|e| Failure::new(2, format!("--http-addr {addr}: cannot listen: {e}")))?;
+        rt.spawn(crate::http::serve(listener, health.clone()));
+        tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    }
+    let max_memory = max_memory(args.max_memory, 2 * args.read_part_size);
     if args.write_part_size < 5 << 20 || args.write_part_size > 1 << 30 {
         return Err(Failure::new(
             2,
@@ -356,17 +571,20 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
             read: ReadConfig {
                 part_size: args.read_part_size,
                 concurrency: args.read_concurrency,
-                max_memory: args.max_memory,
+                max_memory,
             },
             write: (!args.read_only).then(|| WriteConfig {
                 part_size: args.write_part_size,
                 staging_dir: staging_dir.clone(),
             }),
             source: args.source.clone(),
+            disk_cache: open_disk_cache(args.cache_dir.as_deref(), &args.cache_max_size)?,
+            passthrough: !args.no_passthrough,
         },
     )
     .map_err(|m| Failure::new(2, m))?;
-    crate::mount::serve(
+    health.set_fs(fs.clone());
+    let served = crate::mount::serve(
         fs,
         &rt,
         &mountpoint,
@@ -374,9 +592,36 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
             fs_name: format!("bucketfs:{}", args.source),
             read_only: args.read_only,
             allow_other: args.allow_other,
+            shutdown_timeout: args.shutdown_timeout,
+            health: Some(health),
         },
     )
-    .map_err(|e| Failure::new(1, e))
+    .map_err(|e| Failure::new(1, e));
+    // Do not wait on work that can no longer matter (a stat of a mount that went away).
+    rt.shutdown_timeout(Duration::from_secs(1));
+    served
+}
+
+/// `--max-memory`, or its default from the container's memory limit (see `cgroup`).
+fn max_memory(given: Option<u64>, floor: u64) -> u64 {
+    let limit = crate::cgroup::memory_limit();
+    match given {
+        Some(m) => {
+            if let Some(limit) = limit.filter(|&l| m >= l) {
+                tracing::warn!(
+                    max_memory = m,
+                    limit,
+                    "--max-memory is not below the container's memory limit: expect OOM kills"
+                );
+            }
+            m
+        }
+        None => {
+            let m = crate::cgroup::default_max_memory(limit, floor);
+            tracing::info!(max_memory = m, limit, "memory budget");
+            m
+        }
+    }
 }
 
 #[cfg(test)]

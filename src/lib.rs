@@ -24,14 +24,22 @@
 //! - [`fs`] holds the semantics; [`meta`] decides what a key is and which keys can be names.
 //! - [`read`] reads object versions; [`write`] stages and commits writes; [`cache`] keeps blocks.
 //! - [`store`] is the only door to a bucket.
+//! - [`http`] serves `/healthz`, `/readyz` and `/metrics` for the sidecar; [`metrics`] names every
+//!   metric and is how the other modules report; [`cgroup`] reads the container's memory limit;
+//!   [`logging`] sets up text or JSON logs that keep credentials out.
 
 pub mod cache;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod fs;
 pub mod fuse;
+pub mod http;
+pub mod logging;
 pub mod meta;
+pub mod metrics;
 pub mod mount;
 pub mod read;
 pub mod store;
+pub mod warm;
 pub mod write;

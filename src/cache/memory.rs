@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{BlockCache, BlockKey};
+use crate::metrics::{self, Tier};
 
 pub struct MemoryCache {
     blocks: moka::sync::Cache<BlockKey, Bytes>,
@@ -34,10 +35,14 @@ impl MemoryCache {
 #[async_trait]
 impl BlockCache for MemoryCache {
     async fn get(&self, key: &BlockKey) -> Option<Bytes> {
-        self.blocks.get(key)
+        let found = self.blocks.get(key);
+        metrics::cache_lookup(Tier::Memory, found.as_ref().map(|b| b.len() as u64));
+        found
     }
 
     async fn put(&self, key: &BlockKey, data: Bytes) {
         self.blocks.insert(key.clone(), data);
+        // moka's running total, without waiting for pending evictions (cheap, slightly late).
+        metrics::cache_size(Tier::Memory, self.blocks.weighted_size());
     }
 }

@@ -4,9 +4,11 @@
 //! the object key, the object *version* and its index. Because the version is part of the key, a
 //! changed object is simply a miss: stale bytes can never be served.
 //!
-//! Tiers implement one small trait, [`BlockCache`], so they compose: the memory tier
-//! ([`memory::MemoryCache`]) sits in front of slower ones.
+//! The memory tier ([`memory::MemoryCache`], behind the small [`BlockCache`] trait) sits in
+//! front of the node-shared disk tier ([`disk::DiskCache`]), which adds what a shared tier
+//! needs beyond get/put: claims, so that processes fill each block once between them.
 
+pub mod disk;
 pub mod memory;
 
 use std::sync::Arc;

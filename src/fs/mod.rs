@@ -8,15 +8,17 @@
 //! `.await`.
 
 mod error;
+mod lifecycle;
 mod write_ops;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 pub use error::{FsError, FsResult};
+pub use lifecycle::ShutdownReport;
 
 use crate::cache::memory::MemoryCache;
 use crate::meta::{Kind, Meta, Stat};
@@ -44,6 +46,10 @@ pub struct FsConfig {
     pub write: Option<WriteConfig>,
     /// The SOURCE URL, which names this mount's uploads in the crash journal.
     pub source: String,
+    /// The node-shared disk tier (`--cache-dir`), if usable.
+    pub disk_cache: Option<Arc<crate::cache::disk::DiskCache>>,
+    /// Hand fully cached objects to the kernel (FUSE passthrough) when it allows.
+    pub passthrough: bool,
 }
 
 /// Attributes of an inode, as the kernel sees them.
@@ -72,6 +78,9 @@ pub struct Opened {
     pub fh: u64,
     /// The kernel's page cache for this inode still holds this version's bytes.
     pub keep_cache: bool,
+    /// The object is fully cached on local disk: this file holds exactly its bytes, verified,
+    /// and the kernel may read it directly (FUSE passthrough).
+    pub backing: Option<std::fs::File>,
 }
 
 struct Inode {
@@ -117,6 +126,8 @@ pub struct Fs {
     next_fh: AtomicU64,
     /// Shown as the mtime of directories, which a bucket does not record.
     mounted_at: SystemTime,
+    /// Shutdown has started: new writes are refused (see `lifecycle`).
+    closing: AtomicBool,
 }
 
 impl Fs {
@@ -128,6 +139,7 @@ impl Fs {
             store_id: store.describe().into(),
             store: store.clone(),
             cache: Arc::new(MemoryCache::new(tier)),
+            disk: cfg.disk_cache.clone(),
             budget: budget.clone(),
             cfg: cfg.read.clone(),
         });
@@ -169,6 +181,7 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             mounted_at: SystemTime::now(),
+            closing: AtomicBool::new(false),
         }))
     }
 
@@ -343,9 +356,36 @@ impl Fs {
             i.checked = Instant::now();
             keep
         };
+        let backing = match &self.read.disk {
+            Some(disk) => {
+                let disk = disk.clone();
+                let (store, k, v, size) = (
+                    self.read.store_id.clone(),
+                    key.clone(),
+                    version.0.clone(),
+                    stat.size,
+                );
+                tokio::task::spawn_blocking(move || {
+                    let id = crate::cache::disk::ObjectId {
+                        store: &store,
+                        key: &k,
+                        version: &v,
+                    };
+                    disk.touch(&id);
+                    disk.complete_file(&id, size)
+                })
+                .await
+                .unwrap_or(None)
+            }
+            None => None,
+        };
         let reader = Reader::new(self.read.clone(), key, version, stat.size);
         let fh = self.add_handle(Handle::File(Arc::new(reader)));
-        Ok(Opened { fh, keep_cache })
+        Ok(Opened {
+            fh,
+            keep_cache,
+            backing,
+        })
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
@@ -369,6 +409,7 @@ impl Fs {
             if let Err(e) = self.commit_handle(&w, ino).await {
                 let key = w.key().await;
                 tracing::error!(%key, error = %e, "changes lost at close: the upload failed");
+                crate::metrics::upload_lost();
                 w.discard().await;
             }
             let mut writing = self.writing.lock().unwrap();
@@ -463,6 +504,8 @@ mod tests {
             read: ReadConfig::default(),
             write: None,
             source: "mem://b".into(),
+            disk_cache: None,
+            passthrough: false,
         }
     }
 

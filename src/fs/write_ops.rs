@@ -19,6 +19,9 @@ use crate::write::{WriteContext, WriteHandle};
 
 impl Fs {
     fn write_ctx(&self) -> FsResult<&Arc<WriteContext>> {
+        if self.is_closing() {
+            return Err(FsError::ShuttingDown);
+        }
         self.write.as_ref().ok_or(FsError::ReadOnly)
     }
 
@@ -102,6 +105,7 @@ impl Fs {
         Ok(Opened {
             fh,
             keep_cache: false,
+            backing: None,
         })
     }
 

@@ -16,19 +16,22 @@
 //! - two threads read `/dev/fuse` (with cloned fds): enough to keep dispatch off the critical path
 //!   on small machines; the work itself runs on the tokio runtime.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::{Attr, Fs, FsError, ROOT_INO};
 use crate::meta::Kind;
+use crate::metrics;
 
 /// Largest readahead we ask the kernel for (see the module docs).
 const MAX_READAHEAD: u32 = 1 << 20;
@@ -37,19 +40,111 @@ pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: tokio::runtime::Handle,
     ttl: Duration,
+    passthrough: Arc<Passthrough>,
+}
+
+/// FUSE passthrough of fully cached objects: the kernel reads the cache file itself.
+///
+/// The kernel lets an inode be open either through the daemon (page cache) or through one
+/// backing file, not both at once; so passthrough is used only when no handle of the inode is
+/// open the other way, and every passthrough open of an inode shares one backing id.
+struct Passthrough {
+    enabled: std::sync::atomic::AtomicBool,
+    state: std::sync::Mutex<PassthroughState>,
+}
+
+#[derive(Default)]
+struct PassthroughState {
+    /// Open file handles: inode and, for passthrough ones, the backing id they keep alive.
+    by_fh: HashMap<u64, (u64, Option<Arc<BackingId>>)>,
+    by_ino: HashMap<u64, Weak<BackingId>>,
+    /// Handles per inode open through the daemon.
+    cached_opens: HashMap<u64, usize>,
+}
+
+impl Passthrough {
+    fn disable(&self, why: &str) {
+        if self.enabled.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                "FUSE passthrough is off ({why}); cached files are read through the daemon"
+            );
+        }
+    }
+
+    /// Replies to an open, with passthrough to `backing` when possible.
+    fn reply(
+        &self,
+        reply: ReplyOpen,
+        ino: u64,
+        fh: u64,
+        flags: FopenFlags,
+        backing: Option<std::fs::File>,
+    ) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(file) = backing
+            && self.enabled.load(Ordering::Relaxed)
+            && st.cached_opens.get(&ino).copied().unwrap_or(0) == 0
+        {
+            let id = match st.by_ino.get(&ino).and_then(Weak::upgrade) {
+                Some(id) => Ok(id),
+                None => reply.open_backing(&file).map(Arc::new),
+            };
+            match id {
+                Ok(id) => {
+                    st.by_ino.insert(ino, Arc::downgrade(&id));
+                    st.by_fh.insert(fh, (ino, Some(id.clone())));
+                    drop(st);
+                    reply.opened_passthrough(FileHandle(fh), flags, &id);
+                    return;
+                }
+                Err(e) => self.disable(&format!("the kernel refused a backing file: {e}")),
+            }
+        }
+        st.by_fh.insert(fh, (ino, None));
+        *st.cached_opens.entry(ino).or_default() += 1;
+        drop(st);
+        reply.opened(FileHandle(fh), flags);
+    }
+
+    fn release(&self, fh: u64) {
+        let mut st = self.state.lock().unwrap();
+        if let Some((ino, None)) = st.by_fh.remove(&fh)
+            && let Some(n) = st.cached_opens.get_mut(&ino)
+        {
+            *n -= 1;
+            if *n == 0 {
+                st.cached_opens.remove(&ino);
+            }
+        }
+    }
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
         let ttl = fs.config().metadata_ttl;
-        FuseAdapter { fs, rt, ttl }
+        let passthrough = Arc::new(Passthrough {
+            enabled: std::sync::atomic::AtomicBool::new(fs.config().passthrough),
+            state: Default::default(),
+        });
+        FuseAdapter {
+            fs,
+            rt,
+            ttl,
+            passthrough,
+        }
     }
 
-    fn spawn<F>(&self, f: impl FnOnce(Arc<Fs>) -> F)
+    /// Runs the request `op` as a task, timed for `/metrics` from decoding to reply.
+    fn spawn<F>(&self, op: &'static str, f: impl FnOnce(Arc<Fs>) -> F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.fs.clone()));
+        let start = Instant::now();
+        let request = f(self.fs.clone());
+        self.rt.spawn(async move {
+            request.await;
+            metrics::fuse_request(op, start.elapsed());
+        });
     }
 }
 
@@ -81,7 +176,8 @@ fn file_type(k: Kind) -> FileType {
 }
 
 /// Turns an fs error into the errno the application sees, logging the unexpected ones.
-fn errno(op: &str, e: FsError) -> Errno {
+fn errno(op: &'static str, e: FsError) -> Errno {
+    metrics::fuse_error(op);
     if e.is_unexpected() {
         tracing::warn!(op, error = %e, "request failed");
     } else {
@@ -101,6 +197,17 @@ impl Filesystem for FuseAdapter {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_PARALLEL_DIROPS | fuser::InitFlags::FUSE_ATOMIC_O_TRUNC,
         );
+        if self.passthrough.enabled.load(Ordering::Relaxed) {
+            // Passthrough needs Linux >= 6.9 and CAP_SYS_ADMIN. Stack depth 2 lets the cache
+            // file live on an overlay filesystem (a container's root).
+            let ok = config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+                && config.set_max_stack_depth(2).is_ok();
+            if !ok {
+                self.passthrough.disable("the kernel does not offer it");
+            }
+        }
         Ok(())
     }
 
@@ -110,7 +217,7 @@ impl Filesystem for FuseAdapter {
             reply.error(Errno::ENOENT);
             return;
         };
-        self.spawn(|fs| async move {
+        self.spawn("lookup", |fs| async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("lookup", e)),
@@ -124,7 +231,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.ttl;
-        self.spawn(|fs| async move {
+        self.spawn("getattr", |fs| async move {
             match fs.getattr(ino.0).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno("getattr", e)),
@@ -136,7 +243,8 @@ impl Filesystem for FuseAdapter {
         let pid = req.pid();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_APPEND != 0;
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        self.spawn(|fs| async move {
+        let passthrough = self.passthrough.clone();
+        self.spawn("open", |fs| async move {
             match fs.open(ino.0, write, truncate, pid).await {
                 Ok(o) => {
                     let flags = if o.keep_cache {
@@ -144,7 +252,7 @@ impl Filesystem for FuseAdapter {
                     } else {
                         FopenFlags::empty()
                     };
-                    reply.opened(FileHandle(o.fh), flags)
+                    passthrough.reply(reply, ino.0, o.fh, flags, o.backing)
                 }
                 Err(e) => reply.error(errno("open", e)),
             }
@@ -162,9 +270,12 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(|fs| async move {
+        self.spawn("read", |fs| async move {
             match fs.read(fh.0, offset, size).await {
-                Ok(data) => reply.data(&data),
+                Ok(data) => {
+                    metrics::fuse_read(data.len() as u64);
+                    reply.data(&data)
+                }
                 Err(e) => reply.error(errno("read", e)),
             }
         });
@@ -180,7 +291,8 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move {
+        self.passthrough.release(fh.0);
+        self.spawn("release", |fs| async move {
             fs.release(fh.0).await;
             reply.ok();
         });
@@ -202,7 +314,7 @@ impl Filesystem for FuseAdapter {
             reply.error(Errno::EINVAL);
             return;
         };
-        self.spawn(|fs| async move {
+        self.spawn("create", |fs| async move {
             match fs.create(parent.0, &name, pid).await {
                 Ok((a, fh)) => reply.created(
                     &ttl,
@@ -229,9 +341,12 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let data = bytes::Bytes::copy_from_slice(data);
-        self.spawn(|fs| async move {
+        self.spawn("write", |fs| async move {
             match fs.write(fh.0, offset, data).await {
-                Ok(n) => reply.written(n),
+                Ok(n) => {
+                    metrics::fuse_write(n as u64);
+                    reply.written(n)
+                }
                 Err(e) => reply.error(errno("write", e)),
             }
         });
@@ -245,7 +360,7 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|fs| async move {
+        self.spawn("fsync", |fs| async move {
             match fs.fsync(fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("fsync", e)),
@@ -272,7 +387,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         let ttl = self.ttl;
-        self.spawn(|fs| async move {
+        self.spawn("setattr", |fs| async move {
             match fs.setattr(ino.0, size, fh.map(|f| f.0)).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno("setattr", e)),
@@ -282,7 +397,7 @@ impl Filesystem for FuseAdapter {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_string_lossy().into_owned();
-        self.spawn(|fs| async move {
+        self.spawn("unlink", |fs| async move {
             match fs.unlink(parent.0, &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("unlink", e)),
@@ -301,7 +416,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let ttl = self.ttl;
         let name = name.to_string_lossy().into_owned();
-        self.spawn(|fs| async move {
+        self.spawn("mkdir", |fs| async move {
             match fs.mkdir(parent.0, &name).await {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("mkdir", e)),
@@ -311,7 +426,7 @@ impl Filesystem for FuseAdapter {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_string_lossy().into_owned();
-        self.spawn(|fs| async move {
+        self.spawn("rmdir", |fs| async move {
             match fs.rmdir(parent.0, &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("rmdir", e)),
@@ -336,7 +451,7 @@ impl Filesystem for FuseAdapter {
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let name = name.to_string_lossy().into_owned();
         let newname = newname.to_string_lossy().into_owned();
-        self.spawn(|fs| async move {
+        self.spawn("rename", |fs| async move {
             match fs
                 .rename(parent.0, &name, newparent.0, &newname, no_replace)
                 .await
@@ -362,7 +477,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.spawn(|fs| async move {
+        self.spawn("readdir", |fs| async move {
             let entries = match fs.readdir(fh.0).await {
                 Ok(e) => e,
                 Err(e) => return reply.error(errno("readdir", e)),
@@ -409,7 +524,7 @@ impl Filesystem for FuseAdapter {
     ) {
         // Every close(2): commit what was written, and tell the application if that failed.
         let pid = req.pid();
-        self.spawn(|fs| async move {
+        self.spawn("flush", |fs| async move {
             match fs.flush(fh.0, pid).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("flush", e)),

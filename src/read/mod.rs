@@ -39,8 +39,10 @@ use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
+use crate::cache::disk::{Claim, DiskCache, FillGuard};
 use crate::cache::{BLOCK_SIZE, BlockCache, BlockKey};
 use crate::fs::{FsError, FsResult};
+use crate::metrics::{self, Tier};
 use crate::store::{DynStore, StoreError, Version};
 use budget::{Lease, MemoryBudget};
 
@@ -108,6 +110,8 @@ pub struct ReadContext {
     /// Names the store in cache keys.
     pub store_id: Arc<str>,
     pub cache: Arc<dyn BlockCache>,
+    /// The node-shared disk tier, if `--cache-dir` is set and usable.
+    pub disk: Option<Arc<DiskCache>>,
     pub budget: Arc<MemoryBudget>,
     pub cfg: ReadConfig,
 }
@@ -336,8 +340,10 @@ impl Reader {
                     continue;
                 }
                 let Some(lease) = self.ctx.budget.try_prefetch(part_end - frontier) else {
+                    metrics::prefetch(None);
                     break; // budget exhausted: prefetching pauses, reads go on
                 };
+                metrics::prefetch(Some(part_end - frontier));
                 let f = self.start_fetch(frontier, part_end, Some(lease));
                 frontier = f.end;
                 insert_sorted(&mut s.fetches, f);
@@ -355,12 +361,13 @@ impl Reader {
         let ctx = self.ctx.clone();
         let key = self.key.clone();
         let version = self.version.clone();
+        let size = self.size;
         let task = tokio::spawn(async move {
             let lease = match lease {
                 Some(l) => l,
                 None => ctx.budget.demand(end - start).await,
             };
-            let blocks = fetch_range(&ctx, &key, &version, start, end).await?;
+            let blocks = fetch_range(&ctx, &key, &version, size, start, end).await?;
             Ok(Arc::new(Part {
                 start,
                 blocks,
@@ -382,12 +389,37 @@ fn insert_sorted(fetches: &mut VecDeque<Fetch>, f: Fetch) {
     fetches.insert(at, f);
 }
 
-/// The blocks of `start..end` (`start` on a block boundary): cached blocks from the cache, the
-/// rest with one ranged GET per run of missing blocks; fetched blocks are offered to the cache.
+/// Brings `start..end` of an object version into the caches (what `bucketfs warm` does), and
+/// returns the number of bytes now cached.
+pub async fn fill(
+    ctx: &Arc<ReadContext>,
+    key: &str,
+    version: &Version,
+    size: u64,
+    start: u64,
+    end: u64,
+) -> Result<u64, StoreError> {
+    let key: Arc<str> = key.into();
+    let blocks = fetch_range(ctx, &key, version, size, start, end).await?;
+    Ok(blocks.iter().map(|b| b.len() as u64).sum())
+}
+
+/// Where one block of a fetch comes from.
+enum Source {
+    /// Found in a cache.
+    Have(Bytes),
+    /// To fetch; with the disk claim when this caller fills the disk tier.
+    Fetch(Option<FillGuard>),
+}
+
+/// The blocks of `start..end` (`start` on a block boundary): from the memory tier, then the disk
+/// tier, and the rest with one ranged GET per run of missing blocks. Blocks another process is
+/// filling right now are waited for instead of fetched twice. Fetched blocks go to both tiers.
 async fn fetch_range(
-    ctx: &ReadContext,
+    ctx: &Arc<ReadContext>,
     key: &Arc<str>,
     version: &Version,
+    size: u64,
     start: u64,
     end: u64,
 ) -> Result<Vec<Bytes>, StoreError> {
@@ -401,18 +433,24 @@ async fn fetch_range(
     };
     let first = start / BLOCK_SIZE;
     let last = (end - 1) / BLOCK_SIZE;
-    let mut blocks: Vec<Option<Bytes>> = Vec::with_capacity((last - first + 1) as usize);
+    let mut sources: Vec<Source> = Vec::with_capacity((last - first + 1) as usize);
     for index in first..=last {
-        blocks.push(ctx.cache.get(&block_key(index)).await);
+        sources.push(match ctx.cache.get(&block_key(index)).await {
+            Some(b) => Source::Have(b),
+            None => Source::Fetch(None),
+        });
+    }
+    if let Some(disk) = &ctx.disk {
+        disk_lookup(ctx, disk, &block_key, first, size, &mut sources).await;
     }
     let mut i = 0usize;
-    while i < blocks.len() {
-        if blocks[i].is_some() {
+    while i < sources.len() {
+        if matches!(sources[i], Source::Have(_)) {
             i += 1;
             continue;
         }
         let run_start = i;
-        while i < blocks.len() && blocks[i].is_none() {
+        while i < sources.len() && matches!(sources[i], Source::Fetch(_)) {
             i += 1;
         }
         let from = (first + run_start as u64) * BLOCK_SIZE;
@@ -422,20 +460,96 @@ async fn fetch_range(
             .get_blocks(key, from..to, Some(version), BLOCK_SIZE)
             .await?;
         let got: u64 = fetched.iter().map(|b| b.len() as u64).sum();
+        metrics::bytes_served(Tier::Bucket, got);
         if got != to - from || fetched.len() != i - run_start {
             return Err(StoreError::Transient(format!(
                 "{key}: asked for {} bytes at {from}, got {got}",
                 to - from
             )));
         }
+        let mut to_disk = Vec::new();
         for (n, b) in fetched.into_iter().enumerate() {
-            ctx.cache
-                .put(&block_key(first + (run_start + n) as u64), b.clone())
-                .await;
-            blocks[run_start + n] = Some(b);
+            let index = first + (run_start + n) as u64;
+            ctx.cache.put(&block_key(index), b.clone()).await;
+            if let Source::Fetch(Some(guard)) =
+                std::mem::replace(&mut sources[run_start + n], Source::Have(b.clone()))
+            {
+                to_disk.push((block_key(index), b, guard));
+            }
+        }
+        if let (Some(disk), false) = (&ctx.disk, to_disk.is_empty()) {
+            let disk = disk.clone();
+            // The claims (guards) are released once the blocks are on disk.
+            let _ = tokio::task::spawn_blocking(move || {
+                for (k, b, _guard) in to_disk {
+                    disk.put(&k, size, &b);
+                }
+            })
+            .await;
         }
     }
-    Ok(blocks.into_iter().flatten().collect())
+    Ok(sources
+        .into_iter()
+        .filter_map(|s| match s {
+            Source::Have(b) => Some(b),
+            Source::Fetch(_) => None,
+        })
+        .collect())
+}
+
+/// Fills `sources` from the disk tier: cached blocks become `Have`; missing ones are claimed for
+/// filling, or waited for while another process fills them.
+async fn disk_lookup(
+    ctx: &Arc<ReadContext>,
+    disk: &Arc<DiskCache>,
+    block_key: &impl Fn(u64) -> BlockKey,
+    first: u64,
+    size: u64,
+    sources: &mut [Source],
+) {
+    let wanted: Vec<BlockKey> = sources
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s, Source::Fetch(_)))
+        .map(|(n, _)| block_key(first + n as u64))
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let disk = disk.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        wanted
+            .into_iter()
+            .map(|k| {
+                // A few rounds: found, claimed, or waited for and looked at again.
+                for _ in 0..3 {
+                    if let Some(b) = disk.get(&k, size) {
+                        return (k, Source::Have(b));
+                    }
+                    match disk.claim(&k, size) {
+                        None => return (k, Source::Fetch(None)),
+                        Some(Claim::Mine(guard)) => {
+                            // Filled between our look and our claim?
+                            if let Some(b) = disk.get(&k, size) {
+                                return (k, Source::Have(b));
+                            }
+                            return (k, Source::Fetch(Some(guard)));
+                        }
+                        Some(Claim::Theirs) => disk.wait(&k, size),
+                    }
+                }
+                (k, Source::Fetch(None))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for (k, src) in found {
+        if let Source::Have(b) = &src {
+            ctx.cache.put(&k, b.clone()).await;
+        }
+        sources[(k.index - first) as usize] = src;
+    }
 }
 
 #[cfg(test)]
@@ -482,6 +596,7 @@ mod tests {
             store_id: "mem://b".into(),
             store,
             cache: tier.clone(),
+            disk: None,
             budget: Arc::new(MemoryBudget::new(prefetch, demand)),
             cfg,
         });

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod proxy;
 pub mod strict_gcs;
 
 use std::path::{Path, PathBuf};
@@ -175,6 +176,13 @@ impl Mounted {
     /// Like [`Mounted::start`], with `env` set on top of the S3 test settings (e.g. another
     /// `BUCKETFS_ENDPOINT_URL`).
     pub fn start_with_env(source: &str, args: &[&str], env: &[(String, String)]) -> Mounted {
+        let mut m = Mounted::spawn(source, args, env);
+        m.wait_until_mounted();
+        m
+    }
+
+    /// Starts `bucketfs mount` like [`Mounted::start_with_env`] without waiting for the mount.
+    pub fn spawn(source: &str, args: &[&str], env: &[(String, String)]) -> Mounted {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("mnt");
         std::fs::create_dir(&dir).unwrap();
@@ -195,28 +203,51 @@ impl Mounted {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut m = Mounted {
+        Mounted {
             child,
             dir,
             _tmp: tmp,
             log,
-        };
+        }
+    }
+
+    /// Waits until the mount shows in the mount table (30 s at most).
+    pub fn wait_until_mounted(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_mounted(&m.dir) {
-            if let Some(status) = m.child.try_wait().unwrap() {
+        while !is_mounted(&self.dir) {
+            if let Some(status) = self.child.try_wait().unwrap() {
                 panic!(
                     "bucketfs exited with {status} before mounting:\n{}",
-                    m.log()
+                    self.log()
                 );
             }
             assert!(
                 Instant::now() < deadline,
                 "mount did not come up:\n{}",
-                m.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        m
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// The exit status, if the daemon exits within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -229,18 +260,13 @@ impl Mounted {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            if Instant::now() > deadline {
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(Duration::from_secs(30)) {
+            Some(s) => s,
+            None => {
                 let _ = self.child.kill();
                 panic!("bucketfs did not exit after SIGTERM:\n{}", self.log());
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
