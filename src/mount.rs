@@ -1,9 +1,18 @@
 //! Mounting and the mount's lifetime: serve FUSE until a signal or an external unmount, then
-//! unmount cleanly.
+//! shut down cleanly.
 //!
-//! On SIGTERM or SIGINT the filesystem is unmounted; if files are still open (`EBUSY`), it is
-//! detached lazily (`MNT_DETACH`) so the process can exit while the kernel finishes with the open
-//! files. A second signal during shutdown exits at once.
+//! On SIGTERM or SIGINT:
+//! 1. `/readyz` turns unready;
+//! 2. the filesystem finishes its writes ([`Fs::shutdown`]: new writes refused, writers given
+//!    time to close, files still open committed, locks released), all within
+//!    `--shutdown-timeout`;
+//! 3. the filesystem is unmounted; if files are still open (`EBUSY`), it is detached lazily
+//!    (`MNT_DETACH`), open files are served for up to [`READER_GRACE`] more (never past the
+//!    timeout), and the process exits; those files then fail with `ENOTCONN`.
+//!
+//! The exit is clean (`Ok`) unless a file's changes were lost. A second signal at any point
+//! detaches the mount lazily and exits at once with an error: uploads not finished then are
+//! lost (the next mount aborts their multipart uploads).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,13 +20,23 @@ use std::time::Duration;
 
 use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
+use crate::http::Health;
 
 pub struct MountOptions {
     /// Shown as the filesystem "device" in `mount` / `df`.
     pub fs_name: String,
     pub read_only: bool,
     pub allow_other: bool,
+    /// Bound on the whole shutdown, uploads included (`--shutdown-timeout`).
+    pub shutdown_timeout: Duration,
+    /// Told when the mount exists and when it goes away (`/readyz`), if served.
+    pub health: Option<Arc<Health>>,
 }
+
+/// How long files still open after the unmount keep being served before the process exits: a
+/// reader that is itself stopping gets to finish, one that never closes (a log tailer in another
+/// container) does not hold the pod.
+pub const READER_GRACE: Duration = Duration::from_secs(5);
 
 /// Threads reading `/dev/fuse` (see `fuse/` for why two).
 const FUSE_THREADS: usize = 2;
@@ -52,11 +71,14 @@ pub fn serve(
     config.n_threads = Some(FUSE_THREADS);
     config.clone_fd = true;
 
-    let adapter = FuseAdapter::new(fs, rt.handle().clone());
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
     let mut session = fuser::Session::new(adapter, mountpoint, &config)
         .map_err(|e| format!("cannot mount at {}: {e}", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    if let Some(h) = &opts.health {
+        h.set_mounted(true);
+    }
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -72,29 +94,61 @@ pub fn serve(
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(|e| e.to_string())?;
         let mut done_rx = done_rx;
-        tokio::select! {
+        let ended_externally = tokio::select! {
             r = &mut done_rx => {
-                tracing::info!("unmounted externally");
-                return match r {
-                    Ok(Ok(())) | Err(_) => Ok(()),
-                    Ok(Err(e)) => Err(format!("FUSE session failed: {e}")),
-                };
+                tracing::info!("unmounted externally; finishing uploads");
+                Some(r)
             }
-            _ = term.recv() => tracing::info!("SIGTERM: unmounting"),
-            _ = int.recv() => tracing::info!("SIGINT: unmounting"),
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); None }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); None }
+        };
+        if let Some(h) = &opts.health {
+            h.set_mounted(false);
+        }
+        let deadline = tokio::time::Instant::now() + opts.shutdown_timeout;
+        let report = tokio::select! {
+            r = fs.shutdown(opts.shutdown_timeout) => r,
+            _ = term.recv() => return exit_now(mountpoint),
+            _ = int.recv() => return exit_now(mountpoint),
+        };
+        let lost = match report.lost.len() {
+            0 => Ok(()),
+            n => Err(format!(
+                "the changes to {n} file(s) were lost at shutdown (see the log): {}",
+                report.lost.join(", ")
+            )),
+        };
+        if let Some(r) = ended_externally {
+            return match r {
+                Ok(Err(e)) => Err(format!("FUSE session failed: {e}")),
+                Ok(Ok(())) | Err(_) => lost,
+            };
         }
         unmount(&mut unmounter, mountpoint);
+        let grace = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(READER_GRACE);
         tokio::select! {
             _ = done_rx => {}
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {
-                tracing::warn!("FUSE session did not end within 10 s of the unmount; exiting");
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!("files are still open after the unmount; exiting (they now fail with ENOTCONN)");
             }
             _ = term.recv() => tracing::warn!("second signal: exiting now"),
             _ = int.recv() => tracing::warn!("second signal: exiting now"),
         }
         tracing::info!("unmounted");
-        Ok(())
+        lost
     })
+}
+
+/// The second signal: detach the mount and give up on what is still running.
+fn exit_now(mountpoint: &Path) -> Result<(), String> {
+    tracing::warn!("second signal: detaching the mount and exiting now");
+    detach_lazily(mountpoint);
+    Err(
+        "stopped by a second signal before the shutdown finished; unfinished uploads are lost"
+            .into(),
+    )
 }
 
 /// Unmounts, falling back to a lazy detach when files are still open.
@@ -103,14 +157,19 @@ fn unmount(unmounter: &mut fuser::SessionUnmounter, mountpoint: &Path) {
         Ok(()) => {}
         Err(e) => {
             tracing::info!(error = %e, "unmount refused (files still open?); detaching lazily");
-            let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
-                .expect("mount point paths have no NUL byte");
-            // SAFETY: a valid NUL-terminated path.
-            let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-            if rc != 0 {
-                let err = std::io::Error::last_os_error();
-                tracing::error!(error = %err, "lazy unmount failed");
-            }
+            detach_lazily(mountpoint);
         }
+    }
+}
+
+/// `umount -l`: the mount disappears from the tree now, and goes away once no file is open.
+fn detach_lazily(mountpoint: &Path) {
+    let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .expect("mount point paths have no NUL byte");
+    // SAFETY: a valid NUL-terminated path.
+    let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        tracing::error!(error = %err, "lazy unmount failed");
     }
 }

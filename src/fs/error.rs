@@ -10,6 +10,8 @@ pub enum FsError {
     Stale,
     #[error("the mount is read-only")]
     ReadOnly,
+    #[error("the mount is shutting down and takes no new writes")]
+    ShuttingDown,
     #[error("not a directory")]
     NotDir,
     #[error("is a directory")]
@@ -35,7 +37,7 @@ impl FsError {
         match self {
             FsError::NotFound => libc::ENOENT,
             FsError::Stale => libc::ESTALE,
-            FsError::ReadOnly => libc::EROFS,
+            FsError::ReadOnly | FsError::ShuttingDown => libc::EROFS,
             FsError::NotDir => libc::ENOTDIR,
             FsError::IsDir => libc::EISDIR,
             FsError::BadHandle => libc::EBADF,

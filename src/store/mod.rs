@@ -17,6 +17,7 @@
 pub mod gcs;
 pub mod local;
 pub mod mem;
+pub mod metered;
 pub mod retry;
 pub mod s3;
 

@@ -79,6 +79,7 @@ impl RetryPolicy {
                 Err(e) if e.is_retryable() && attempt + 1 < self.max_attempts => {
                     let delay = self.backoff(attempt);
                     tracing::debug!(%what, error = %e, attempt, ?delay, "retrying store request");
+                    crate::metrics::store_retry(what);
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }

@@ -64,6 +64,8 @@ pub enum WriteError {
     Store(#[from] StoreError),
     #[error("the handle failed earlier; nothing will be committed")]
     Failed,
+    #[error("the mount is shutting down; this file takes no more changes")]
+    Sealed,
 }
 
 impl WriteError {
@@ -75,6 +77,7 @@ impl WriteError {
                 _ => libc::EIO,
             },
             WriteError::Store(_) | WriteError::Failed => libc::EIO,
+            WriteError::Sealed => libc::EROFS,
         }
     }
 }
@@ -104,6 +107,8 @@ struct State {
     stream_broken: bool,
     /// A staging write failed: the handle never commits.
     failed: bool,
+    /// The mount is shutting down and committed this handle: it takes no more changes.
+    sealed: bool,
 }
 
 /// Everything write handles share.
@@ -159,6 +164,7 @@ impl WriteHandle {
                 stream: None,
                 stream_broken: !fresh,
                 failed: false,
+                sealed: false,
             }),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_PART_UPLOADS)),
         })
@@ -196,6 +202,9 @@ impl WriteHandle {
         let mut st = self.state.lock().await;
         if st.failed {
             return Err(WriteError::Failed);
+        }
+        if st.sealed {
+            return Err(WriteError::Sealed);
         }
         let len = data.len() as u64;
         let file = self.file.clone();
@@ -277,6 +286,7 @@ impl WriteHandle {
         let file = self.file.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let _in_flight = crate::metrics::part_upload_started();
             let _lease = ctx.budget.demand(len).await;
             let body = read_staging(file, offset, len)
                 .await
@@ -288,6 +298,9 @@ impl WriteHandle {
     /// Sets the logical size (`ftruncate`).
     pub async fn truncate(&self, size: u64) -> Result<(), WriteError> {
         let mut st = self.state.lock().await;
+        if st.sealed {
+            return Err(WriteError::Sealed);
+        }
         self.file.set_len(size)?;
         if let Some(s) = &st.stream
             && size < s.sent
@@ -298,6 +311,12 @@ impl WriteHandle {
         st.contiguous = st.contiguous.min(size);
         st.dirty = true;
         Ok(())
+    }
+
+    /// Refuses every later change (`write`, `truncate`), once the changes in progress are done:
+    /// what the next commit publishes is final.
+    pub async fn seal(&self) {
+        self.state.lock().await.sealed = true;
     }
 
     /// Publishes the staged content if it changed since the last commit.
@@ -315,6 +334,7 @@ impl WriteHandle {
             Some(v) => Precondition::IfVersion(v.clone()),
         };
         let result = self.publish(&mut st, pre).await;
+        crate::metrics::commit(result.is_ok());
         match result {
             Ok(version) => {
                 st.dirty = false;

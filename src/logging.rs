@@ -1,0 +1,83 @@
+//! Logging through `tracing`: human-readable text (colored on a terminal) or one JSON object per
+//! line (`--log-format json`) for cluster log pipelines. Both go to stderr.
+//!
+//! ## No credentials in the log
+//! bucketfs' own log lines name buckets, keys and errors, never credentials or request URLs. The
+//! HTTP and cloud SDK crates underneath are noisier: at debug and trace levels the AWS SDK logs
+//! canonical requests and signing material, and the HTTP stacks log headers. So those crates are
+//! held at `warn` whatever `--log-level` says, unless the filter names them itself
+//! (`--log-level info,aws_sigv4=trace` is the user asking, for debugging on their own machine).
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event, fields at the top level.
+    Json,
+}
+
+/// Crates (target prefixes) that may log credentials, signatures or signed headers at debug and
+/// trace levels.
+const QUIET: &[&str] = &[
+    "aws", "gcloud", "google", "hyper", "h2", "reqwest", "rustls", "tower",
+];
+
+/// The filter for `level` with the [`QUIET`] crates held at `warn` unless named by `level`.
+fn filter_spec(level: &str) -> String {
+    let named: Vec<&str> = level
+        .split(',')
+        .filter_map(|d| {
+            let target = d.split(['=', '[']).next()?.trim();
+            (d.contains('=') || d.contains('[')).then_some(target)
+        })
+        .collect();
+    let mut spec = level.trim().to_string();
+    for quiet in QUIET {
+        if !named.iter().any(|t| t.starts_with(quiet)) {
+            spec.push_str(&format!(",{quiet}=warn"));
+        }
+    }
+    spec
+}
+
+/// Installs the global subscriber. Fails on a filter that does not parse.
+pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
+    let filter = EnvFilter::try_new(filter_spec(level)).map_err(|e| e.to_string())?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests, or a subcommand calling it twice) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn noisy_crates_stay_at_warn_unless_named() {
+        let spec = filter_spec("trace");
+        assert!(spec.starts_with("trace,"), "{spec}");
+        assert!(spec.contains(",aws=warn"), "{spec}");
+        assert!(spec.contains(",hyper=warn"), "{spec}");
+        let spec = filter_spec("info,aws_sigv4=trace");
+        assert!(!spec.contains("aws=warn"), "{spec}");
+        assert!(spec.contains(",reqwest=warn"), "{spec}");
+        // A level alone names no crate.
+        assert!(filter_spec("debug").contains("gcloud=warn"));
+        for spec in ["info", "bucketfs=debug", "warn,aws_config=info"] {
+            EnvFilter::try_new(filter_spec(spec)).unwrap();
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! The daemon's Prometheus metrics, served at `/metrics` (see [`crate::http`]).
+//!
+//! One process-wide registry ([`prometheus_client`]); every module reports through the small
+//! functions below instead of touching metric types, so call sites stay one line and the names
+//! live in one place. Counters only ever grow (rates and ratios are Prometheus' job); the few
+//! gauges say how much is held right now.
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `bucketfs_fuse_requests_total` | `op` | kernel requests answered |
+//! | `bucketfs_fuse_errors_total` | `op` | of those, answered with an error |
+//! | `bucketfs_fuse_request_duration_seconds` | `op` | time from request to reply |
+//! | `bucketfs_fuse_read_bytes_total`, `..._write_bytes_total` | | bytes read / written by applications |
+//! | `bucketfs_read_bytes_total` | `tier` | bytes the read path took from `memory`, `disk` (the node cache) or `bucket` |
+//! | `bucketfs_cache_lookups_total` | `tier`, `result` | cache lookups, `hit` or `miss` |
+//! | `bucketfs_cache_hit_ratio` | `tier` | hits / lookups since start |
+//! | `bucketfs_cache_bytes` | `tier` | bytes held by the tier |
+//! | `bucketfs_prefetch_bytes_total` | | bytes requested ahead of readers |
+//! | `bucketfs_prefetch_paused_total` | | prefetches skipped because the memory budget was used up |
+//! | `bucketfs_memory_budget_bytes`, `bucketfs_memory_in_use_bytes` | | `--max-memory`, and how much of it is leased |
+//! | `bucketfs_store_requests_total` | `op` | requests to the bucket (each attempt) |
+//! | `bucketfs_store_errors_total` | `op`, `error` | failed attempts, by error kind |
+//! | `bucketfs_store_retries_total` | `op` | attempts retried after a transient error |
+//! | `bucketfs_store_request_duration_seconds` | `op` | time per attempt |
+//! | `bucketfs_store_bytes_total` | `direction` | bytes `downloaded` from / `uploaded` to the bucket |
+//! | `bucketfs_files_open_for_write` | | write handles open now |
+//! | `bucketfs_upload_parts_in_flight` | | multipart parts being uploaded now |
+//! | `bucketfs_commits_total` | `result` | files published (`ok`) or not (`error`) |
+//! | `bucketfs_uploads_lost_total` | | changes that could not be committed (close or shutdown) |
+//! | `bucketfs_locks_held` | | write locks held now |
+//! | `bucketfs_lock_acquisitions_total`, `bucketfs_lock_refusals_total`, `bucketfs_locks_lost_total` | | lock outcomes |
+//! | `bucketfs_build_info` | `version` | always 1 |
+
+use std::sync::LazyLock;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::store::StoreError;
+
+/// Where the bytes of a read came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// The in-process block cache.
+    Memory,
+    /// The node-shared disk cache (`--cache-dir`).
+    Disk,
+    /// The object store itself.
+    Bucket,
+}
+
+impl Tier {
+    fn label(self) -> &'static str {
+        match self {
+            Tier::Memory => "memory",
+            Tier::Disk => "disk",
+            Tier::Bucket => "bucket",
+        }
+    }
+}
+
+type Labels<const N: usize> = [(&'static str, &'static str); N];
+type Timings = Family<Labels<1>, Histogram, fn() -> Histogram>;
+
+/// Latency buckets from 100 µs to ~100 s (×4 each): a page-cache hit answered by the kernel
+/// never reaches us, a memory-tier read takes ~100 µs, a cold 8 MiB GET seconds, and a stuck
+/// request hits the retry deadline (60 s).
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 4.0, 11))
+}
+
+struct Metrics {
+    registry: Registry,
+    fuse_requests: Family<Labels<1>, Counter>,
+    fuse_errors: Family<Labels<1>, Counter>,
+    fuse_latency: Timings,
+    fuse_read_bytes: Counter,
+    fuse_write_bytes: Counter,
+    read_bytes: Family<Labels<1>, Counter>,
+    cache_lookups: Family<Labels<2>, Counter>,
+    cache_hit_ratio: Family<Labels<1>, Gauge<f64, AtomicU64>>,
+    cache_bytes: Family<Labels<1>, Gauge>,
+    prefetch_bytes: Counter,
+    prefetch_paused: Counter,
+    memory_budget: Gauge,
+    memory_in_use: Gauge,
+    store_requests: Family<Labels<1>, Counter>,
+    store_errors: Family<Labels<2>, Counter>,
+    store_retries: Family<[(&'static str, String); 1], Counter>,
+    store_latency: Timings,
+    store_bytes: Family<Labels<1>, Counter>,
+    open_for_write: Gauge,
+    parts_in_flight: Gauge,
+    commits: Family<Labels<1>, Counter>,
+    uploads_lost: Counter,
+    locks_held: Gauge,
+    lock_acquisitions: Counter,
+    lock_refusals: Counter,
+    locks_lost: Counter,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut r = Registry::with_prefix("bucketfs");
+        let m = Metrics {
+            fuse_requests: Family::default(),
+            fuse_errors: Family::default(),
+            fuse_latency: Family::new_with_constructor(latency_histogram),
+            fuse_read_bytes: Counter::default(),
+            fuse_write_bytes: Counter::default(),
+            read_bytes: Family::default(),
+            cache_lookups: Family::default(),
+            cache_hit_ratio: Family::default(),
+            cache_bytes: Family::default(),
+            prefetch_bytes: Counter::default(),
+            prefetch_paused: Counter::default(),
+            memory_budget: Gauge::default(),
+            memory_in_use: Gauge::default(),
+            store_requests: Family::default(),
+            store_errors: Family::default(),
+            store_retries: Family::default(),
+            store_latency: Family::new_with_constructor(latency_histogram),
+            store_bytes: Family::default(),
+            open_for_write: Gauge::default(),
+            parts_in_flight: Gauge::default(),
+            commits: Family::default(),
+            uploads_lost: Counter::default(),
+            locks_held: Gauge::default(),
+            lock_acquisitions: Counter::default(),
+            lock_refusals: Counter::default(),
+            locks_lost: Counter::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "fuse_requests",
+            "Kernel requests answered, by operation",
+            m.fuse_requests.clone(),
+        );
+        r.register(
+            "fuse_errors",
+            "Kernel requests answered with an error, by operation",
+            m.fuse_errors.clone(),
+        );
+        r.register(
+            "fuse_request_duration_seconds",
+            "Time from a kernel request to its reply, by operation",
+            m.fuse_latency.clone(),
+        );
+        r.register(
+            "fuse_read_bytes",
+            "Bytes returned to applications' reads",
+            m.fuse_read_bytes.clone(),
+        );
+        r.register(
+            "fuse_write_bytes",
+            "Bytes accepted from applications' writes",
+            m.fuse_write_bytes.clone(),
+        );
+        r.register(
+            "read_bytes",
+            "Bytes the read path took from each tier: memory, disk (node cache) or bucket",
+            m.read_bytes.clone(),
+        );
+        r.register(
+            "cache_lookups",
+            "Block cache lookups by tier and result (hit or miss)",
+            m.cache_lookups.clone(),
+        );
+        r.register(
+            "cache_hit_ratio",
+            "Block cache hits / lookups since the start, by tier",
+            m.cache_hit_ratio.clone(),
+        );
+        r.register(
+            "cache_bytes",
+            "Bytes held by each cache tier",
+            m.cache_bytes.clone(),
+        );
+        r.register(
+            "prefetch_bytes",
+            "Bytes requested ahead of sequential readers",
+            m.prefetch_bytes.clone(),
+        );
+        r.register(
+            "prefetch_paused",
+            "Prefetches skipped because the memory budget was used up",
+            m.prefetch_paused.clone(),
+        );
+        r.register(
+            "memory_budget_bytes",
+            "The memory budget for read and upload buffers and the memory tier (--max-memory)",
+            m.memory_budget.clone(),
+        );
+        r.register(
+            "memory_in_use_bytes",
+            "Bytes of the memory budget leased by buffers now",
+            m.memory_in_use.clone(),
+        );
+        r.register(
+            "store_requests",
+            "Requests sent to the bucket (every attempt), by operation",
+            m.store_requests.clone(),
+        );
+        r.register(
+            "store_errors",
+            "Failed bucket requests (every attempt), by operation and error kind",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "store_retries",
+            "Bucket requests retried after a transient error, by operation",
+            m.store_retries.clone(),
+        );
+        r.register(
+            "store_request_duration_seconds",
+            "Time per bucket request attempt, by operation",
+            m.store_latency.clone(),
+        );
+        r.register(
+            "store_bytes",
+            "Bytes downloaded from and uploaded to the bucket",
+            m.store_bytes.clone(),
+        );
+        r.register(
+            "files_open_for_write",
+            "Files open for writing now",
+            m.open_for_write.clone(),
+        );
+        r.register(
+            "upload_parts_in_flight",
+            "Parts of multipart uploads being uploaded now",
+            m.parts_in_flight.clone(),
+        );
+        r.register(
+            "commits",
+            "Files published to the bucket (result=ok) or not (result=error)",
+            m.commits.clone(),
+        );
+        r.register(
+            "uploads_lost",
+            "Changes to files that could not be committed, at close or at shutdown",
+            m.uploads_lost.clone(),
+        );
+        r.register("locks_held", "Write locks held now", m.locks_held.clone());
+        r.register(
+            "lock_acquisitions",
+            "Write locks acquired",
+            m.lock_acquisitions.clone(),
+        );
+        r.register(
+            "lock_refusals",
+            "Writes refused because another writer holds the lock",
+            m.lock_refusals.clone(),
+        );
+        r.register(
+            "locks_lost",
+            "Locks lost while held (renewal failed or taken over)",
+            m.locks_lost.clone(),
+        );
+        let info: Family<Labels<1>, Gauge> = Family::default();
+        info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        r.register("build_info", "The bucketfs version running", info);
+        Metrics { registry: r, ..m }
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Every metric in the Prometheus text format (version 0.0.4).
+pub fn render() -> String {
+    let m = &*METRICS;
+    for tier in [Tier::Memory, Tier::Disk] {
+        let hits = m
+            .cache_lookups
+            .get_or_create(&[("tier", tier.label()), ("result", "hit")])
+            .get();
+        let misses = m
+            .cache_lookups
+            .get_or_create(&[("tier", tier.label()), ("result", "miss")])
+            .get();
+        if hits + misses > 0 {
+            m.cache_hit_ratio
+                .get_or_create(&[("tier", tier.label())])
+                .set(hits as f64 / (hits + misses) as f64);
+        }
+    }
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &m.registry)
+        .expect("writing to a String cannot fail");
+    out
+}
+
+// ---- FUSE adapter ----
+
+/// One kernel request answered after `latency`.
+pub fn fuse_request(op: &'static str, latency: Duration) {
+    let m = &*METRICS;
+    m.fuse_requests.get_or_create(&[("op", op)]).inc();
+    m.fuse_latency
+        .get_or_create(&[("op", op)])
+        .observe(latency.as_secs_f64());
+}
+
+/// One kernel request answered with an error.
+pub fn fuse_error(op: &'static str) {
+    METRICS.fuse_errors.get_or_create(&[("op", op)]).inc();
+}
+
+/// Bytes returned to an application's read.
+pub fn fuse_read(bytes: u64) {
+    METRICS.fuse_read_bytes.inc_by(bytes);
+}
+
+/// Bytes accepted from an application's write.
+pub fn fuse_write(bytes: u64) {
+    METRICS.fuse_write_bytes.inc_by(bytes);
+}
+
+// ---- read path and caches ----
+
+/// Bytes the read path took from `tier` (a cache hit, or a fetch from the bucket).
+pub fn bytes_served(tier: Tier, bytes: u64) {
+    METRICS
+        .read_bytes
+        .get_or_create(&[("tier", tier.label())])
+        .inc_by(bytes);
+}
+
+/// One block looked up in a cache tier: a hit (its bytes are also counted as served by the
+/// tier) or a miss.
+pub fn cache_lookup(tier: Tier, hit: Option<u64>) {
+    let result = if hit.is_some() { "hit" } else { "miss" };
+    METRICS
+        .cache_lookups
+        .get_or_create(&[("tier", tier.label()), ("result", result)])
+        .inc();
+    if let Some(bytes) = hit {
+        bytes_served(tier, bytes);
+    }
+}
+
+/// The bytes a cache tier holds now.
+pub fn cache_size(tier: Tier, bytes: u64) {
+    METRICS
+        .cache_bytes
+        .get_or_create(&[("tier", tier.label())])
+        .set(bytes as i64);
+}
+
+/// A prefetch of `bytes` started, or (`None`) was skipped because the budget was used up.
+pub fn prefetch(bytes: Option<u64>) {
+    match bytes {
+        Some(b) => METRICS.prefetch_bytes.inc_by(b),
+        None => METRICS.prefetch_paused.inc(),
+    };
+}
+
+/// The memory budget in force and how much of it is leased now.
+pub fn memory(budget: u64, in_use: u64) {
+    METRICS.memory_budget.set(budget as i64);
+    METRICS.memory_in_use.set(in_use as i64);
+}
+
+// ---- object store ----
+
+/// Measures one request to the bucket; see [`StoreTimer::finish`]. A request dropped before it
+/// finished (a timeout, or a prefetch nobody wants any more) counts as an error `cancelled`.
+pub struct StoreTimer {
+    op: &'static str,
+    start: Instant,
+    done: bool,
+}
+
+/// Starts measuring one request to the bucket.
+pub fn store_request(op: &'static str) -> StoreTimer {
+    METRICS.store_requests.get_or_create(&[("op", op)]).inc();
+    StoreTimer {
+        op,
+        start: Instant::now(),
+        done: false,
+    }
+}
+
+impl StoreTimer {
+    /// Records the outcome: latency, and the error kind of a failure.
+    pub fn finish<T>(mut self, result: &Result<T, StoreError>) {
+        self.done = true;
+        self.record(result.as_ref().err().map(error_kind));
+    }
+
+    fn record(&self, error: Option<&'static str>) {
+        let m = &*METRICS;
+        m.store_latency
+            .get_or_create(&[("op", self.op)])
+            .observe(self.start.elapsed().as_secs_f64());
+        if let Some(kind) = error {
+            m.store_errors
+                .get_or_create(&[("op", self.op), ("error", kind)])
+                .inc();
+        }
+    }
+}
+
+impl Drop for StoreTimer {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(Some("cancelled"));
+        }
+    }
+}
+
+fn error_kind(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::NotFound(_) => "not_found",
+        StoreError::BucketNotFound(_) => "bucket_not_found",
+        StoreError::PreconditionFailed(_) => "precondition_failed",
+        StoreError::Conflict(_) => "conflict",
+        StoreError::Throttled(_) => "throttled",
+        StoreError::Transient(_) => "transient",
+        StoreError::Unauthorized(_) => "unauthorized",
+        StoreError::Invalid(_) => "invalid",
+    }
+}
+
+/// A request to the bucket is tried again after a transient error.
+pub fn store_retry(op: &str) {
+    METRICS
+        .store_retries
+        .get_or_create(&[("op", op.to_string())])
+        .inc();
+}
+
+/// Bytes moved to or from the bucket.
+pub fn store_bytes(uploaded: bool, bytes: u64) {
+    let direction = if uploaded { "uploaded" } else { "downloaded" };
+    METRICS
+        .store_bytes
+        .get_or_create(&[("direction", direction)])
+        .inc_by(bytes);
+}
+
+// ---- writes ----
+
+/// How many files are open for writing now.
+pub fn files_open_for_write(n: usize) {
+    METRICS.open_for_write.set(n as i64);
+}
+
+/// Counts one multipart part upload in flight until dropped.
+pub struct PartInFlight(());
+
+pub fn part_upload_started() -> PartInFlight {
+    METRICS.parts_in_flight.inc();
+    PartInFlight(())
+}
+
+impl Drop for PartInFlight {
+    fn drop(&mut self) {
+        METRICS.parts_in_flight.dec();
+    }
+}
+
+/// A file's changes were published (`true`) or a commit failed (`false`).
+pub fn commit(ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    METRICS.commits.get_or_create(&[("result", result)]).inc();
+}
+
+/// Changes to a file were given up for good (logged as an error with the path by the caller).
+pub fn upload_lost() {
+    METRICS.uploads_lost.inc();
+}
+
+// ---- locks ----
+
+/// A write lock was acquired (or taken over); pair it with [`lock_released`] or [`lock_lost`].
+pub fn lock_acquired() {
+    METRICS.lock_acquisitions.inc();
+    METRICS.locks_held.inc();
+}
+
+/// A held write lock was released.
+pub fn lock_released() {
+    METRICS.locks_held.dec();
+}
+
+/// A held write lock was lost (a renewal failed, or another writer took it over).
+pub fn lock_lost() {
+    METRICS.locks_lost.inc();
+    METRICS.locks_held.dec();
+}
+
+/// A write was refused because another writer holds the path's lock.
+pub fn lock_refused() {
+    METRICS.lock_refusals.inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, line_start: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start))
+            .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn renders_prometheus_text_with_the_documented_names() {
+        fuse_request("read", Duration::from_millis(2));
+        fuse_error("read");
+        cache_lookup(Tier::Memory, Some(100));
+        cache_lookup(Tier::Memory, None);
+        store_request("get").finish::<()>(&Err(StoreError::Throttled("x".into())));
+        drop(store_request("head"));
+        store_retry("get");
+        lock_acquired();
+        lock_released();
+        let text = render();
+        assert!(
+            text.contains("# TYPE bucketfs_fuse_requests_total counter"),
+            "{text}"
+        );
+        assert!(value(&text, "bucketfs_fuse_requests_total{op=\"read\"}") >= 1.0);
+        assert!(value(&text, "bucketfs_fuse_errors_total{op=\"read\"}") >= 1.0);
+        assert!(
+            text.contains(
+                "bucketfs_fuse_request_duration_seconds_bucket{le=\"0.0001\",op=\"read\"}"
+            ) || text.contains(
+                "bucketfs_fuse_request_duration_seconds_bucket{op=\"read\",le=\"0.0001\"}"
+            ),
+            "{text}"
+        );
+        assert!(value(&text, "bucketfs_read_bytes_total{tier=\"memory\"}") >= 100.0);
+        let ratio = value(&text, "bucketfs_cache_hit_ratio{tier=\"memory\"}");
+        assert!(ratio > 0.0 && ratio < 1.0, "{ratio}");
+        assert!(
+            value(
+                &text,
+                "bucketfs_store_errors_total{op=\"get\",error=\"throttled\"}"
+            ) >= 1.0
+        );
+        assert!(
+            value(
+                &text,
+                "bucketfs_store_errors_total{op=\"head\",error=\"cancelled\"}"
+            ) >= 1.0
+        );
+        assert!(value(&text, "bucketfs_store_retries_total{op=\"get\"}") >= 1.0);
+        assert!(value(&text, "bucketfs_lock_acquisitions_total") >= 1.0);
+        assert!(text.contains("bucketfs_build_info{version="), "{text}");
+    }
+}
