@@ -20,6 +20,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bucketfs::store::gcs::UPLOADS;
 use bucketfs::store::local::LocalStore;
@@ -318,6 +319,34 @@ async fn empty_objects(s: DynStore, p: String) {
     assert_eq!(read_all(&s, &key).await, b"");
 }
 
+/// `head_timed` reads the store's own clock with the object, which the lock protocol judges lease
+/// ages by: no earlier than the object's last change (HTTP dates have a one-second resolution),
+/// moving forward, and close to this machine's clock (the test servers run here). A rewrite
+/// moves the object's last-modified time: a renewed lease looks younger.
+async fn store_clock(s: DynStore, p: String) {
+    let second = Duration::from_secs(1);
+    let key = format!("{p}clock");
+    put(&s, &key, "one").await;
+    let (m1, t1) = s.head_timed(&key).await.unwrap();
+    assert_eq!(m1, s.head(&key).await.unwrap());
+    assert!(t1 + second >= m1.last_modified, "{t1:?} < {m1:?}");
+    let local = SystemTime::now();
+    let skew = local.duration_since(t1).unwrap_or_else(|e| e.duration());
+    assert!(
+        skew < Duration::from_secs(60),
+        "store clock {t1:?}, local {local:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    put(&s, &key, "two").await;
+    let (m2, t2) = s.head_timed(&key).await.unwrap();
+    assert!(m2.last_modified > m1.last_modified, "{m1:?} then {m2:?}");
+    assert!(t2 > t1, "the store's clock moves on: {t1:?} then {t2:?}");
+    assert!(matches!(
+        s.head_timed(&format!("{p}missing")).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
 async fn mem_store() -> DynStore {
     Arc::new(MemStore::new("conformance"))
 }
@@ -370,6 +399,7 @@ conformance!(
     copies,
     deletes,
     empty_objects,
+    store_clock,
 );
 
 on_fake_gcs!(
@@ -381,6 +411,7 @@ on_fake_gcs!(
     listing_pages,
     listing_pages_with_prefixes_between_objects,
     empty_objects,
+    store_clock,
     gcs_unconditional_writes,
     gcs_uploads_of_many_parts,
 );

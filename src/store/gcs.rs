@@ -36,9 +36,13 @@
 //! - Listing pages resume with `startOffset` just after the last entry returned, so every page
 //!   holds at most `max_keys` entries in order, each once, even from servers that count only
 //!   objects against `maxResults` and repeat the common prefixes on every page (fake-gcs-server).
+//! - The store's clock (`head_timed`) is the `Date` header of the metadata response: the crate
+//!   does not return headers, so a middleware of the HTTP client notes the `Date` of every
+//!   response into a task-local slot, which `head_timed` opens around its one request.
 
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -112,7 +116,11 @@ impl GcsStore {
             .build()
             .map_err(|e| StoreError::Invalid(format!("cannot build an HTTP client: {e}")))?;
         let mut config = ClientConfig {
-            http: Some(reqwest_middleware::ClientBuilder::new(http).build()),
+            http: Some(
+                reqwest_middleware::ClientBuilder::new(http)
+                    .with(NoteResponseDate)
+                    .build(),
+            ),
             ..ClientConfig::default()
         };
         if let Some(url) = &opts.endpoint_url {
@@ -202,6 +210,34 @@ impl GcsStore {
             Err(StoreError::NotFound(_)) => StoreError::NotFound(msg),
             Err(other) => other,
         }
+    }
+}
+
+tokio::task_local! {
+    /// Where [`NoteResponseDate`] puts the `Date` of responses to requests made in this task.
+    static RESPONSE_DATE: Arc<Mutex<Option<SystemTime>>>;
+}
+
+/// Notes the `Date` header of each response in [`RESPONSE_DATE`], if the task has that slot.
+struct NoteResponseDate;
+
+#[async_trait]
+impl reqwest_middleware::Middleware for NoteResponseDate {
+    async fn handle(
+        &self,
+        req: reqwest::Request,
+        extensions: &mut http::Extensions,
+        next: reqwest_middleware::Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        let response = next.run(req, extensions).await?;
+        let _ = RESPONSE_DATE.try_with(|slot| {
+            *slot.lock().unwrap() = response
+                .headers()
+                .get("date")
+                .and_then(|v| v.to_str().ok())
+                .and_then(super::parse_http_date);
+        });
+        Ok(response)
     }
 }
 
@@ -484,6 +520,15 @@ impl ObjectStore for GcsStore {
             .await
             .map_err(|e| classify(key, e))?;
         Ok(meta_of(&o))
+    }
+
+    async fn head_timed(&self, key: &str) -> StoreResult<(ObjectMeta, SystemTime)> {
+        let slot = Arc::new(Mutex::new(None));
+        let meta = RESPONSE_DATE.scope(slot.clone(), self.head(key)).await?;
+        let now = slot.lock().unwrap().ok_or_else(|| {
+            StoreError::Invalid(format!("{key}: the response has no usable Date header"))
+        })?;
+        Ok((meta, now))
     }
 
     async fn get_range(

@@ -423,6 +423,12 @@ impl ObjectStore for LocalStore {
         self.blocking(move |s| s.head(&key)).await
     }
 
+    async fn head_timed(&self, key: &str) -> StoreResult<(ObjectMeta, SystemTime)> {
+        // The directory's clock is this machine's, read after the file's time was.
+        let meta = self.head(key).await?;
+        Ok((meta, SystemTime::now()))
+    }
+
     async fn get_range(
         &self,
         key: &str,

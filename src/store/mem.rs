@@ -4,6 +4,9 @@
 //! and adds what real servers cannot do on demand: fail the next N calls of one operation with a
 //! chosen error, delay them, or hang them, and count calls per operation (to prove, for example,
 //! that a cached block is not fetched twice).
+//!
+//! Its clock (modification times, `head_timed`) runs on tokio's clock, so a test with paused time
+//! (`tokio::time::pause` / `advance`) moves the store's time too: leases expire without sleeping.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -66,6 +69,9 @@ pub struct MemStore {
     bucket: String,
     state: Mutex<State>,
     next_version: AtomicU64,
+    /// The store's clock reads `epoch` at tokio's instant `start`.
+    epoch: SystemTime,
+    start: tokio::time::Instant,
 }
 
 impl MemStore {
@@ -74,7 +80,14 @@ impl MemStore {
             bucket: bucket.to_string(),
             state: Mutex::new(State::default()),
             next_version: AtomicU64::new(1),
+            epoch: SystemTime::now(),
+            start: tokio::time::Instant::now(),
         }
+    }
+
+    /// The store's clock (see the module docs).
+    pub fn now(&self) -> SystemTime {
+        self.epoch + self.start.elapsed()
     }
 
     /// Applies `fault` to the next `times` calls of `op` (after any faults already queued).
@@ -159,7 +172,7 @@ impl MemStore {
             Object {
                 data,
                 version,
-                modified: SystemTime::now(),
+                modified: self.now(),
             },
         );
         Self::version_of(version)
@@ -179,6 +192,11 @@ impl ObjectStore for MemStore {
             .get(key)
             .map(|o| Self::meta(key, o))
             .ok_or_else(|| StoreError::NotFound(key.to_string()))
+    }
+
+    async fn head_timed(&self, key: &str) -> StoreResult<(ObjectMeta, SystemTime)> {
+        let meta = self.head(key).await?;
+        Ok((meta, self.now()))
     }
 
     async fn get_range(

@@ -55,6 +55,10 @@ impl ObjectStore for Metered {
         measure("head", self.inner.head(key)).await
     }
 
+    async fn head_timed(&self, key: &str) -> StoreResult<(ObjectMeta, std::time::SystemTime)> {
+        measure("head", self.inner.head_timed(key)).await
+    }
+
     async fn get_range(
         &self,
         key: &str,

@@ -122,6 +122,12 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta>;
 
+    /// `head`, and the store's own clock when it answered (the response's `Date`; for a local
+    /// directory or in memory, the clock of this machine, which is the store's). The lock
+    /// protocol judges a lease's age as this time minus `last_modified`, two readings of one
+    /// clock, so no replica's own clock matters. Fails with `Invalid` if the store gives no time.
+    async fn head_timed(&self, key: &str) -> StoreResult<(ObjectMeta, SystemTime)>;
+
     /// Bytes `range` of `key`; shorter only at the end of the object. With `if_version`, fails
     /// with `PreconditionFailed` if the object is no longer that version.
     async fn get_range(
@@ -245,6 +251,14 @@ impl BlockBuilder {
         }
         self.blocks
     }
+}
+
+/// An HTTP date (`Date`, `Last-Modified`: `Sun, 06 Nov 1994 08:49:37 GMT`).
+pub(crate) fn parse_http_date(text: &str) -> Option<SystemTime> {
+    let t =
+        aws_smithy_types::DateTime::from_str(text, aws_smithy_types::date_time::Format::HttpDate)
+            .ok()?;
+    SystemTime::try_from(t).ok()
 }
 
 /// Cuts one listing page out of `objects` (sorted by key, all keys), the same way for every

@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::ops::Range;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -110,6 +110,10 @@ impl ObjectStore for Retrying {
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         self.policy.run("head", || self.inner.head(key)).await
+    }
+
+    async fn head_timed(&self, key: &str) -> StoreResult<(ObjectMeta, SystemTime)> {
+        self.policy.run("head", || self.inner.head_timed(key)).await
     }
 
     async fn get_range(

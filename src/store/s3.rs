@@ -8,15 +8,21 @@
 //! `If-Match`, on PutObject, CompleteMultipartUpload and DeleteObject. CopyObject has no
 //! condition on its destination, so a conditional copy is a multipart upload of `UploadPartCopy`
 //! parts completed with the condition; that is also how objects over 5 GiB are copied.
+//!
+//! The store's clock (`head_timed`) is the `Date` header of the HEAD response, which the SDK
+//! does not put in its outputs: an interceptor attached to that one request reads it.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
@@ -133,6 +139,57 @@ fn version(etag: Option<&str>) -> Version {
     Version(etag.unwrap_or_default().to_string())
 }
 
+/// Keeps the `Date` header (the server's clock) of the response to the request it is attached to.
+#[derive(Clone, Debug, Default)]
+struct ResponseDate(Arc<Mutex<Option<SystemTime>>>);
+
+impl ResponseDate {
+    fn get(&self, key: &str) -> StoreResult<SystemTime> {
+        self.0.lock().unwrap().ok_or_else(|| {
+            StoreError::Invalid(format!("{key}: the response has no usable Date header"))
+        })
+    }
+}
+
+impl Intercept for ResponseDate {
+    fn name(&self) -> &'static str {
+        "ResponseDate"
+    }
+
+    fn read_after_transmit(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let date = context
+            .response()
+            .headers()
+            .get("date")
+            .and_then(super::parse_http_date);
+        *self.0.lock().unwrap() = date;
+        Ok(())
+    }
+}
+
+impl S3Store {
+    /// HEAD of `key`, noting the response's `Date` in `date` if given.
+    async fn head_object(&self, key: &str, date: Option<ResponseDate>) -> StoreResult<ObjectMeta> {
+        let req = self.client.head_object().bucket(&self.bucket).key(key);
+        let out = match date {
+            Some(date) => req.customize().interceptor(date).send().await,
+            None => req.send().await,
+        }
+        .map_err(|e| classify(key, e))?;
+        Ok(ObjectMeta {
+            key: key.to_string(),
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            version: version(out.e_tag()),
+            last_modified: system_time(out.last_modified()),
+        })
+    }
+}
+
 #[async_trait]
 impl ObjectStore for S3Store {
     fn describe(&self) -> String {
@@ -140,20 +197,13 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        let out = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| classify(key, e))?;
-        Ok(ObjectMeta {
-            key: key.to_string(),
-            size: out.content_length().unwrap_or(0).max(0) as u64,
-            version: version(out.e_tag()),
-            last_modified: system_time(out.last_modified()),
-        })
+        self.head_object(key, None).await
+    }
+
+    async fn head_timed(&self, key: &str) -> StoreResult<(ObjectMeta, SystemTime)> {
+        let date = ResponseDate::default();
+        let meta = self.head_object(key, Some(date.clone())).await?;
+        Ok((meta, date.get(key)?))
     }
 
     async fn get_range(

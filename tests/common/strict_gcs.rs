@@ -207,8 +207,12 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>, base: &str) {
         206 => "Partial Content",
         _ => "Error",
     };
+    // The server's clock, as GCS sends it (what `head_timed` reads).
+    let date = aws_smithy_types::DateTime::from(SystemTime::now())
+        .fmt(aws_smithy_types::date_time::Format::HttpDate)
+        .unwrap();
     let mut head = format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "HTTP/1.1 {} {reason}\r\nContent-Length: {}\r\nConnection: close\r\nDate: {date}\r\n",
         response.status,
         response.body.len()
     );
