@@ -144,8 +144,8 @@ async fn respond(
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
         "/metrics" => {
-            if let Some(fs) = health.fs.get() {
-                fs.publish_gauges();
+            if let Some(fs) = health.fs.get().cloned() {
+                let _ = tokio::task::spawn_blocking(move || fs.publish_gauges()).await;
             }
             let mut r = text(StatusCode::OK, crate::metrics::render());
             r.headers_mut().insert(

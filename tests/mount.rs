@@ -7,100 +7,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
-
-use bucketfs::store::local::LocalStore;
-use bucketfs::store::{DynStore, Precondition};
+use bucketfs::store::Precondition;
 use bytes::Bytes;
+use common::backend::Backend;
 use common::{Mounted, pattern};
 use rand::{Rng, SeedableRng};
-
-/// A store to fill and the SOURCE URL that mounts it.
-struct Backend {
-    source: String,
-    store: DynStore,
-    rt: tokio::runtime::Runtime,
-    /// Environment the mount needs on top of the S3 test settings.
-    env: Vec<(String, String)>,
-    _tmp: Option<tempfile::TempDir>,
-}
-
-impl Backend {
-    fn local() -> Backend {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(LocalStore::new(tmp.path()).unwrap());
-        Backend {
-            source: format!("file://{}", tmp.path().display()),
-            store,
-            rt: tokio::runtime::Runtime::new().unwrap(),
-            env: Vec::new(),
-            _tmp: Some(tmp),
-        }
-    }
-
-    fn s3() -> Backend {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let bucket = rt.block_on(common::s3_bucket("mount"));
-        let store = rt.block_on(common::s3_store(&bucket));
-        Backend {
-            source: format!("s3://{bucket}"),
-            store,
-            rt,
-            env: Vec::new(),
-            _tmp: None,
-        }
-    }
-
-    fn gcs() -> Backend {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let bucket = rt.block_on(common::gcs_bucket("mount"));
-        let store = rt.block_on(common::gcs_store(&bucket));
-        Backend {
-            source: format!("gs://{bucket}"),
-            store,
-            rt,
-            env: vec![
-                ("BUCKETFS_ENDPOINT_URL".into(), common::gcs_endpoint()),
-                ("BUCKETFS_ANONYMOUS".into(), "true".into()),
-            ],
-            _tmp: None,
-        }
-    }
-
-    fn put(&self, key: &str, data: impl Into<Bytes>) {
-        self.rt
-            .block_on(self.store.put(key, data.into(), Precondition::None))
-            .unwrap();
-    }
-
-    /// Uploads a large object in parts, as a real client would.
-    fn put_large(&self, key: &str, data: &[u8]) {
-        self.rt.block_on(async {
-            let up = self.store.start_upload(key).await.unwrap();
-            let mut parts = Vec::new();
-            for (i, chunk) in data.chunks(16 << 20).enumerate() {
-                parts.push(
-                    self.store
-                        .upload_part(&up, i as u32 + 1, Bytes::copy_from_slice(chunk))
-                        .await
-                        .unwrap(),
-                );
-            }
-            self.store
-                .complete_upload(&up, parts, Precondition::None)
-                .await
-                .unwrap();
-        });
-    }
-
-    fn mount(&self, args: &[&str]) -> Mounted {
-        self.mount_source(&self.source, args)
-    }
-
-    fn mount_source(&self, source: &str, args: &[&str]) -> Mounted {
-        Mounted::start_with_env(source, args, &self.env)
-    }
-}
 
 fn names(dir: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -213,15 +124,7 @@ fn sigterm_with_open_file_still_exits(b: Backend) {
     assert!(!common::is_mounted(&m.dir));
 }
 
-macro_rules! on_backends {
-    ($($case:ident),* $(,)?) => {
-        mod local { $(#[test] fn $case() { super::$case(super::Backend::local()) } )* }
-        mod s3 { $(#[test] fn $case() { super::$case(super::Backend::s3()) } )* }
-        mod gcs { $(#[test] fn $case() { super::$case(super::Backend::gcs()) } )* }
-    };
-}
-
-on_backends!(
+common::backend::on_backends!(
     list_stat_and_read,
     large_file_whole_and_random_ranges,
     sigterm_unmounts,

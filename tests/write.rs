@@ -269,15 +269,7 @@ fn read_only_refuses_writes(b: Backend) {
     assert_eq!(b.get("f").unwrap(), b"x");
 }
 
-macro_rules! on_backends {
-    ($($case:ident),* $(,)?) => {
-        mod local { $(#[test] fn $case() { super::$case(super::Backend::local()) } )* }
-        mod s3 { $(#[test] fn $case() { super::$case(super::Backend::s3()) } )* }
-        mod gcs { $(#[test] fn $case() { super::$case(super::Backend::gcs()) } )* }
-    };
-}
-
-on_backends!(
+common::backend::on_backends!(
     write_and_read_back_1gib,
     file_operations,
     commit_happens_at_close_or_fsync,

@@ -37,7 +37,8 @@ pub struct ShutdownReport {
 }
 
 impl Fs {
-    /// Refreshes the gauges that describe the mount as a whole (called before each scrape).
+    /// Refreshes the gauges that describe the mount as a whole (called before each scrape; it
+    /// may block on the disk cache's directory).
     pub fn publish_gauges(&self) {
         crate::metrics::memory(self.cfg.read.max_memory, self.read.budget.in_use());
         let writing = self
@@ -48,6 +49,10 @@ impl Fs {
             .filter(|h| matches!(h, Handle::Write(..)))
             .count();
         crate::metrics::files_open_for_write(writing);
+        if let Some(disk) = &self.read.disk {
+            // A walk of the cache directory: the caller runs this off the async workers.
+            crate::metrics::cache_size(crate::metrics::Tier::Disk, disk.used());
+        }
     }
 
     /// Whether [`Fs::shutdown`] has started: new writes are refused.

@@ -545,6 +545,11 @@ async fn disk_lookup(
     .await
     .unwrap_or_default();
     for (k, src) in found {
+        let hit = match &src {
+            Source::Have(b) => Some(b.len() as u64),
+            Source::Fetch(_) => None,
+        };
+        metrics::cache_lookup(Tier::Disk, hit);
         if let Source::Have(b) = &src {
             ctx.cache.put(&k, b.clone()).await;
         }

@@ -115,3 +115,15 @@ impl Backend {
         Mounted::start_with_env(source, args, &self.env)
     }
 }
+
+/// Instantiates each `case(Backend)` as the tests `local::case`, `s3::case` and `gcs::case`.
+#[allow(unused_macros)]
+macro_rules! on_backends {
+    ($($case:ident),* $(,)?) => {
+        mod local { $(#[test] fn $case() { super::$case(super::Backend::local()) } )* }
+        mod s3 { $(#[test] fn $case() { super::$case(super::Backend::s3()) } )* }
+        mod gcs { $(#[test] fn $case() { super::$case(super::Backend::gcs()) } )* }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_backends;
