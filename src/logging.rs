@@ -28,9 +28,20 @@ const QUIET: &[&str] = &[
 ];
 
 /// The filter for `level` with the [`QUIET`] crates held at `warn` unless named by `level`.
+/// Only a default level more verbose than `warn` is capped; a quieter one (or none, which
+/// means off) already keeps them quiet.
 fn filter_spec(level: &str) -> String {
-    let named: Vec<&str> = level
-        .split(',')
+    let directives: Vec<&str> = level.split(',').map(str::trim).collect();
+    let verbose_default = directives.iter().any(|d| {
+        ["info", "debug", "trace"]
+            .iter()
+            .any(|l| d.eq_ignore_ascii_case(l))
+    });
+    if !verbose_default {
+        return level.trim().to_string();
+    }
+    let named: Vec<&str> = directives
+        .iter()
         .filter_map(|d| {
             let target = d.split(['=', '[']).next()?.trim();
             (d.contains('=') || d.contains('[')).then_some(target)
@@ -76,6 +87,9 @@ mod tests {
         assert!(spec.contains(",reqwest=warn"), "{spec}");
         // A level alone names no crate.
         assert!(filter_spec("debug").contains("gcloud=warn"));
+        // Quieter defaults are left alone: they never raise those crates to warn.
+        assert_eq!(filter_spec("error"), "error");
+        assert_eq!(filter_spec("bucketfs=debug"), "bucketfs=debug");
         for spec in ["info", "bucketfs=debug", "warn,aws_config=info"] {
             EnvFilter::try_new(filter_spec(spec)).unwrap();
         }
