@@ -106,8 +106,8 @@ struct Metrics {
 
 impl Metrics {
     fn new() -> Metrics {
-        let mut r = Registry::with_prefix("bucketfs");
-        let m = Metrics {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("bucketfs"),
             fuse_requests: Family::default(),
             fuse_errors: Family::default(),
             fuse_latency: Family::new_with_constructor(latency_histogram),
@@ -134,8 +134,8 @@ impl Metrics {
             lock_acquisitions: Counter::default(),
             lock_refusals: Counter::default(),
             locks_lost: Counter::default(),
-            registry: Registry::default(),
         };
+        let r = &mut m.registry;
         r.register(
             "fuse_requests",
             "Kernel requests answered, by operation",
@@ -266,7 +266,7 @@ impl Metrics {
         info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
             .set(1);
         r.register("build_info", "The bucketfs version running", info);
-        Metrics { registry: r, ..m }
+        m
     }
 }
 

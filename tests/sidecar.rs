@@ -254,7 +254,12 @@ fn metrics_parse_and_move_after_reads_and_writes() {
     grew("bucketfs_commits_total{result=\"ok\"}", 1.0);
     assert!(after.value("bucketfs_memory_budget_bytes") > 0.0);
     assert!(after.value("bucketfs_cache_bytes{tier=\"memory\"}") > 0.0);
-    assert_eq!(after.value("bucketfs_files_open_for_write"), 0.0);
+    // The kernel sends the release after close(2) returns: the handle goes away soon after.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Scrape::take(&addr).value("bucketfs_files_open_for_write") != 0.0 {
+        assert!(Instant::now() < deadline, "a write handle stays open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         after.value(&format!(
             "bucketfs_build_info{{version=\"{}\"}}",
@@ -332,16 +337,16 @@ fn sigterm_during_a_large_write_commits_it_and_exits_0() {
 fn sigterm_commits_a_file_still_held_open_and_exits_0() {
     const WRITTEN: usize = 40 * MIB;
     let b = Backend::s3();
-    let (mut m, _addr) = mount_with_http(&b, &["--shutdown-timeout", "6s"]);
+    let (mut m, _addr) = mount_with_http(&b, &["--shutdown-timeout", "20s"]);
     let mut f = File::create(m.path("held.bin")).unwrap();
     let (tx, _rx) = std::sync::mpsc::channel();
     write_chunks(&mut f, WRITTEN, 0, tx);
     let signalled = Instant::now();
     m.signal(libc::SIGTERM);
-    let exit = m.wait_exit(Duration::from_secs(15)).expect("exits");
+    let exit = m.wait_exit(Duration::from_secs(30)).expect("exits");
     assert!(exit.success(), "{exit}:\n{}", m.log());
     assert!(
-        signalled.elapsed() < Duration::from_secs(9),
+        signalled.elapsed() < Duration::from_secs(21),
         "{:?}",
         signalled.elapsed()
     );

@@ -276,6 +276,10 @@ impl Drop for Mounted {
         if self.child.try_wait().ok().flatten().is_none() {
             self.stop();
         }
+        if std::thread::panicking() {
+            // The test failed: the daemon's log usually says why.
+            eprintln!("bucketfs log of {}:\n{}", self.dir.display(), self.log());
+        }
         if is_mounted(&self.dir) {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
