@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Source, parse_duration, parse_mode, parse_size};
+use crate::config::{Source, parse_duration, parse_lock_prefix, parse_mode, parse_size};
 use crate::fs::{Fs, FsConfig};
+use crate::lock::{CheckError, LockConfig};
 use crate::logging::LogFormat;
 use crate::read::ReadConfig;
 use crate::store::gcs::GcsOptions;
@@ -48,6 +49,93 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Show or clear the write locks that keep replicas from writing one path at once.
+    Locks {
+        #[command(subcommand)]
+        command: LocksCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LocksCommand {
+    /// List the write locks of paths under SOURCE: path, holder, age (since its last renewal),
+    /// expiry (by the store's clock) and fencing token.
+    List {
+        /// s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///PATH.
+        #[arg(env = "BUCKETFS_SOURCE")]
+        source: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        prefix: LockPrefixArg,
+    },
+    /// Delete the write lock of PATH (relative to SOURCE), whoever holds it. A holder that is
+    /// still alive finds out at its next renewal or commit and fails that write with EIO.
+    Break {
+        /// s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///PATH.
+        #[arg(env = "BUCKETFS_SOURCE")]
+        source: String,
+        /// The locked file, as a mount of SOURCE shows it (e.g. runs/7/ckpt.pt).
+        path: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        prefix: LockPrefixArg,
+    },
+}
+
+/// Where lock objects live (shared by `mount` and `locks`).
+#[derive(Args, Debug, Clone)]
+pub struct LockPrefixArg {
+    /// Key prefix of the lock objects, from the bucket root; hidden from listings. Every replica
+    /// writing a bucket must use the same one.
+    #[arg(long, env = "BUCKETFS_LOCK_PREFIX", default_value = crate::lock::DEFAULT_PREFIX, value_parser = parse_lock_prefix)]
+    pub lock_prefix: String,
+}
+
+/// The write-lock options of `mount` (see `lock/`).
+#[derive(Args, Debug, Clone)]
+pub struct LockArgs {
+    /// How long a write waits for a path that another replica is writing before it fails with
+    /// EBUSY (0: fail at once).
+    #[arg(long, env = "BUCKETFS_LOCK_WAIT", default_value = "0s", value_parser = parse_duration)]
+    pub lock_wait: Duration,
+    /// Lease of a write lock (at least 2s). Renewed every third of it, so 30s rides out a store
+    /// outage of about 20s; a replica that dies keeps its paths locked for at most this (+1s).
+    #[arg(long, env = "BUCKETFS_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// This replica's name in lock objects and log lines (default: $POD_NAME, else $HOSTNAME,
+    /// else the host name, then ":" and the process id).
+    #[arg(long, env = "BUCKETFS_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    #[command(flatten)]
+    pub prefix: LockPrefixArg,
+    /// Write without write locks: nothing then stops two replicas from writing one path at once.
+    /// Only for a bucket that one replica writes, or a store that does not enforce conditional
+    /// writes (a writable mount of one is refused otherwise).
+    #[arg(long, env = "BUCKETFS_NO_LOCKS")]
+    pub no_locks: bool,
+}
+
+impl LockArgs {
+    fn config(&self, writable: bool) -> Result<LockConfig, Failure> {
+        if self.lease < crate::lock::MIN_LEASE {
+            return Err(Failure::new(
+                2,
+                "--lease must be at least 2s (the store's clock counts whole seconds)",
+            ));
+        }
+        Ok(LockConfig {
+            prefix: self.prefix.lock_prefix.clone(),
+            enabled: writable && !self.no_locks,
+            lease: self.lease,
+            wait: self.lock_wait,
+            replica: self
+                .replica_id
+                .clone()
+                .unwrap_or_else(crate::lock::default_replica_id),
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -171,6 +259,8 @@ pub struct MountArgs {
     /// Bytes per uploaded part when writing (at least 5MiB; S3 allows 10,000 parts per object).
     #[arg(long, env = "BUCKETFS_WRITE_PART_SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub write_part_size: u64,
+    #[command(flatten)]
+    pub locks: LockArgs,
     /// Log level or filter (error, warn, info, debug, trace, or e.g. "bucketfs=debug"). The
     /// cloud SDK and HTTP crates stay at warn unless named (their debug logs hold signatures).
     #[arg(long, env = "BUCKETFS_LOG_LEVEL", default_value = "info")]
@@ -210,6 +300,7 @@ pub fn main() -> ExitCode {
         Command::Mount(args) => run_mount(args),
         Command::Warm(args) => run_warm(args),
         Command::Cache { command } => run_cache(command),
+        Command::Locks { command } => run_locks(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -540,6 +631,14 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
         ));
     }
     let store = rt.block_on(open_store(&source, &args.store))?;
+    let locks = args.locks.config(!args.read_only)?;
+    if locks.enabled {
+        rt.block_on(check_locking(&store, &locks.prefix))?;
+    } else if !args.read_only {
+        tracing::warn!(
+            "write locks are off (--no-locks): two replicas writing one path can overwrite each other"
+        );
+    }
     let staging_dir = cache_dir(args.cache_dir.as_deref()).join("staging");
     if !args.read_only {
         std::fs::create_dir_all(&staging_dir).map_err(|e| {
@@ -580,6 +679,7 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
             source: args.source.clone(),
             disk_cache: open_disk_cache(args.cache_dir.as_deref(), &args.cache_max_size)?,
             passthrough: !args.no_passthrough,
+            locks,
         },
     )
     .map_err(|m| Failure::new(2, m))?;
@@ -600,6 +700,87 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
     // Do not wait on work that can no longer matter (a stat of a mount that went away).
     rt.shutdown_timeout(Duration::from_secs(1));
     served
+}
+
+/// Refuses a writable mount of a store that does not enforce the conditional writes the write
+/// locks rest on (see [`crate::lock::check_store`]).
+async fn check_locking(store: &DynStore, prefix: &str) -> Result<(), Failure> {
+    match crate::lock::check_store(store, prefix).await {
+        Ok(check) => {
+            if !check.conditional_delete {
+                tracing::warn!(
+                    "this store ignores conditions on deletes: releasing a write lock is not \
+                     conditional here (a lock broken and re-taken by another replica at that very \
+                     moment could be deleted)"
+                );
+            }
+            Ok(())
+        }
+        Err(CheckError::NotEnforced(why)) => Err(Failure::new(
+            3,
+            format!(
+                "{} does not enforce conditional writes ({why}), so write locks cannot keep \
+                 two replicas from writing one path at once; mount with --read-only, or with \
+                 --no-locks if a single replica writes this bucket",
+                store.describe()
+            ),
+        )),
+        Err(CheckError::Store(e)) => Err(store_failure(e)),
+    }
+}
+
+/// `bucketfs locks list|break`.
+fn run_locks(command: LocksCommand) -> Result<(), Failure> {
+    let rt = runtime()?;
+    let (source, store_args, prefix) = match &command {
+        LocksCommand::List {
+            source,
+            store,
+            prefix,
+        }
+        | LocksCommand::Break {
+            source,
+            store,
+            prefix,
+            ..
+        } => (source, store, &prefix.lock_prefix),
+    };
+    let source = Source::parse(source).map_err(|m| Failure::new(2, m))?;
+    let store = rt.block_on(open_store(&source, store_args))?;
+    let space = crate::lock::LockSpace::new(store, prefix);
+    match command {
+        LocksCommand::List { .. } => {
+            let locks = rt
+                .block_on(crate::lock::admin::list(&space, source.prefix()))
+                .map_err(store_failure)?;
+            print!("{}", crate::lock::admin::table(&locks, source.prefix()));
+        }
+        LocksCommand::Break { path, .. } => {
+            let rel = path.trim_matches('/');
+            if rel.is_empty() {
+                return Err(Failure::new(2, "PATH names no file"));
+            }
+            let key = format!("{}{rel}", source.prefix());
+            match rt
+                .block_on(crate::lock::admin::break_lock(&space, &key))
+                .map_err(store_failure)?
+            {
+                None => println!("{rel} is not locked"),
+                Some(seen) if seen.expired() => {
+                    println!(
+                        "removed the lock of {rel}, held by {} (its lease had run out)",
+                        seen.holder()
+                    );
+                }
+                Some(seen) => println!(
+                    "broke the lock of {rel}, held by {}: its lease was alive, so its next \
+                     commit fails with EIO",
+                    seen.holder()
+                ),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `--max-memory`, or its default from the container's memory limit (see `cgroup`).

@@ -97,6 +97,16 @@ fn normalize_prefix(prefix: &str) -> Result<String, String> {
     Ok(format!("{trimmed}/"))
 }
 
+/// Parses `--lock-prefix`: a key prefix from the bucket root, not empty, normalised to end with
+/// `/`.
+pub fn parse_lock_prefix(s: &str) -> Result<String, String> {
+    let prefix = normalize_prefix(s.trim_start_matches('/'))?;
+    if prefix.is_empty() {
+        return Err("the lock prefix cannot be the bucket root".to_string());
+    }
+    Ok(prefix)
+}
+
 /// Parses durations such as `500ms`, `5s`, `2m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -207,6 +217,18 @@ mod tests {
                 .unwrap_err()
                 .contains("gs://BUCKET")
         );
+    }
+
+    #[test]
+    fn parses_lock_prefixes() {
+        assert_eq!(
+            parse_lock_prefix(".bucketfs/locks").unwrap(),
+            ".bucketfs/locks/"
+        );
+        assert_eq!(parse_lock_prefix("/team/locks/").unwrap(), "team/locks/");
+        for bad in ["", "/", "a//b", "../x"] {
+            assert!(parse_lock_prefix(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //! - [`fuse`] is the only module that knows `fuser`.
 //! - [`fs`] holds the semantics; [`meta`] decides what a key is and which keys can be names.
 //! - [`read`] reads object versions; [`write`] stages and commits writes; [`cache`] keeps blocks.
+//! - [`lock`] keeps one writer per path across replicas, with lease objects in the bucket.
 //! - [`store`] is the only door to a bucket.
 //! - [`http`] serves `/healthz`, `/readyz` and `/metrics` for the sidecar; [`metrics`] names every
 //!   metric and is how the other modules report; [`cgroup`] reads the container's memory limit;
@@ -35,6 +36,7 @@ pub mod config;
 pub mod fs;
 pub mod fuse;
 pub mod http;
+pub mod lock;
 pub mod logging;
 pub mod meta;
 pub mod metrics;

@@ -212,6 +212,12 @@ fn help_documents_every_option() {
         "BUCKETFS_METADATA_TTL",
         "BUCKETFS_ANONYMOUS",
         "gs://BUCKET",
+        "--lock-wait",
+        "--lease",
+        "--replica-id",
+        "--lock-prefix",
+        "--no-locks",
+        "BUCKETFS_LEASE",
     ] {
         assert!(out.contains(opt), "--help lacks {opt}:\n{out}");
     }

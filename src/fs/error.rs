@@ -1,5 +1,6 @@
 //! The one place where errors become errnos (and log levels).
 
+use crate::lock::LockError;
 use crate::store::StoreError;
 
 #[derive(thiserror::Error, Debug)]
@@ -30,6 +31,8 @@ pub enum FsError {
     Write(#[from] crate::write::WriteError),
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Lock(#[from] LockError),
 }
 
 impl FsError {
@@ -46,7 +49,10 @@ impl FsError {
             FsError::NotEmpty => libc::ENOTEMPTY,
             FsError::InvalidName => libc::EINVAL,
             FsError::Write(e) => e.errno(),
-            FsError::Store(e) => match e {
+            // Another replica writes this path.
+            FsError::Lock(LockError::Busy { .. }) => libc::EBUSY,
+            FsError::Lock(LockError::Lost { .. }) => libc::EIO,
+            FsError::Store(e) | FsError::Lock(LockError::Store(e)) => match e {
                 StoreError::NotFound(_) => libc::ENOENT,
                 StoreError::PreconditionFailed(_) => libc::ESTALE,
                 StoreError::Unauthorized(_) => libc::EACCES,
@@ -65,6 +71,8 @@ impl FsError {
         match self {
             FsError::Store(e) => !matches!(e, StoreError::NotFound(_)),
             FsError::Write(_) => true,
+            // A refusal is an answer (and the lock module logs its holder).
+            FsError::Lock(e) => !matches!(e, LockError::Busy { .. }),
             _ => false,
         }
     }

@@ -129,7 +129,9 @@ impl Fs {
 
     /// Step 4: gives back every write lock this mount holds.
     async fn release_locks(&self) {
-        // RELEASE ALL LOCKS: the write-lock protocol (`lock/`) hooks in here.
+        if let Some(locks) = self.write.as_ref().and_then(|w| w.locks.as_ref()) {
+            locks.release_all().await;
+        }
     }
 }
 
@@ -163,6 +165,7 @@ mod tests {
             source: "mem://b".into(),
             disk_cache: None,
             passthrough: false,
+            locks: crate::lock::LockConfig::default(),
         };
         let fs = Fs::new(mem.clone(), cfg).unwrap();
         (mem, fs, dir)

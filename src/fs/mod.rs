@@ -50,6 +50,9 @@ pub struct FsConfig {
     pub disk_cache: Option<Arc<crate::cache::disk::DiskCache>>,
     /// Hand fully cached objects to the kernel (FUSE passthrough) when it allows.
     pub passthrough: bool,
+    /// Write locks: where lock objects live (hidden from the listings of every mount) and, on a
+    /// writable mount, whether and how writes take them.
+    pub locks: crate::lock::LockConfig,
 }
 
 /// Attributes of an inode, as the kernel sees them.
@@ -149,10 +152,19 @@ impl Fs {
                 budget,
                 journal: Journal::new(&w.staging_dir, &cfg.source),
                 cfg: w.clone(),
+                locks: cfg
+                    .locks
+                    .enabled
+                    .then(|| crate::lock::Locks::new(store.clone(), &cfg.locks)),
             })),
             _ => None,
         };
-        let meta = Meta::new(store.clone(), cfg.metadata_ttl, cfg.prefix.is_empty());
+        let meta = Meta::new(
+            store.clone(),
+            cfg.metadata_ttl,
+            cfg.prefix.is_empty(),
+            &cfg.locks.prefix,
+        );
         let mut table = InodeTable {
             next: ROOT_INO + 1,
             ..Default::default()
@@ -412,10 +424,13 @@ impl Fs {
                 crate::metrics::upload_lost();
                 w.discard().await;
             }
-            let mut writing = self.writing.lock().unwrap();
-            if writing.get(&ino).is_some_and(|x| Arc::ptr_eq(x, &w)) {
-                writing.remove(&ino);
+            {
+                let mut writing = self.writing.lock().unwrap();
+                if writing.get(&ino).is_some_and(|x| Arc::ptr_eq(x, &w)) {
+                    writing.remove(&ino);
+                }
             }
+            w.release_lock().await;
         }
     }
 
@@ -506,6 +521,7 @@ mod tests {
             source: "mem://b".into(),
             disk_cache: None,
             passthrough: false,
+            locks: crate::lock::LockConfig::default(),
         }
     }
 

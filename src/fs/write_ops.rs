@@ -6,6 +6,13 @@
 //! A directory is renamed object by object, which is **not atomic**: another client can see
 //! both names, or a half-moved directory, while it runs, and a crash in the middle leaves the
 //! objects split between the two names (nothing is lost: every object exists under one of them).
+//!
+//! Write locks (`lock/`): every operation that changes a file holds the lock of its full object
+//! key while it acts: a handle open for writing (create, open for write, truncate) from open to
+//! release, `unlink` for the delete, `rename` for both names, and a directory rename for every
+//! object it moves and every new name, all taken before anything moves. A lock held by another
+//! replica fails the operation with `EBUSY` (after `--lock-wait`). `mkdir` and `rmdir` take none:
+//! they only create or delete empty directory markers, conditionally.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -13,6 +20,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 
 use super::{Attr, Fs, FsError, FsResult, Handle, Opened};
+use crate::lock::Held;
 use crate::meta::{Kind, Stat, check_name};
 use crate::store::{Precondition, StoreError, Version};
 use crate::write::{WriteContext, WriteHandle};
@@ -23,6 +31,31 @@ impl Fs {
             return Err(FsError::ShuttingDown);
         }
         self.write.as_ref().ok_or(FsError::ReadOnly)
+    }
+
+    /// Holds the write lock of the object `key`; `None` with locking off.
+    async fn lock_key(&self, key: &str) -> FsResult<Option<Held>> {
+        match self.write_ctx()?.locks.clone() {
+            Some(locks) => Ok(Some(locks.acquire(key).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Holds the write locks of all `keys`, or of none. Taken in key order, so that two mounts
+    /// waiting (`--lock-wait`) for the same keys never wait for each other in a circle.
+    async fn lock_keys(&self, keys: impl IntoIterator<Item = String>) -> FsResult<Vec<Held>> {
+        let keys: std::collections::BTreeSet<String> = keys.into_iter().collect();
+        let mut held = Vec::with_capacity(keys.len());
+        for key in keys {
+            match self.lock_key(&key).await {
+                Ok(h) => held.extend(h),
+                Err(e) => {
+                    release(held).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(held)
     }
 
     /// The key a new entry `name` in directory `parent` would have, refusing names the bucket
@@ -62,12 +95,18 @@ impl Fs {
     pub async fn create(&self, parent: u64, name: &str, pid: u32) -> FsResult<(Attr, u64)> {
         let ctx = self.write_ctx()?.clone();
         let path_key = self.child_path(parent, name)?;
+        let lock = self.lock_key(&path_key).await?;
+        if lock.is_some() {
+            // The previous holder may have committed since this mount last looked.
+            self.meta.invalidate(&path_key);
+        }
         let base = match self.meta.resolve(&path_key).await? {
             Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
             Some(s) => s.version,
             None => None,
         };
-        let handle = Arc::new(WriteHandle::open(ctx, path_key.clone(), base, None).await?);
+        let handle = WriteHandle::open(ctx, path_key.clone(), base, None, lock).await?;
+        let handle = Arc::new(handle);
         let stat = Stat {
             kind: Kind::File,
             size: 0,
@@ -86,6 +125,7 @@ impl Fs {
         if kind == Kind::Dir {
             return Err(FsError::IsDir);
         }
+        let lock = self.lock_key(&key).await?;
         // A file created here and not yet committed has no object: it starts empty.
         let current = match self.meta.refresh_file(&key).await? {
             Some(s) if s.kind == Kind::File => s.version.map(|v| (v, s.size)),
@@ -94,7 +134,7 @@ impl Fs {
         };
         let base = current.as_ref().map(|(v, _)| v.clone());
         let existing = if truncate { None } else { current };
-        let handle = Arc::new(WriteHandle::open(ctx, key, base, existing).await?);
+        let handle = Arc::new(WriteHandle::open(ctx, key, base, existing, lock).await?);
         if truncate {
             self.update_inode(ino, |i| {
                 i.stat.size = 0;
@@ -213,7 +253,10 @@ impl Fs {
             Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
             Some(_) => {}
         }
-        self.store.delete(&path_key, Precondition::None).await?;
+        let lock = self.lock_key(&path_key).await?;
+        let deleted = self.store.delete(&path_key, Precondition::None).await;
+        release(lock).await;
+        deleted?;
         self.meta.invalidate(&path_key);
         self.forget_name(parent, name);
         Ok(())
@@ -286,58 +329,67 @@ impl Fs {
         if src == dst {
             return Ok(());
         }
-        // A file renamed while open for writing (temp-file-then-rename savers do this) is
-        // committed first, so there is an object to move; the handle then follows the new name.
-        let open_writer = self.open_writer_of(parent, name);
-        if let Some((w, ino)) = &open_writer {
-            self.commit_handle(w, *ino).await?;
-        }
-        let src_stat = self
-            .meta
-            .refresh_file(&src)
-            .await?
-            .ok_or(FsError::NotFound)?;
-        let dst_stat = self.meta.refresh_file(&dst).await?;
-        if no_replace && dst_stat.is_some() {
-            return Err(FsError::Exists);
-        }
-        match src_stat.kind {
-            Kind::File => {
-                let pre = match &dst_stat {
-                    None => Precondition::IfAbsent,
-                    Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
-                    Some(s) => {
-                        Precondition::IfVersion(s.version.clone().unwrap_or(Version(String::new())))
-                    }
-                };
-                let moved = self.store.copy(&src, &dst, pre).await?;
-                if let Some((w, _)) = &open_writer {
-                    w.rekey(dst.clone(), moved).await;
-                }
-                let src_pre = match &src_stat.version {
-                    Some(v) => Precondition::IfVersion(v.clone()),
-                    None => Precondition::None,
-                };
-                self.store.delete(&src, src_pre).await?;
+        let locks = self.lock_keys([src.clone(), dst.clone()]).await?;
+        let dst_lock = locks.iter().find(|h| h.key() == dst);
+        let result = async {
+            // A file renamed while open for writing (temp-file-then-rename savers do this) is
+            // committed first, so there is an object to move; the handle then follows the new
+            // name.
+            let open_writer = self.open_writer_of(parent, name);
+            if let Some((w, ino)) = &open_writer {
+                self.commit_handle(w, *ino).await?;
             }
-            Kind::Dir => {
-                if let Some(d) = &dst_stat {
-                    if d.kind == Kind::File {
-                        return Err(FsError::NotDir);
-                    }
-                    let probe = self.store.list(&format!("{dst}/"), None, None, 2).await?;
-                    if probe.objects.iter().any(|o| o.key != format!("{dst}/")) {
-                        return Err(FsError::NotEmpty);
-                    }
-                }
-                self.rename_dir(&format!("{src}/"), &format!("{dst}/"))
-                    .await?;
+            let src_stat = self
+                .meta
+                .refresh_file(&src)
+                .await?
+                .ok_or(FsError::NotFound)?;
+            let dst_stat = self.meta.refresh_file(&dst).await?;
+            if no_replace && dst_stat.is_some() {
+                return Err(FsError::Exists);
             }
+            match src_stat.kind {
+                Kind::File => {
+                    let pre = match &dst_stat {
+                        None => Precondition::IfAbsent,
+                        Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
+                        Some(s) => Precondition::IfVersion(
+                            s.version.clone().unwrap_or(Version(String::new())),
+                        ),
+                    };
+                    let moved = self.store.copy(&src, &dst, pre).await?;
+                    if let Some((w, _)) = &open_writer {
+                        let old = w.rekey(dst.clone(), moved, dst_lock.map(Held::share)).await;
+                        release(old).await;
+                    }
+                    let src_pre = match &src_stat.version {
+                        Some(v) => Precondition::IfVersion(v.clone()),
+                        None => Precondition::None,
+                    };
+                    self.store.delete(&src, src_pre).await?;
+                }
+                Kind::Dir => {
+                    if let Some(d) = &dst_stat {
+                        if d.kind == Kind::File {
+                            return Err(FsError::NotDir);
+                        }
+                        let probe = self.store.list(&format!("{dst}/"), None, None, 2).await?;
+                        if probe.objects.iter().any(|o| o.key != format!("{dst}/")) {
+                            return Err(FsError::NotEmpty);
+                        }
+                    }
+                    self.rename_dir(&format!("{src}/"), &format!("{dst}/"))
+                        .await?;
+                }
+            }
+            self.meta.invalidate(&src);
+            self.meta.invalidate(&dst);
+            self.move_inode(parent, name, new_parent, new_name, &src, &dst);
+            Ok(())
         }
-        self.meta.invalidate(&src);
-        self.meta.invalidate(&dst);
-        self.move_inode(parent, name, new_parent, new_name, &src, &dst);
-        Ok(())
+        .await;
+        release(locks).await;
+        result
     }
 
     /// Moves every object under `src` (a prefix ending in `/`) to `dst`, one by one.
@@ -360,6 +412,23 @@ impl Fs {
                 .await?;
             return Ok(());
         }
+        let files = keys.iter().map(|(k, _)| k).filter(|k| !k.ends_with('/'));
+        let locks = self
+            .lock_keys(files.flat_map(|k| [k.clone(), format!("{dst}{}", &k[src.len()..])]))
+            .await?;
+        let moved = self.move_objects(src, dst, keys).await;
+        release(locks).await;
+        moved
+    }
+
+    /// The moves of `rename_dir`: every object of `keys` from `src` to `dst`, then the old
+    /// directory markers.
+    async fn move_objects(
+        &self,
+        src: &str,
+        dst: &str,
+        keys: Vec<(String, Version)>,
+    ) -> FsResult<()> {
         // Every directory level seen under `src`: their (possibly implicit) markers go last,
         // deepest first, so nothing of the old name is left behind.
         let mut dirs = std::collections::BTreeSet::new();
@@ -417,6 +486,13 @@ impl Fs {
                 i.key = format!("{dst_dir}{rest}");
             }
         }
+    }
+}
+
+/// Gives write locks back (`Held`, `Option<Held>` or a `Vec` of them).
+async fn release(locks: impl IntoIterator<Item = Held>) {
+    for held in locks {
+        held.release().await;
     }
 }
 

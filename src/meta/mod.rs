@@ -15,7 +15,8 @@
 //! - a segment over 255 bytes: skipped (the kernel could not look it up);
 //! - an object `a` next to a prefix `a/` (a file and a directory of one name): the **directory
 //!   shadows the file**; the file is not shown, and a warning names it;
-//! - `.bucketfs` at the bucket root: reserved for bucketfs' own objects (lock leases), never shown.
+//! - `.bucketfs` at the bucket root: reserved for bucketfs' own objects (lock leases), never shown;
+//!   nor is the directory of lock objects when `--lock-prefix` puts it elsewhere.
 //!
 //! ## Cache
 //! `lookup` asks the store (a HEAD of `key` and a one-key LIST of `key/`, at once) and keeps the
@@ -100,10 +101,17 @@ pub struct Meta {
     warned: moka::sync::Cache<String, ()>,
     /// Whether the mount's root is the bucket root (where [`RESERVED_ROOT_NAME`] is hidden).
     at_bucket_root: bool,
+    /// Where write-lock objects live (full key ending with `/`): hidden wherever it is.
+    lock_prefix: String,
 }
 
 impl Meta {
-    pub fn new(store: DynStore, ttl: Duration, at_bucket_root: bool) -> Arc<Meta> {
+    pub fn new(
+        store: DynStore,
+        ttl: Duration,
+        at_bucket_root: bool,
+        lock_prefix: &str,
+    ) -> Arc<Meta> {
         let cache = (!ttl.is_zero()).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
@@ -115,6 +123,7 @@ impl Meta {
             cache,
             warned: moka::sync::Cache::new(10_000),
             at_bucket_root,
+            lock_prefix: lock_prefix.to_string(),
         })
     }
 
@@ -127,7 +136,12 @@ impl Meta {
 
     /// Whether `name` in the directory `dir_key` is hidden by the reserved-name rule.
     pub fn is_reserved(&self, dir_key: &str, name: &str) -> bool {
-        self.at_bucket_root && dir_key.is_empty() && name == RESERVED_ROOT_NAME
+        let lock_dir = self
+            .lock_prefix
+            .strip_prefix(dir_key)
+            .and_then(|rest| rest.strip_suffix('/'));
+        (self.at_bucket_root && dir_key.is_empty() && name == RESERVED_ROOT_NAME)
+            || lock_dir == Some(name)
     }
 
     /// Forgets what is known about `path_key`, e.g. after this mount changed it.
@@ -257,6 +271,8 @@ mod tests {
     use crate::store::{ObjectStore, Precondition};
     use bytes::Bytes;
 
+    const LOCKS: &str = crate::lock::DEFAULT_PREFIX;
+
     async fn store_with(keys: &[&str]) -> Arc<MemStore> {
         let s = Arc::new(MemStore::new("b"));
         for k in keys {
@@ -277,7 +293,7 @@ mod tests {
     #[tokio::test]
     async fn lists_files_implicit_dirs_and_markers() {
         let s = store_with(&["a.txt", "d/x", "m/", "d/y/z"]).await;
-        let meta = Meta::new(s, Duration::from_secs(60), true);
+        let meta = Meta::new(s, Duration::from_secs(60), true, LOCKS);
         let root = meta.list_dir("").await.unwrap();
         assert_eq!(
             names(&root),
@@ -306,7 +322,7 @@ mod tests {
             ".bucketfs/locks/x",
         ])
         .await;
-        let meta = Meta::new(s.clone(), Duration::from_secs(60), true);
+        let meta = Meta::new(s.clone(), Duration::from_secs(60), true, LOCKS);
         assert_eq!(
             names(&meta.list_dir("a/").await.unwrap()),
             vec![("ok", Kind::File)]
@@ -329,7 +345,7 @@ mod tests {
     #[tokio::test]
     async fn reserved_name_is_shown_below_the_bucket_root() {
         let s = store_with(&["p/.bucketfs"]).await;
-        let meta = Meta::new(s, Duration::from_secs(60), false);
+        let meta = Meta::new(s, Duration::from_secs(60), false, LOCKS);
         assert_eq!(
             names(&meta.list_dir("p/").await.unwrap()),
             vec![(".bucketfs", Kind::File)]
@@ -337,9 +353,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lock_prefix_elsewhere_is_hidden_too() {
+        let s = store_with(&["a/locks/x", "a/locksmith", "a/b", "locks"]).await;
+        let meta = Meta::new(s, Duration::from_secs(60), true, "a/locks/");
+        assert_eq!(
+            names(&meta.list_dir("a/").await.unwrap()),
+            vec![("b", Kind::File), ("locksmith", Kind::File)]
+        );
+        assert_eq!(names(&meta.list_dir("").await.unwrap()).len(), 2);
+        assert!(meta.is_reserved("a/", "locks") && !meta.is_reserved("", "locks"));
+    }
+
+    #[tokio::test]
     async fn caches_positive_and_negative_answers_until_invalidated() {
         let s = store_with(&["f"]).await;
-        let meta = Meta::new(s.clone(), Duration::from_secs(60), true);
+        let meta = Meta::new(s.clone(), Duration::from_secs(60), true, LOCKS);
         assert_eq!(meta.resolve("f").await.unwrap().unwrap().kind, Kind::File);
         assert_eq!(meta.resolve("missing").await.unwrap(), None);
         let heads = s.calls(Op::Head);
@@ -356,7 +384,7 @@ mod tests {
     #[tokio::test]
     async fn zero_ttl_disables_caching() {
         let s = store_with(&["f"]).await;
-        let meta = Meta::new(s.clone(), Duration::ZERO, true);
+        let meta = Meta::new(s.clone(), Duration::ZERO, true, LOCKS);
         meta.resolve("f").await.unwrap();
         meta.resolve("f").await.unwrap();
         assert_eq!(s.calls(Op::Head), 2);

@@ -62,6 +62,8 @@ struct State {
     /// Scripted faults per operation: (fault, remaining count).
     faults: HashMap<Op, Vec<(Fault, usize)>>,
     calls: HashMap<Op, u64>,
+    /// Write preconditions are not checked (a server without conditional writes).
+    careless: bool,
 }
 
 #[derive(Debug)]
@@ -94,6 +96,12 @@ impl MemStore {
     pub fn inject(&self, op: Op, fault: Fault, times: usize) {
         let mut st = self.state.lock().unwrap();
         st.faults.entry(op).or_default().push((fault, times));
+    }
+
+    /// Stops checking write preconditions (`true`), like a server that does not implement
+    /// conditional writes, or starts again (`false`).
+    pub fn ignore_preconditions(&self, ignore: bool) {
+        self.state.lock().unwrap().careless = ignore;
     }
 
     /// Removes every queued fault.
@@ -150,6 +158,9 @@ impl MemStore {
     }
 
     fn check(st: &State, key: &str, pre: &Precondition) -> StoreResult<()> {
+        if st.careless {
+            return Ok(());
+        }
         let current = st.objects.get(key);
         let ok = match pre {
             Precondition::None => true,

@@ -24,11 +24,19 @@
 //! then readers see the previous version. Any failure aborts the upload (no partial object, no
 //! orphan upload) and the writer gets `EIO` from `close`/`fsync`, with a log line naming the path.
 //!
+//! ## Write locks
+//! With locking on, a handle holds its path's write lock (see `lock/`) from open to release. Once
+//! the lease is lost, writes fail with `EIO`, the upload in progress is aborted and the handle
+//! never commits. Every commit is fenced: right before the request that makes the object appear
+//! (`put` or `complete_upload`), the lease is renewed at the store, and that request gets only
+//! the time the lease has left.
+//!
 //! ## Crashes
 //! Uploads in progress are listed in a journal file per process in the staging directory; a
 //! mount that starts finds the journals of dead processes and aborts their uploads.
 
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -38,6 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
+use crate::lock::{Held, LockError, Locks};
 use crate::read::budget::MemoryBudget;
 use crate::store::{DynStore, Part, Precondition, StoreError, StoreResult, Upload, Version};
 
@@ -64,6 +73,8 @@ pub enum WriteError {
     Store(#[from] StoreError),
     #[error("the handle failed earlier; nothing will be committed")]
     Failed,
+    #[error("{0}")]
+    Lock(#[from] LockError),
     #[error("the mount is shutting down; this file takes no more changes")]
     Sealed,
 }
@@ -77,6 +88,8 @@ impl WriteError {
                 _ => libc::EIO,
             },
             WriteError::Store(_) | WriteError::Failed => libc::EIO,
+            WriteError::Lock(LockError::Busy { .. }) => libc::EBUSY,
+            WriteError::Lock(_) => libc::EIO,
             WriteError::Sealed => libc::EROFS,
         }
     }
@@ -109,6 +122,8 @@ struct State {
     failed: bool,
     /// The mount is shutting down and committed this handle: it takes no more changes.
     sealed: bool,
+    /// The path's write lock (`None` with locking off).
+    lock: Option<Held>,
 }
 
 /// Everything write handles share.
@@ -117,6 +132,8 @@ pub struct WriteContext {
     pub budget: Arc<MemoryBudget>,
     pub cfg: WriteConfig,
     pub journal: Journal,
+    /// The write-lock manager; `None` with locking off (`--no-locks`).
+    pub locks: Option<Arc<Locks>>,
 }
 
 pub struct WriteHandle {
@@ -137,12 +154,14 @@ pub struct Committed {
 
 impl WriteHandle {
     /// A handle for `key`. `existing` is the current object (its version and size) when the file
-    /// is opened without truncation: its bytes are copied into the staging file first.
+    /// is opened without truncation: its bytes are copied into the staging file first. `lock`
+    /// is the path's write lock, held until [`WriteHandle::release_lock`].
     pub async fn open(
         ctx: Arc<WriteContext>,
         key: String,
         base: Option<Version>,
         existing: Option<(Version, u64)>,
+        lock: Option<Held>,
     ) -> Result<WriteHandle, WriteError> {
         let file = Arc::new(staging_file(&ctx.cfg.staging_dir)?);
         let mut size = 0;
@@ -165,6 +184,7 @@ impl WriteHandle {
                 stream_broken: !fresh,
                 failed: false,
                 sealed: false,
+                lock,
             }),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_PART_UPLOADS)),
         })
@@ -186,11 +206,31 @@ impl WriteHandle {
     }
 
     /// Points a committed handle at a new key (its file was renamed while open): later changes
-    /// publish there, replacing `base`.
-    pub async fn rekey(&self, key: String, base: Version) {
+    /// publish there, replacing `base`, under `lock` (the new key's). Returns the old key's lock.
+    pub async fn rekey(&self, key: String, base: Version, lock: Option<Held>) -> Option<Held> {
         let mut st = self.state.lock().await;
         st.key = key;
         st.base = Some(base);
+        std::mem::replace(&mut st.lock, lock)
+    }
+
+    /// Gives the path's write lock back (the handle is closed).
+    pub async fn release_lock(&self) {
+        let held = self.state.lock().await.lock.take();
+        if let Some(held) = held {
+            held.release().await;
+        }
+    }
+
+    /// Fails once the handle's lease is lost: the upload in progress is aborted and the handle
+    /// will never commit.
+    async fn check_lease(&self, st: &mut State) -> Result<(), WriteError> {
+        let Some(Err(e)) = st.lock.as_ref().map(Held::check) else {
+            return Ok(());
+        };
+        st.failed = true;
+        self.abort_stream(st).await;
+        Err(e.into())
     }
 
     /// Current logical size (what `stat` shows to this mount while writing).
@@ -206,6 +246,7 @@ impl WriteHandle {
         if st.sealed {
             return Err(WriteError::Sealed);
         }
+        self.check_lease(&mut st).await?;
         let len = data.len() as u64;
         let file = self.file.clone();
         let res = tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
@@ -301,6 +342,7 @@ impl WriteHandle {
         if st.sealed {
             return Err(WriteError::Sealed);
         }
+        self.check_lease(&mut st).await?;
         self.file.set_len(size)?;
         if let Some(s) = &st.stream
             && size < s.sent
@@ -364,7 +406,8 @@ impl WriteHandle {
         if st.stream.is_none() && size <= part {
             let file = self.file.clone();
             let body = read_staging(file, 0, size).await?;
-            return Ok(self.ctx.store.put(&st.key, body, pre).await?);
+            let put = self.ctx.store.put(&st.key, body, pre);
+            return fenced(st.lock.as_ref(), put).await;
         }
         let stream = self.stream_of(st).await?;
         while stream.sent < size {
@@ -385,7 +428,8 @@ impl WriteHandle {
             );
         }
         let upload = stream.upload.clone();
-        let version = self.ctx.store.complete_upload(&upload, parts, pre).await?;
+        let complete = self.ctx.store.complete_upload(&upload, parts, pre);
+        let version = fenced(st.lock.as_ref(), complete).await?;
         self.ctx.journal.remove(&upload);
         st.stream = None;
         Ok(version)
@@ -408,6 +452,30 @@ impl WriteHandle {
     pub async fn discard(&self) {
         let mut st = self.state.lock().await;
         self.abort_stream(&mut st).await;
+    }
+}
+
+/// Runs `publish`, the request that makes an object appear, under the write lock `lock`: the
+/// fence renews the lease first, and the request gets only the time the lease has left.
+async fn fenced<T>(
+    lock: Option<&Held>,
+    publish: impl Future<Output = StoreResult<T>>,
+) -> Result<T, WriteError> {
+    let Some(held) = lock else {
+        return Ok(publish.await?);
+    };
+    let left = held.fence().await?;
+    match tokio::time::timeout(left, publish).await {
+        Ok(result) => Ok(result?),
+        Err(_) => {
+            let why = "the commit did not finish within the lease (whether it landed is unknown)";
+            held.lose(why);
+            Err(LockError::Lost {
+                path: held.key().to_string(),
+                why: why.to_string(),
+            }
+            .into())
+        }
     }
 }
 
