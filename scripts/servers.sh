@@ -268,7 +268,10 @@ bucketfs_start_servers() {
 
     # weed reads *.toml config from its cwd (and -config_dir), so it runs in an
     # empty directory of its own; its logs go to weed-logs/ (weed.INFO etc.),
-    # its console output to weed.log.
+    # its console output to weed.log. Every bucket with data takes at least one
+    # volume, and by default weed allows one volume per GB of free disk (37 on a
+    # disk with 37 GB free), fewer than the buckets one test run makes; volumes
+    # are sparse files, so a higher cap costs no disk.
     _bucketfs_spawn "$dir/weed-run" "$dir/weed.log" "$dir/weed.pid" \
         "$weed" -logdir="$dir/weed-logs" -config_dir="$dir/weed-config" mini \
         -dir="$dir/weed" \
@@ -276,6 +279,7 @@ bucketfs_start_servers() {
         -master.port="$master" -master.port.grpc="$master_grpc" \
         -master.telemetry=false \
         -volume.port="$volume" -volume.port.grpc="$volume_grpc" -volume.preStopSeconds=0 \
+        -volume.max=1000 \
         -filer.port="$filer" -filer.port.grpc="$filer_grpc" \
         -filer.localSocket="$dir/filer.sock" \
         -s3.port="$s3" -s3.port.grpc="$s3_grpc" \
