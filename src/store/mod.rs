@@ -12,7 +12,8 @@
 //! - Writes take a typed [`Precondition`]; a failed one is `PreconditionFailed`, never a silent
 //!   overwrite. Backends that cannot honour a precondition must say so, not ignore it.
 //! - Errors are classified once, here, into [`StoreError`]; retrying the transient ones with
-//!   jittered backoff happens in exactly one place, [`retry::Retrying`].
+//!   jittered backoff happens in exactly one place, [`retry::Retrying`]; every attempt is
+//!   measured for `/metrics` by [`metered::Metered`], which sits inside it.
 
 pub mod gcs;
 pub mod local;
