@@ -507,7 +507,7 @@ mod tests {
     use bytes::Bytes;
     use std::time::Duration;
 
-    fn cfg(ttl: Duration) -> FsConfig {
+    pub(super) fn cfg(ttl: Duration) -> FsConfig {
         FsConfig {
             prefix: String::new(),
             uid: 1,

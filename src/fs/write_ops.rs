@@ -508,3 +508,87 @@ fn process_of(tid: u32) -> u32 {
         })
         .unwrap_or(tid)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::super::{Fs, ROOT_INO};
+    use crate::store::mem::{Fault, MemStore, Op};
+    use crate::store::{ObjectStore, StoreError};
+    use crate::write::WriteConfig;
+
+    /// A writable mount of `mem` (as another replica would have), with locks on.
+    fn replica(mem: &Arc<MemStore>, staging: &tempfile::TempDir, id: &str) -> Arc<Fs> {
+        let mut cfg = super::super::tests::cfg(Duration::ZERO);
+        cfg.read_only = false;
+        cfg.write = Some(WriteConfig {
+            part_size: 5 << 20,
+            staging_dir: staging.path().to_path_buf(),
+        });
+        cfg.locks.replica = id.to_string();
+        Fs::new(mem.clone(), cfg).unwrap()
+    }
+
+    fn bytes(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn every_write_of_a_path_holds_its_lock() {
+        let mem = Arc::new(MemStore::new("b"));
+        let staging = tempfile::tempdir().unwrap();
+        let (a, b) = (replica(&mem, &staging, "a"), replica(&mem, &staging, "b"));
+        mem.put("g", bytes("g"), crate::store::Precondition::None)
+            .await
+            .unwrap();
+        let (_, fh) = a.create(ROOT_INO, "f", 0).await.unwrap();
+        a.write(fh, 0, bytes("one")).await.unwrap();
+        let busy = |r: Result<_, super::FsError>| assert_eq!(r.unwrap_err().errno(), libc::EBUSY);
+        busy(b.create(ROOT_INO, "f", 0).await.map(|_| ()));
+        // Committed once, the file exists for b, and is still a's to change.
+        a.fsync(fh).await.unwrap();
+        let f = b.lookup(ROOT_INO, "f").await.unwrap();
+        busy(b.open(f.ino, true, false, 0).await.map(|_| ()));
+        busy(b.setattr(f.ino, Some(0), None).await.map(|_| ()));
+        busy(b.unlink(ROOT_INO, "f").await);
+        busy(b.rename(ROOT_INO, "f", ROOT_INO, "h", false).await);
+        busy(b.rename(ROOT_INO, "g", ROOT_INO, "f", false).await);
+        // Reading takes no lock.
+        let r = b.open(f.ino, false, false, 0).await.unwrap();
+        assert_eq!(&b.read(r.fh, 0, 10).await.unwrap()[..], b"one");
+        b.release(r.fh).await;
+        a.release(fh).await;
+        // Released with the last handle: b may write now, a may not.
+        let w = b.open(f.ino, true, true, 0).await.unwrap();
+        busy(a.unlink(ROOT_INO, "f").await);
+        b.release(w.fh).await;
+        a.unlink(ROOT_INO, "f").await.unwrap();
+        let listed = mem.list(".bucketfs/locks/", None, None, 10).await.unwrap();
+        assert!(listed.objects.is_empty(), "every lock released");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_fails_writes_and_commits_nothing() {
+        let mem = Arc::new(MemStore::new("b"));
+        let staging = tempfile::tempdir().unwrap();
+        let a = replica(&mem, &staging, "a");
+        let (_, fh) = a.create(ROOT_INO, "f", 0).await.unwrap();
+        a.write(fh, 0, bytes("one")).await.unwrap();
+        mem.inject(
+            Op::Put,
+            Fault::Error(StoreError::Transient("unreachable".into())),
+            1000,
+        );
+        tokio::time::sleep(crate::lock::DEFAULT_LEASE).await;
+        mem.clear_faults();
+        let err = a.write(fh, 3, bytes("two")).await.unwrap_err();
+        assert_eq!(err.errno(), libc::EIO);
+        assert_eq!(a.fsync(fh).await.unwrap_err().errno(), libc::EIO);
+        a.release(fh).await;
+        assert!(mem.head("f").await.is_err(), "nothing committed");
+    }
+}

@@ -30,8 +30,9 @@
 //!   not succeed before the lease runs out, **loses** the lease: its writes fail with `EIO` and
 //!   nothing is committed under it any more.
 //! - **Fence**: right before an upload is committed, the lease is renewed (so it is re-checked at
-//!   the store) and the commit request gets only the lease's remaining time; a lost lease aborts
-//!   the upload and the writer gets `EIO`.
+//!   the store), and the commit request is abandoned if the lease is lost while it runs (renewals
+//!   go on meanwhile, so a long commit is not cut short while the store answers); a lost lease
+//!   aborts the upload and the writer gets `EIO`.
 //! - **Release** = delete conditional on the holder's version, so nobody deletes a lock they do
 //!   not hold. A lost lease is not deleted; it runs out.
 //! - A write answered with an error may still have landed (and been retried): the holder then
@@ -42,8 +43,9 @@
 //! lets either through (`--no-locks` mounts without locks).
 //!
 //! What the protocol cannot do: stores without server-side fencing cannot reject a commit that
-//! was sent in time but applied late (after the lease ran out). The fence bounds that window to
-//! the commit request's own flight time, and the commit still carries its object precondition.
+//! was sent in time but applied late (after the lease ran out), nor take back a request that is
+//! abandoned after it was sent. The fence bounds that window to the commit request's own flight
+//! time, and the commit still carries its object precondition.
 //!
 //! ## Within one daemon
 //! Two handles of one mount writing the same path **share** the one lease (the lock is counted by
@@ -177,6 +179,8 @@ struct Lease {
     ended: Mutex<Option<String>>,
     /// Stops the renewal task.
     stop: Notify,
+    /// Wakes whoever waits for the lease to end ([`Held::ended`]).
+    ended_signal: Notify,
 }
 
 struct Written {
@@ -232,6 +236,7 @@ impl Lease {
         }
         *ended = Some(why.to_string());
         self.stop.notify_one();
+        self.ended_signal.notify_waiters();
         true
     }
 }
@@ -463,6 +468,7 @@ impl Locks {
             deadline: Mutex::new(sent + trusted_for(self.lease)),
             ended: Mutex::new(None),
             stop: Notify::new(),
+            ended_signal: Notify::new(),
         })
     }
 
@@ -639,16 +645,29 @@ impl Held {
         self.lease.live()
     }
 
-    /// The fence, right before a commit: renews the lease at the store (so a lease taken over or
-    /// broken is found out now) and returns how long the commit may take.
-    pub async fn fence(&self) -> Result<Duration, LockError> {
-        self.locks.renew(&self.lease).await?;
-        Ok(self.lease.remaining())
+    /// The fence, right before a commit: renews the lease at the store, so a lease taken over
+    /// or broken is found out before the object changes.
+    pub async fn fence(&self) -> Result<(), LockError> {
+        self.locks.renew(&self.lease).await
     }
 
-    /// Gives the lease up as lost (a commit outlived it: whether it landed is unknown).
-    pub fn lose(&self, why: &str) {
-        self.lease.lose(why);
+    /// Resolves once the lease has ended (lost, or released), with why: what a commit in flight
+    /// races against. Meanwhile the lease is renewed as usual, so a long commit is not cut short
+    /// while the store answers.
+    pub async fn ended(&self) -> LockError {
+        loop {
+            let signal = self.lease.ended_signal.notified();
+            tokio::pin!(signal);
+            signal.as_mut().enable();
+            if let Err(e) = self.lease.live() {
+                return e;
+            }
+            let deadline = *self.lease.deadline.lock().unwrap();
+            tokio::select! {
+                _ = signal => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
     }
 
     /// Another user of the same lease.

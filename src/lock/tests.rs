@@ -266,15 +266,44 @@ async fn users_in_one_process_share_the_lease() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_fence_renews_and_gives_the_commit_the_lease_left() {
+async fn the_fence_renews_the_lease() {
     let mem = Arc::new(MemStore::new("b"));
     let a = replica(&mem, "a", Duration::ZERO);
     let held = a.acquire("k").await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let puts = mem.calls(Op::Put);
-    let left = held.fence().await.unwrap();
+    held.fence().await.unwrap();
     assert_eq!(mem.calls(Op::Put), puts + 1, "the fence writes the lock");
-    assert_eq!(left, trusted_for(LEASE));
+    assert_eq!(held.lease.remaining(), trusted_for(LEASE));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_commit_lives_as_long_as_the_lease_does() {
+    let mem = Arc::new(MemStore::new("b"));
+    let a = replica(&mem, "a", Duration::ZERO);
+    let held = a.acquire("k").await.unwrap();
+    // A commit three leases long, with renewals working: it finishes.
+    let long_commit = tokio::time::sleep(LEASE * 3);
+    tokio::select! {
+        _ = long_commit => {}
+        lost = held.ended() => panic!("{lost}"),
+    }
+    // The store stops answering: the lease ends when the holder stops trusting it.
+    mem.inject(
+        Op::Put,
+        Fault::Error(StoreError::Transient("down".into())),
+        1000,
+    );
+    let start = tokio::time::Instant::now();
+    tokio::select! {
+        _ = tokio::time::sleep(LEASE * 3) => panic!("the lease outlived its renewals"),
+        lost = held.ended() => assert!(matches!(lost, LockError::Lost { .. })),
+    }
+    assert!(
+        start.elapsed() <= trusted_for(LEASE),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -28,8 +28,8 @@
 //! With locking on, a handle holds its path's write lock (see `lock/`) from open to release. Once
 //! the lease is lost, writes fail with `EIO`, the upload in progress is aborted and the handle
 //! never commits. Every commit is fenced: right before the request that makes the object appear
-//! (`put` or `complete_upload`), the lease is renewed at the store, and that request gets only
-//! the time the lease has left.
+//! (`put` or `complete_upload`), the lease is renewed at the store, and that request is abandoned
+//! if the lease is lost while it runs.
 //!
 //! ## Crashes
 //! Uploads in progress are listed in a journal file per process in the staging directory; a
@@ -456,7 +456,7 @@ impl WriteHandle {
 }
 
 /// Runs `publish`, the request that makes an object appear, under the write lock `lock`: the
-/// fence renews the lease first, and the request gets only the time the lease has left.
+/// fence renews the lease first, and the request is abandoned if the lease ends while it runs.
 async fn fenced<T>(
     lock: Option<&Held>,
     publish: impl Future<Output = StoreResult<T>>,
@@ -464,17 +464,18 @@ async fn fenced<T>(
     let Some(held) = lock else {
         return Ok(publish.await?);
     };
-    let left = held.fence().await?;
-    match tokio::time::timeout(left, publish).await {
-        Ok(result) => Ok(result?),
-        Err(_) => {
-            let why = "the commit did not finish within the lease (whether it landed is unknown)";
-            held.lose(why);
-            Err(LockError::Lost {
-                path: held.key().to_string(),
-                why: why.to_string(),
-            }
-            .into())
+    held.fence().await?;
+    tokio::select! {
+        biased;
+        result = publish => Ok(result?),
+        lost = held.ended() => {
+            tracing::error!(
+                key = held.key(),
+                error = %lost,
+                "commit abandoned: the write lock was lost while it ran (a request already sent \
+                 may still land)"
+            );
+            Err(lost.into())
         }
     }
 }
