@@ -16,6 +16,8 @@ if [[ -d "${CARGO_HOME:-$HOME/.cargo}/bin" ]]; then
     export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 fi
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
+# A test run builds once from scratch (CI): incremental state only costs time and disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 # shellcheck source=scripts/servers.sh
 source scripts/servers.sh
