@@ -341,6 +341,12 @@ fn sigterm_commits_a_file_still_held_open_and_exits_0() {
     let mut f = File::create(m.path("held.bin")).unwrap();
     let (tx, _rx) = std::sync::mpsc::channel();
     write_chunks(&mut f, WRITTEN, 0, tx);
+    let locks = || {
+        b.rt.block_on(b.store.list(bucketfs::lock::DEFAULT_PREFIX, None, None, 10))
+            .unwrap()
+            .objects
+    };
+    assert_eq!(locks().len(), 1, "the writer holds the file's lock");
     let signalled = Instant::now();
     m.signal(libc::SIGTERM);
     let exit = m.wait_exit(Duration::from_secs(30)).expect("exits");
@@ -357,6 +363,8 @@ fn sigterm_commits_a_file_still_held_open_and_exits_0() {
     );
     // What was written before the shutdown is in the bucket; later writes fail.
     assert_chunks(&b.get("held.bin").expect("committed"), WRITTEN);
+    // The file's write lock was released, not left to run out.
+    assert!(locks().is_empty(), "locks left: {:?}", locks());
     assert!(
         f.write_all(&[1u8; 4096])
             .and_then(|_| f.sync_all())
