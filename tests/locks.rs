@@ -5,8 +5,8 @@
 //! `ifGenerationMatch=0` and `If-Match` / `ifGenerationMatch=G` on the small uploads lock objects
 //! are (checked at every mount's start), so acquire, renew and takeover are honest on both.
 //! fake-gcs-server ignores `ifGenerationMatch` on deletes, so there a release is not conditional
-//! (the mount says so in its log, and this suite checks that it does); the protocol's unit tests
-//! (`src/lock/tests.rs`) and the conformance suite's strict GCS server cover conditional deletes.
+//! (the mount says so in its log, and this suite checks that it does); the same cases also run on
+//! the strict GCS server of `common/strict_gcs.rs`, which enforces it on deletes too.
 
 mod common;
 
@@ -391,6 +391,31 @@ on_backends!(
     contention_8x50,
     locks_list_and_break,
 );
+
+/// The strict GCS server enforces conditional deletes too: there every step of the protocol,
+/// release included, runs on conditions the server checks.
+mod gcs_strict {
+    use super::*;
+
+    #[test]
+    fn second_writer_is_refused_until_the_first_closes() {
+        let b = Backend::strict_gcs();
+        let m = replica(&b, "strict", &[]);
+        assert!(!m.log().contains("ignores conditions"), "{}", m.log());
+        drop(m);
+        super::second_writer_is_refused_until_the_first_closes(b);
+    }
+
+    #[test]
+    fn sigkill_holder_is_taken_over_after_its_lease() {
+        super::sigkill_holder_is_taken_over_after_its_lease(Backend::strict_gcs());
+    }
+
+    #[test]
+    fn locks_list_and_break() {
+        super::locks_list_and_break(Backend::strict_gcs());
+    }
+}
 
 /// fake-gcs-server does not enforce conditions on deletes: the mount finds out at start-up and
 /// says that releases are not conditional there.

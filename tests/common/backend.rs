@@ -64,6 +64,30 @@ impl Backend {
         }
     }
 
+    /// A new bucket on this process's strict GCS server (see `strict_gcs`), which enforces
+    /// `ifGenerationMatch` on every call, deletes and compose included.
+    pub fn strict_gcs() -> Backend {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let server = super::strict_gcs::StrictGcs::get();
+        let bucket = super::unique("mount");
+        server.create_bucket(&bucket);
+        let store = rt.block_on(super::gcs_store_at(server.endpoint(), &bucket));
+        Backend {
+            source: format!("gs://{bucket}"),
+            store,
+            rt,
+            env: vec![
+                (
+                    "BUCKETFS_ENDPOINT_URL".into(),
+                    server.endpoint().to_string(),
+                ),
+                ("BUCKETFS_ANONYMOUS".into(), "true".into()),
+            ],
+            bucket,
+            _tmp: None,
+        }
+    }
+
     pub fn put(&self, key: &str, data: impl Into<Bytes>) {
         self.rt
             .block_on(self.store.put(key, data.into(), Precondition::None))
