@@ -100,8 +100,9 @@ pub struct LockArgs {
     /// EBUSY (0: fail at once).
     #[arg(long, env = "BUCKETFS_LOCK_WAIT", default_value = "0s", value_parser = parse_duration)]
     pub lock_wait: Duration,
-    /// Lease of a write lock (at least 2s). Renewed every third of it, so 30s rides out a store
-    /// outage of about 20s; a replica that dies keeps its paths locked for at most this (+1s).
+    /// Lease of a write lock (at least 2s). Renewed every third of it: with 30s a holder keeps its
+    /// locks through a store outage of 14s or more, and a replica that dies keeps its paths
+    /// locked for at most 31s after its last renewal.
     #[arg(long, env = "BUCKETFS_LEASE", default_value = "30s", value_parser = parse_duration)]
     pub lease: Duration,
     /// This replica's name in lock objects and log lines (default: $POD_NAME, else $HOSTNAME,

@@ -73,9 +73,9 @@ use crate::store::{DynStore, Precondition, StoreError, Version};
 /// Default `--lock-prefix`, under the `.bucketfs/` name every mount hides at the bucket root.
 pub const DEFAULT_PREFIX: &str = ".bucketfs/locks/";
 
-/// Default `--lease`: renewed every 10 s, a holder rides out a store outage of about 20 s
-/// (its lease is trusted for 24 s) without losing its lock, and a crashed replica's paths are
-/// free again 31 s after its last renewal.
+/// Default `--lease`: renewed every 10 s and trusted for 24 s after each renewal, a holder keeps
+/// its lock through a store outage of 14 s at least (24 s at best), and a crashed replica's paths
+/// are free again 31 s after its last renewal.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// Shortest `--lease`: the store's clock counts whole seconds.
