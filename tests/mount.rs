@@ -4,14 +4,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::io::Read;
-use std::os::unix::fs::FileExt;
 use bucketfs::store::Precondition;
 use bytes::Bytes;
 use common::backend::Backend;
 use common::{Mounted, pattern};
 use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 
 fn names(dir: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
