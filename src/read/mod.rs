@@ -18,7 +18,9 @@
 //! A read far from the previous one resets the stream: fetches that do not cover it are dropped
 //! (their bytes return to the budget as soon as they land) and the window goes back to zero. The
 //! read fetches only the blocks it touches ([`BLOCK_SIZE`], 1 MiB, alignment) — no runaway window
-//! for mmap'd safetensors or shuffled datasets.
+//! for mmap'd safetensors or shuffled datasets. Prefetching starts only once a stream has covered
+//! a whole part, because one large random read arrives as several concurrent kernel requests that
+//! look sequential.
 //!
 //! ## Seeking back
 //! Every fetched block is offered to the memory tier, shared by all handles of the mount, and
@@ -177,6 +179,8 @@ const MAX_FETCHES: usize = 64;
 
 #[derive(Default)]
 struct Stream {
+    /// Where the current stream began.
+    start: u64,
     /// End of the furthest read of the current stream.
     last_end: u64,
     /// Reads in the current stream.
@@ -289,6 +293,7 @@ impl Reader {
         } else {
             s.reads = 1;
             s.window = 0;
+            s.start = offset;
             s.last_end = end;
             s.frontier = 0;
             s.fetches.retain(|f| f.start < end && f.end > offset);
@@ -324,7 +329,10 @@ impl Reader {
             needed.push(self.start_fetch(start, stop, None).result);
         }
 
-        if sequential && s.reads >= 2 {
+        // Prefetch once the stream has covered a whole part: a large random read (the kernel
+        // splits a 4 MiB pread into concurrent 1 MiB requests, which look sequential) must not
+        // start a window it will never use.
+        if sequential && s.reads >= 2 && s.last_end - s.start >= part {
             if s.window == 0 {
                 s.window = part;
             }
@@ -639,10 +647,11 @@ mod tests {
             16 * MIB,
             "grows to concurrency x part"
         );
-        // Sequential: each byte fetched once (parts, plus the first demand block).
+        // Sequential: the first part block by block on demand, then one GET per part (up to
+        // the window ahead of the last read); nothing fetched twice.
         let gets = s.mem.calls(Op::GetRange);
         assert!(
-            gets <= 24 / 4 + 4,
+            gets <= 4 + 24 / 4 + 4,
             "{gets} GETs for 24 MiB read in 4 MiB parts"
         );
 
@@ -685,6 +694,30 @@ mod tests {
         // 3 reads inside one block, one straddling two blocks: 4 GETs, 5 blocks.
         assert_eq!(s.mem.calls(Op::GetRange), 4);
         assert!(s.ctx.budget.peak() <= 2 * MIB);
+    }
+
+    #[tokio::test]
+    async fn a_large_random_read_starts_no_window() {
+        let obj = data(64 << 20, 5);
+        let s = setup(&[("m", obj.clone())], cfg(8 * MIB, 8, 160 * MIB)).await;
+        let r = reader(&s, "m").await;
+        for base in [40 * MIB, 8 * MIB, 50 * MIB] {
+            // A 4 MiB pread arrives as four concurrent 1 MiB kernel requests.
+            let reads = (0..4u64).map(|i| r.read(base + i * MIB, MIB));
+            for (i, got) in futures::future::join_all(reads)
+                .await
+                .into_iter()
+                .enumerate()
+            {
+                let off = (base + i as u64 * MIB) as usize;
+                assert_eq!(got.unwrap(), obj.slice(off..off + MIB as usize));
+            }
+            assert_eq!(r.window(), 0, "no prefetch for a 4 MiB random read");
+        }
+        assert!(
+            s.mem.calls(Op::GetRange) <= 12,
+            "only the blocks read were fetched"
+        );
     }
 
     #[tokio::test]
