@@ -22,7 +22,8 @@
 //!   write succeeds; the others see the new holder. A holder that renewed in between changed the
 //!   version (every write changes the body), so its lease can never be taken over.
 //! - **Renew**: the holder rewrites the lock object conditional on the version it wrote last,
-//!   every third of the lease (then every tenth while renewals fail). Between successful writes
+//!   a third of the lease after it sent the previous write (then every tenth while renewals
+//!   fail). Between successful writes
 //!   the holder trusts its lease for four fifths of its length, counted on its monotonic clock
 //!   from *before* it sent the write: the store stamped the write later than that, and others wait
 //!   the full length (and a clock tick) after the stamp, so the holder stops trusting its lease
@@ -523,6 +524,15 @@ impl Locks {
         written.version = version;
         written.renewals = renewals;
         *lease.deadline.lock().unwrap() = sent + trusted_for(lease.length);
+        let took = sent.elapsed();
+        if took > lease.length / 3 {
+            tracing::warn!(
+                path = %lease.key,
+                ?took,
+                "the store was slow to renew a write lock; a longer --lease gives it more room"
+            );
+        }
+        tracing::debug!(path = %lease.key, renewals, ?took, "write lock renewed");
         Ok(())
     }
 
@@ -583,21 +593,31 @@ impl Locks {
     }
 }
 
-/// Renews `lease` every third of its length (every tenth while renewals fail) until it ends.
+/// Renews `lease` until it ends: a third of its length after the last renewal was *sent*, so
+/// that a slow answer does not push the next renewal later (a renewal may take up to 4/5 - 1/3
+/// of the lease without the lease being lost), and every tenth while renewals fail.
 async fn renew_until_ended(locks: Weak<Locks>, lease: Arc<Lease>) {
     let every = lease.length / 3;
     let retry = lease.length / 10;
-    let mut wait = every;
+    // Time left on the lease a third of its length after the write that started or renewed it.
+    let renew_below = trusted_for(lease.length) - every;
+    let mut failed = false;
     loop {
+        let wake = if failed {
+            Instant::now() + retry.min(lease.remaining())
+        } else {
+            *lease.deadline.lock().unwrap() - renew_below
+        };
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(wake) => {}
             _ = lease.stop.notified() => return,
         }
         let Some(locks) = locks.upgrade() else {
             return;
         };
+        tracing::debug!(path = %lease.key, left = ?lease.remaining(), "renewing a write lock");
         match locks.renew(&lease).await {
-            Ok(()) => wait = every,
+            Ok(()) => failed = false,
             Err(LockError::Store(e)) => {
                 tracing::warn!(
                     path = %lease.key,
@@ -605,7 +625,7 @@ async fn renew_until_ended(locks: Weak<Locks>, lease: Arc<Lease>) {
                     left = ?lease.remaining(),
                     "write lock renewal failed; retrying"
                 );
-                wait = retry.min(lease.remaining());
+                failed = true;
             }
             Err(_) => return,
         }

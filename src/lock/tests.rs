@@ -134,6 +134,19 @@ async fn failed_renewals_lose_the_lease_before_anyone_may_take_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn slow_renewals_keep_the_lease() {
+    let mem = Arc::new(MemStore::new("b"));
+    let a = replica(&mem, "a", Duration::ZERO);
+    let held = a.acquire("k").await.unwrap();
+    // Every renewal takes 11 s of the 24 s a lease is trusted: the next one starts 10 s after
+    // the previous one was sent, not 10 s after its answer.
+    mem.inject(Op::Put, Fault::Delay(Duration::from_secs(11)), 1000);
+    tokio::time::sleep(LEASE * 10).await;
+    held.check().unwrap();
+    assert!(mem.calls(Op::Put) >= 25, "{}", mem.calls(Op::Put));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_transient_renewal_failure_is_retried_in_time() {
     let mem = Arc::new(MemStore::new("b"));
     let a = replica(&mem, "a", Duration::ZERO);
