@@ -5,19 +5,25 @@ Run it through bench/run.sh, which installs what is needed, builds bucketfs and 
 examples, starts the local S3 server (SeaweedFS) and always cleans up. This script expects:
 
 - the S3 server at $BUCKETFS_TEST_S3_ENDPOINT with $AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY;
-- --bin-dir holding bucketfs and examples/delay_proxy, examples/direct_download;
-- --workdir, a scratch directory it may fill (model copy, mount points, peer caches).
+- --bin-dir holding bucketfs and examples/delay_proxy, examples/direct_download,
+  examples/direct_upload;
+- --workdir, a scratch directory on a local disk it may fill (model copy, checkpoint, mount
+  points, disk caches).
 
 For every latency setting it puts the delay proxy in front of the server (unless the latency is
-0 and --proxy-always is off), then measures each scenario --runs times, cold: every measurement
-drops the page cache and gets a fresh mount. Results: a table on stdout, raw runs and summary in
---out-dir/latest.json, a chart in --out-dir/latest.png.
+0 and --proxy-always is off; the replica and write tests always go through one), then measures
+each scenario --runs times: every measurement drops the page cache and gets fresh mounts. The
+cold reads and listings are one measurement each; the disk-cache tests (warm, replicas) and the
+checkpoint write are steps that measure several related things and their baseline together.
+Results: tables on stdout, raw runs and summary in --out-dir/latest.json, charts in
+--out-dir/latest.png and latest-cache-write.png.
 """
 
 import argparse
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import shutil
@@ -25,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -36,9 +43,15 @@ import report  # noqa: E402
 BUCKET = "bucketfs-bench"
 MODEL_KEY = "model/model.safetensors"
 SMALL_PREFIX = "small/"
+WRITE_KEY = "ckpt.bin"
 PEERS = ["s3fs", "s3fs+cache", "rclone", "rclone+cache"]
+CACHE_PEERS = ["s3fs+cache", "rclone+cache"]
 MOUNTS = ["bucketfs"] + PEERS
-TESTS = ["seq", "random", "safetensors", "list"]
+READ_TESTS = ["seq", "random", "safetensors", "list"]
+# warm: warm reads from a full disk cache vs the local file (issue 4); replicas: N daemons
+# sharing one cache, cold (issue 4); write: a checkpoint written through the mount (issue 6).
+TESTS = READ_TESTS + ["warm", "replicas", "write"]
+PEER_TESTS = READ_TESTS + ["replicas"]
 
 
 def log(msg):
@@ -96,6 +109,13 @@ class Context:
         self.pidfile = os.path.join(self.workdir, "pids")
         self.live = {}
         self.warnings = []
+        self.index = 0
+        self.locked = {}
+
+    def next_index(self):
+        """A new number for a mount's directory."""
+        self.index += 1
+        return self.index
 
     def track(self, pid, what):
         self.live[pid] = what
@@ -164,21 +184,30 @@ def tail(path, n=15):
 
 
 class Mount:
-    def __init__(self, ctx, kind, endpoint, index):
+    """One daemon serving `bucket` at its own mount point.
+
+    cache_dir: the disk cache to use (shared by several mounts in the replica tests); by default
+    s3fs+cache and rclone+cache get a private one and bucketfs none. writable: no --read-only
+    (bucketfs only)."""
+
+    def __init__(self, ctx, kind, endpoint, index, cache_dir=None, writable=False, bucket=BUCKET,
+                 extra=()):
         self.ctx, self.kind, self.proc = ctx, kind, None
         a = ctx.args
         base = os.path.join(ctx.workdir, f"m{index}-{kind.replace('+', '-')}")
         self.mnt = os.path.join(base, "mnt")
-        self.cache = os.path.join(base, "cache")
+        self.cache = cache_dir or os.path.join(base, "cache")
         self.logfile = os.path.join(base, "daemon.log")
         os.makedirs(self.mnt)
-        os.makedirs(self.cache)
+        os.makedirs(self.cache, exist_ok=True)
         env = dict(os.environ)
         region = os.environ.get("AWS_REGION", "us-east-1")
         if kind == "bucketfs":
-            self.argv = [os.path.join(a.bin_dir, "bucketfs"), "mount", f"s3://{BUCKET}", self.mnt,
-                         "--read-only", "--endpoint-url", endpoint, "--force-path-style",
-                         *a.bucketfs_args]
+            self.argv = [os.path.join(a.bin_dir, "bucketfs"), "mount", f"s3://{bucket}", self.mnt,
+                         *([] if writable else ["--read-only"]),
+                         "--endpoint-url", endpoint, "--force-path-style",
+                         *(["--cache-dir", cache_dir] if cache_dir else []),
+                         *extra, *a.bucketfs_args]
         elif kind.startswith("s3fs"):
             pw = os.path.join(base, "passwd")
             with open(pw, "w") as f:
@@ -245,6 +274,22 @@ class Mount:
         except (OSError, AttributeError):
             pass
         return None
+
+    def cpu_seconds(self):
+        """User + system CPU time of the daemon so far (not of its children)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, AttributeError, IndexError, ValueError):
+            return None
+
+    def log_text(self):
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
 
     def stop(self):
         if self.proc is None:
@@ -381,22 +426,43 @@ def upload(ctx, model_path, small_files, small_size):
     log(f"uploaded {small_files} small files in {time.perf_counter() - t1:.1f} s")
 
 
-def delete_bucket():
+def delete_bucket(bucket=BUCKET):
+    """Deletes every object, unfinished multipart upload and then the bucket (SeaweedFS frees
+    the bucket's volume files at once, so written checkpoints leave no garbage behind)."""
     s3 = s3_client()
+    try:
+        for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+            for u in page.get("Uploads", []):
+                s3.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+    except Exception as e:  # not every server lists uploads; the bucket delete still runs
+        log(f"could not list the multipart uploads of {bucket}: {e}")
     keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         keys += [{"Key": o["Key"]} for o in page.get("Contents", [])]
     for i in range(0, len(keys), 1000):
-        s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys[i:i + 1000], "Quiet": True})
-    s3.delete_bucket(Bucket=BUCKET)
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": keys[i:i + 1000], "Quiet": True})
+    s3.delete_bucket(Bucket=bucket)
+
+
+def make_random_file(path, size):
+    """`size` random bytes (incompressible, like a checkpoint), written in 64 MiB pieces."""
+    import numpy as np
+    rng = np.random.default_rng(20240602)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 64 << 20)
+            f.write(rng.bytes(n))
+            left -= n
 
 
 # --- measurements ------------------------------------------------------------------------------
 
-def drop_caches(ctx):
+def drop_caches(ctx, server=True):
     """Empties the page cache, then reads the S3 server's own files back in: every measurement
     starts cold on the client side while the server answers from memory, as a real store would
-    rather than at the speed of this machine's disk."""
+    rather than at the speed of this machine's disk. server=False skips the second part, for
+    measurements that fetch nothing from the bucket (warm reads, the local file, writes)."""
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -404,7 +470,7 @@ def drop_caches(ctx):
     except OSError as e:
         ctx.warn(f"cannot drop the page cache ({e}); reads may not be cold")
         return
-    if ctx.args.no_warm_server:
+    if ctx.args.no_warm_server or not server:
         return
     servers = os.environ.get("BUCKETFS_SERVERS_DIR")
     if not servers:
@@ -412,12 +478,62 @@ def drop_caches(ctx):
     buf = bytearray(8 << 20)
     for root, _, files in os.walk(os.path.join(servers, "weed")):
         for name in files:
+            path = os.path.join(root, name)
             try:
-                with open(os.path.join(root, name), "rb", buffering=0) as f:
+                if ctx.locked.get(path) == os.stat(path).st_size:
+                    continue  # locked in memory: the drop left it there
+                with open(path, "rb", buffering=0) as f:
                     while f.readinto(buf):
                         pass
             except OSError:
                 pass
+
+
+def lock_server_files(ctx):
+    """Maps the S3 server's files (the uploaded model's volume above all) and locks them in
+    memory, so that dropping the page cache before each measurement leaves them there: the
+    server keeps answering from memory without reading a model-sized volume back from disk each
+    time (the largest cost of a run otherwise). Files that appear later are read back as before.
+    Returns {path: bytes locked}; on any failure, what was locked so far (the rest is re-read)."""
+    servers = os.environ.get("BUCKETFS_SERVERS_DIR")
+    if not servers or ctx.args.no_warm_server:
+        return {}
+    paths = [os.path.join(root, name)
+             for root, _, files in os.walk(os.path.join(servers, "weed")) for name in files]
+    return lock_in_memory(ctx, paths, "the S3 server's files")
+
+
+def lock_in_memory(ctx, paths, what):
+    """Maps each file and locks it in memory (until this process exits); returns {path: bytes
+    locked}, stopping at the first failure with a warning."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    locked = {}
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                continue
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                continue
+            if libc.mlock(ctypes.c_void_p(addr), size) != 0:
+                ctx.warn(f"cannot lock {what} in memory ({os.strerror(ctypes.get_errno())}); "
+                         "they are read back after each page cache drop instead")
+                return locked
+            locked[path] = size
+        finally:
+            os.close(fd)
+    return locked
 
 
 def direct(ctx, endpoint, listing):
@@ -516,14 +632,461 @@ def measure(ctx, scenario, latency, run, endpoint, proxy, index):
 
 def show(rec):
     if not rec["ok"]:
-        return f"FAILED: {rec['error']}"
-    parts = [f"{rec['value']:.1f} {rec['metric']}", f"{rec['seconds']:.2f} s"]
+        return f"FAILED: {rec.get('error')}"
+    if rec["metric"] == "s":
+        parts = [f"{rec['value']:.2f} s wall for {rec['replicas']} reader(s)",
+                 f"{rec['aggregate_mib_s']:.1f} MiB/s in all"]
+    else:
+        parts = [f"{rec['value']:.1f} {rec['metric']}", f"{rec['seconds']:.2f} s"]
     if rec.get("peak_rss_kib"):
         parts.append(f"peak RSS {rec['peak_rss_kib'] / 1024:.0f} MiB")
-    if rec.get("fetched_bytes") is not None and rec.get("bytes"):
+    if rec.get("daemon_cpu_s") is not None:
+        parts.append(f"daemon CPU {rec['daemon_cpu_s']:.2f} s")
+    if rec.get("fetched_per_model") is not None:
+        parts.append(f"fetched/model {rec['fetched_per_model']:.2f}, {rec['requests']} requests")
+    elif rec.get("uploaded_per_written") is not None:
+        parts.append(f"uploaded/written {rec['uploaded_per_written']:.2f}, "
+                     f"{rec['requests']} requests")
+    elif rec.get("fetched_bytes") is not None and rec.get("bytes"):
         parts.append(f"fetched/read {rec['fetched_bytes'] / rec['bytes']:.2f}, "
                      f"{rec['requests']} requests")
+    for note in ("passthrough_off", "reopen_error"):
+        if rec.get(note):
+            parts.append(f"{note.replace('_', ' ')}: {rec[note]}")
     return ", ".join(parts)
+
+
+# --- disk cache, replicas, checkpoint write (issues 4 and 6) ----------------------------------
+#
+# These steps measure several related things in one go (a cache is filled, then read twice), so
+# each returns a list of records. A record's "group" says which table and baseline it belongs to
+# (report.group_of).
+
+def new_record(scenario, latency, run, metric):
+    return {"scenario": scenario, "group": report.group_of(scenario), "latency_ms": latency,
+            "run": run, "metric": metric, "ok": False, "loadavg_1m": os.getloadavg()[0]}
+
+
+def proxy_delta(proxy, before):
+    if proxy is None or before is None:
+        return {}
+    after = proxy.stats()
+    return {"fetched_bytes": after["response_bytes"] - before["response_bytes"],
+            "sent_bytes": after["request_bytes"] - before["request_bytes"],
+            "requests": after["requests"] - before["requests"],
+            "connections": after["connections"] - before["connections"]}
+
+
+def fresh_dir(ctx, name):
+    path = os.path.join(ctx.workdir, name)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+def dd_reads(ctx, paths):
+    """Reads every file of `paths` at the same moment, each with its own `dd of=/dev/null bs=1M`
+    (one thread per file opens it, then runs dd on the open file as its standard input, so the
+    bytes can be checked through the same open file afterwards). Returns (wall seconds, one dict
+    per file: fd, bytes, seconds, error)."""
+    timeout = ctx.args.timeout
+    out = [{"fd": None, "bytes": 0, "seconds": None, "error": None} for _ in paths]
+
+    def one(i, path, t0):
+        r = out[i]
+        try:
+            r["fd"] = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            r["error"] = f"open: {e.strerror}"
+            return
+        with tempfile.TemporaryFile() as err:
+            try:
+                p = subprocess.Popen(["dd", "of=/dev/null", "bs=1M"], stdin=r["fd"],
+                                     stdout=subprocess.DEVNULL, stderr=err)
+            except OSError as e:
+                r["error"] = f"cannot run dd: {e}"
+                return
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                r["error"] = f"dd timed out after {timeout} s"
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+                return
+            r["seconds"] = time.perf_counter() - t0
+            err.seek(0)
+            text = err.read().decode(errors="replace")
+        m = re.search(r"^(\d+) bytes", text, re.MULTILINE)
+        if p.returncode != 0 or not m:
+            r["error"] = f"dd exited with {p.returncode}: {ctx.scrub(text.strip())[-200:]}"
+            return
+        r["bytes"] = int(m.group(1))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i, path, t0), daemon=True)
+               for i, path in enumerate(paths)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, out
+
+
+def sample_offsets(size, count, seed, block=1 << 20):
+    rng = random.Random(seed)
+    offs = {max(size - block, 0), 0}
+    while len(offs) < min(count + 2, max(size // block, 1)):
+        offs.add(rng.randrange(0, max(size - block, 0) // 4096 + 1) * 4096)
+    return sorted(offs)
+
+
+def verify_fd(ctx, fd, run):
+    """Compares sampled 1 MiB blocks read through `fd` (still open) with the local model."""
+    size = ctx.model_bytes
+    with open(ctx.model_path, "rb") as local:
+        for off in sample_offsets(size, ctx.args.verify_samples, run):
+            want = os.pread(local.fileno(), 1 << 20, off)
+            try:
+                got = os.pread(fd, 1 << 20, off)
+            except OSError as e:
+                return f"re-reading at {off}: {e.strerror}"
+            if got != want:
+                return f"the {len(got)} bytes at offset {off} differ from the uploaded model"
+    return None
+
+
+def reopen_check(path):
+    """A second open of a file already read (model loaders open a file more than once)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        return f"a second open of the file failed: {e.strerror}"
+    try:
+        os.pread(fd, 1 << 20, 0)
+    except OSError as e:
+        return f"reading after a second open failed: {e.strerror}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def read_model(ctx, rec, paths, run, proxy=None, reopen=True, mounts=()):
+    """The timed part of the warm and replica tests: dd of every path at once, the bucket
+    traffic and daemon CPU time it cost, then the checks, outside the clock."""
+    before = proxy.stats() if proxy else None
+    cpu = [m.cpu_seconds() for m in mounts]
+    wall, reads = dd_reads(ctx, paths)
+    rec.update(proxy_delta(proxy, before))
+    if mounts and None not in cpu:
+        after = [m.cpu_seconds() for m in mounts]
+        if None not in after:
+            rec["daemon_cpu_s"] = round(sum(after) - sum(cpu), 3)
+    try:
+        errors = [f"reader {i + 1}: {r['error']}" for i, r in enumerate(reads) if r["error"]]
+        short = [f"reader {i + 1} read {r['bytes']} of {ctx.model_bytes} bytes"
+                 for i, r in enumerate(reads) if not r["error"] and r["bytes"] != ctx.model_bytes]
+        if errors or short:
+            raise Failed("; ".join(errors + short))
+        rec["seconds"] = wall
+        rec["reader_seconds"] = [round(r["seconds"], 4) for r in reads]
+        rec["bytes"] = sum(r["bytes"] for r in reads)
+        bad = [f"reader {i + 1}: {b}" for i, b in
+               enumerate(verify_fd(ctx, r["fd"], run) for r in reads) if b]
+        if bad:
+            raise Failed(f"{len(bad)} of {len(reads)} read wrong bytes; " + "; ".join(bad))
+    finally:
+        for r in reads:
+            if r["fd"] is not None:
+                os.close(r["fd"])
+    # Noted, not a failure: the number read above stands, the table flags it.
+    if reopen:
+        bad = reopen_check(paths[0])
+        if bad:
+            rec["reopen_error"] = bad
+    return wall
+
+
+def mount_facts(rec, mounts):
+    """Peak RSS, CPU time and passthrough state of the daemons, into rec."""
+    rss = [m.peak_rss_kib() for m in mounts]
+    cpu = [m.cpu_seconds() for m in mounts]
+    if any(rss):
+        rec["peak_rss_kib"] = max(x for x in rss if x)
+        rec["peak_rss_kib_each"] = rss
+        rec["rss_sum_kib"] = sum(x for x in rss if x)
+    if "daemon_cpu_s" not in rec and any(c is not None for c in cpu):
+        # Since the daemon started (mount included): only where the read did not measure it.
+        rec["daemon_cpu_total_s"] = round(sum(c for c in cpu if c is not None), 3)
+    for m in mounts:
+        m_off = re.search(r"FUSE passthrough is off \(([^)]*)\)", m.log_text())
+        if m_off and m.kind == "bucketfs":
+            rec["passthrough_off"] = m_off.group(1)
+
+
+def record_failure(ctx, rec, e, mounts=()):
+    rec["error"] = ctx.scrub(str(e))
+    logs = [ctx.scrub(tail(m.logfile, 8)) for m in mounts if m.proc is not None]
+    logs = [t for t in logs if t]
+    if logs:
+        rec["log_tail"] = logs[0]
+    if mounts:
+        mount_facts(rec, [m for m in mounts if m.proc is not None])
+
+
+def stop_all(mounts):
+    for m in mounts:
+        try:
+            m.stop()
+        except Exception as e:  # one stuck daemon must not leave the others mounted
+            log(f"stopping {m.kind}: {e}")
+
+
+def copy_file(src, dst):
+    """A fresh copy on disk (fsync'd), so that it was written as recently as a cache just
+    filled: on a virtual disk, recently written data can read faster than older data."""
+    with open(src, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as g:
+        buf = bytearray(8 << 20)
+        while n := f.readinto(buf):
+            g.write(memoryview(buf)[:n])
+        os.fsync(g.fileno())
+
+
+def step_warm(ctx, latency, run, endpoint, proxy, next_index):
+    """Issue 4, warm reads: filling the disk cache, the local file (baseline: a copy of the
+    model written right after the fill, on the same disk), then the model read from the full
+    cache through fresh mounts, with and without FUSE passthrough."""
+    a = ctx.args
+    recs = []
+    cache = fresh_dir(ctx, f"warm-cache-{next_index()}")
+    fill = new_record("bucketfs/warm-fill", latency, run, "MiB/s")
+    fill["fill"] = a.warm_fill
+    drop_caches(ctx)
+    fill["loadavg_1m"] = os.getloadavg()[0]
+    mounts = []
+    before = None
+    try:
+        if a.warm_fill == "warm":
+            before = proxy.stats() if proxy else None
+            argv = [os.path.join(a.bin_dir, "bucketfs"), "warm", f"s3://{BUCKET}", MODEL_KEY,
+                    "--cache-dir", cache, "--endpoint-url", endpoint, "--force-path-style"]
+            code, out, err, seconds = run_child(argv, a.timeout)
+            if code != 0:
+                raise Failed(f"bucketfs warm exited with {code}: "
+                             f"{ctx.scrub((err or out).strip())[-300:]}")
+            fill["warm_output"] = out.strip()[-200:]
+        else:
+            m = Mount(ctx, "bucketfs", endpoint, next_index(), cache_dir=cache)
+            mounts.append(m)
+            m.start()
+            seconds = read_model(ctx, fill, [os.path.join(m.mnt, MODEL_KEY)], run, proxy,
+                                 reopen=False, mounts=mounts)
+            mount_facts(fill, mounts)
+        if before is not None:
+            fill.update(proxy_delta(proxy, before))
+        fill["bytes"] = ctx.model_bytes
+        fill["seconds"] = seconds
+        fill["value"] = ctx.model_bytes / (1 << 20) / seconds
+        fill["cache_bytes"] = cache_bytes(ctx, cache)
+        fill["ok"] = True
+    except Failed as e:
+        record_failure(ctx, fill, e, mounts)
+    finally:
+        stop_all(mounts)
+
+    rec = new_record("local-disk", latency, run, "MiB/s")
+    copy = os.path.join(ctx.workdir, f"local-copy-{next_index()}.safetensors")
+    try:
+        try:
+            copy_file(ctx.model_path, copy)
+        except OSError as e:
+            raise Failed(f"cannot copy the model on the local disk: {e}")
+        drop_caches(ctx, server=False)
+        rec["loadavg_1m"] = os.getloadavg()[0]
+        read_model(ctx, rec, [copy], run, reopen=False)
+        rec["value"] = rec["bytes"] / (1 << 20) / rec["seconds"]
+        rec["ok"] = True
+    except Failed as e:
+        record_failure(ctx, rec, e)
+    finally:
+        try:
+            os.unlink(copy)
+        except OSError:
+            pass
+    recs += [rec, fill]
+
+    # The first mount after the fill, a second one (bucketfs verifies a cached file in full the
+    # first time it hands it to the kernel, then marks it sealed), then no passthrough at all.
+    for scenario, extra in (("bucketfs/warm", []), ("bucketfs/warm-again", []),
+                            ("bucketfs/warm-nopt", ["--no-passthrough"])):
+        rec = new_record(scenario, latency, run, "MiB/s")
+        rec["passthrough_requested"] = not extra
+        if not fill["ok"]:
+            rec["error"] = "the cache could not be filled: " + fill["error"]
+            recs.append(rec)
+            continue
+        m = Mount(ctx, "bucketfs", endpoint, next_index(), cache_dir=cache, extra=extra)
+        try:
+            m.start()
+            drop_caches(ctx, server=False)
+            rec["loadavg_1m"] = os.getloadavg()[0]
+            read_model(ctx, rec, [os.path.join(m.mnt, MODEL_KEY)], run, proxy, mounts=[m])
+            rec["value"] = rec["bytes"] / (1 << 20) / rec["seconds"]
+            mount_facts(rec, [m])
+            rec["ok"] = True
+        except Failed as e:
+            record_failure(ctx, rec, e, [m])
+        finally:
+            stop_all([m])
+        recs.append(rec)
+    shutil.rmtree(cache, ignore_errors=True)
+    return recs
+
+
+def cache_bytes(ctx, cache):
+    """What `bucketfs cache stats` says the cache holds (None if it cannot say)."""
+    code, out, _, _ = run_child([os.path.join(ctx.args.bin_dir, "bucketfs"), "cache", "stats",
+                                 "--cache-dir", cache], 60)
+    m = re.search(r"^bytes:\s*(\d+)", out, re.MULTILINE)
+    return int(m.group(1)) if code == 0 and m else None
+
+
+def step_replicas(ctx, kind, latency, run, endpoint, proxy, next_index):
+    """Issue 4, cold replicas: 1, then N daemons of `kind` sharing one cache directory read the
+    model at the same moment, from an empty cache and a dropped page cache."""
+    recs = []
+    for n in dict.fromkeys((1, ctx.args.replicas)):
+        rec = new_record(f"{kind}/replicas-{n}", latency, run, "s")
+        rec["replicas"] = n
+        rec["model_bytes"] = ctx.model_bytes
+        cache = fresh_dir(ctx, f"shared-cache-{next_index()}")
+        mounts = []
+        try:
+            for _ in range(n):
+                m = Mount(ctx, kind, endpoint, next_index(), cache_dir=cache)
+                mounts.append(m)
+                m.start()
+            drop_caches(ctx)
+            rec["loadavg_1m"] = os.getloadavg()[0]
+            wall = read_model(ctx, rec, [os.path.join(m.mnt, MODEL_KEY) for m in mounts], run,
+                              proxy, mounts=mounts)
+            rec["value"] = wall
+            rec["aggregate_mib_s"] = rec["bytes"] / (1 << 20) / wall
+            rec["fetched_per_model"] = rec["fetched_bytes"] / ctx.model_bytes
+            mount_facts(rec, mounts)
+            rec["ok"] = True
+        except Failed as e:
+            # What the failed run cost is kept (and shown with the error): a peer that returns
+            # wrong bytes from a shared cache still fetched something in some time.
+            if rec.get("fetched_bytes") is not None:
+                rec["fetched_per_model"] = rec["fetched_bytes"] / ctx.model_bytes
+                e = Failed(f"{e} (wall {rec['seconds']:.2f} s, fetched/model "
+                           f"{rec['fetched_per_model']:.2f})" if rec.get("seconds") else str(e))
+            record_failure(ctx, rec, e, mounts)
+        finally:
+            stop_all(mounts)
+            shutil.rmtree(cache, ignore_errors=True)
+        recs.append(rec)
+    return recs
+
+
+def step_write(ctx, latency, run, endpoint, proxy, next_index):
+    """Issue 6: a checkpoint written through a writable mount (dd, close included) next to a
+    direct multipart upload of the same file; the object is checked in the bucket after each."""
+    a = ctx.args
+    recs = []
+    s3 = s3_client()
+    for scenario in ("direct-upload", "bucketfs/write"):
+        rec = new_record(scenario, latency, run, "MiB/s")
+        bucket = f"{BUCKET}-write"
+        mounts = []
+        created = False
+        try:
+            s3.create_bucket(Bucket=bucket)
+            created = True
+            drop_caches(ctx, server=False)
+            # The checkpoint is in memory when the application writes it: both sides read the
+            # source file from the page cache (locked there, else read back in), so the local
+            # disk's read speed is not measured.
+            if ctx.locked.get(ctx.write_path) != ctx.write_bytes:
+                with open(ctx.write_path, "rb", buffering=0) as f:
+                    buf = bytearray(8 << 20)
+                    while f.readinto(buf):
+                        pass
+            if scenario == "bucketfs/write":
+                staging = fresh_dir(ctx, f"write-cache-{next_index()}")
+                m = Mount(ctx, "bucketfs", endpoint, next_index(), cache_dir=staging,
+                          writable=True, bucket=bucket)
+                mounts.append(m)
+                m.start()
+            rec["loadavg_1m"] = os.getloadavg()[0]
+            before = proxy.stats()
+            if scenario == "direct-upload":
+                argv = [os.path.join(a.bin_dir, "examples", "direct_upload"), bucket, WRITE_KEY,
+                        "--file", ctx.write_path, "--endpoint-url", endpoint,
+                        "--force-path-style", "--part-size", str(a.upload_part_size),
+                        "--concurrency", str(a.upload_concurrency)]
+                code, out, err, _ = run_child(argv, a.timeout)
+                if code != 0:
+                    raise Failed(f"direct_upload exited with {code}: "
+                                 f"{ctx.scrub(err.strip())[-300:]}")
+                res = json.loads(out)
+                rec["seconds"] = res["seconds"]
+                rec["peak_rss_kib"] = res.get("peak_rss_kib")
+            else:
+                target = os.path.join(mounts[0].mnt, os.path.basename(WRITE_KEY))
+                code, _, err, seconds = run_child(
+                    ["dd", f"if={ctx.write_path}", f"of={target}", "bs=8M"], a.timeout)
+                m_bytes = re.search(r"^(\d+) bytes", err, re.MULTILINE)
+                if code != 0 or not m_bytes:
+                    raise Failed(f"dd exited with {code}: {ctx.scrub(err.strip())[-300:]}")
+                if int(m_bytes.group(1)) != ctx.write_bytes:
+                    raise Failed(f"dd wrote {m_bytes.group(1)} of {ctx.write_bytes} bytes")
+                rec["seconds"] = seconds
+            rec.update(proxy_delta(proxy, before))
+            rec["bytes"] = ctx.write_bytes
+            rec["value"] = ctx.write_bytes / (1 << 20) / rec["seconds"]
+            rec["uploaded_per_written"] = rec["sent_bytes"] / ctx.write_bytes
+            bad = verify_object(ctx, s3, bucket, run)
+            if bad:
+                raise Failed(bad)
+            if mounts:
+                mount_facts(rec, mounts)
+            rec["ok"] = True
+        except Failed as e:
+            record_failure(ctx, rec, e, mounts)
+        except Exception as e:  # the S3 calls of the set-up and the checks
+            record_failure(ctx, rec, f"{type(e).__name__}: {e}", mounts)
+        finally:
+            stop_all(mounts)
+            if created:
+                try:
+                    delete_bucket(bucket)
+                except Exception as e:
+                    ctx.warn(f"could not delete the bucket {bucket}: {e}")
+        recs.append(rec)
+    return recs
+
+
+def verify_object(ctx, s3, bucket, run):
+    """The object must be in the bucket as soon as the writer returned, with the right size and
+    the right bytes at sampled offsets."""
+    try:
+        head = s3.head_object(Bucket=bucket, Key=WRITE_KEY)
+    except Exception as e:
+        return f"no {WRITE_KEY} in the bucket after the write returned ({type(e).__name__})"
+    if head["ContentLength"] != ctx.write_bytes:
+        return f"the object has {head['ContentLength']} bytes, {ctx.write_bytes} were written"
+    with open(ctx.write_path, "rb") as local:
+        for off in sample_offsets(ctx.write_bytes, ctx.args.verify_samples, run):
+            want = os.pread(local.fileno(), 1 << 20, off)
+            got = s3.get_object(Bucket=bucket, Key=WRITE_KEY,
+                                Range=f"bytes={off}-{off + len(want) - 1}")["Body"].read()
+            if got != want:
+                return f"the object's bytes at offset {off} differ from what was written"
+    return None
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -575,18 +1138,50 @@ def versions(args):
     return v
 
 
+STEPS = {"warm", "write"} | {f"{m}/replicas" for m in ["bucketfs"] + CACHE_PEERS}
+
+
 def scenarios(args):
-    byte_tests = {"bucketfs": [t for t in args.bucketfs_tests if t != "list"]}
+    """One round: the read and listing scenarios (one measure() each), then the steps of the
+    cache and write tests (several records each)."""
+    reads = ("seq", "random", "safetensors")
+    byte_tests = {"bucketfs": [t for t in args.bucketfs_tests if t in reads]}
     list_tests = {"bucketfs": [t for t in args.bucketfs_tests if t == "list"]}
     for peer in PEERS:
-        byte_tests[peer] = [t for t in args.peer_tests if t != "list"]
+        byte_tests[peer] = [t for t in args.peer_tests if t in reads]
         list_tests[peer] = [t for t in args.peer_tests if t == "list"]
     out = ["direct"]
     out += [f"{m}/{t}" for m in args.mounts for t in byte_tests[m]]
     listed = [f"{m}/{t}" for m in args.mounts for t in list_tests[m]]
     if listed:
         out += ["direct-list"] + listed
+    if "bucketfs" in args.mounts and "warm" in args.bucketfs_tests:
+        out.append("warm")
+    if "bucketfs" in args.mounts and "replicas" in args.bucketfs_tests:
+        out.append("bucketfs/replicas")
+    if "replicas" in args.peer_tests:
+        out += [f"{m}/replicas" for m in CACHE_PEERS if m in args.mounts]
+    if "bucketfs" in args.mounts and "write" in args.bucketfs_tests:
+        out.append("write")
     return out
+
+
+def run_step(ctx, step, latency, run, endpoint, proxy, counting):
+    """Runs one plan entry; returns its records. `counting` is a proxy in front of the server
+    also at 0 ms (the replica and write tests always count bucket traffic)."""
+    if step not in STEPS:
+        return [measure(ctx, step, latency, run, endpoint, proxy, ctx.next_index())]
+    if step == "warm":
+        return step_warm(ctx, latency, run, endpoint, proxy, ctx.next_index)
+    via = counting.endpoint
+    if step == "write":
+        recs = step_write(ctx, latency, run, via, counting, ctx.next_index)
+    else:
+        recs = step_replicas(ctx, step.split("/")[0], latency, run, via, counting,
+                             ctx.next_index)
+    for rec in recs:
+        rec["proxy"] = True
+    return recs
 
 
 def main():
@@ -618,8 +1213,23 @@ def main():
                     help=f"which mounts to measure (default {','.join(MOUNTS)})")
     ap.add_argument("--bucketfs-tests", type=name_list(TESTS), default=TESTS,
                     help=f"tests on the bucketfs mount (default {','.join(TESTS)})")
-    ap.add_argument("--peer-tests", type=name_list(TESTS), default=["seq"],
-                    help="tests on the s3fs and rclone mounts (default seq)")
+    ap.add_argument("--peer-tests", type=name_list(PEER_TESTS), default=["seq", "replicas"],
+                    help="tests on the s3fs and rclone mounts (default seq,replicas; replicas "
+                         "runs on the mounts with a cache: s3fs+cache, rclone+cache)")
+    ap.add_argument("--replicas", type=int, default=4,
+                    help="daemons sharing one cache dir in the replicas test (default 4)")
+    ap.add_argument("--warm-fill", choices=["warm", "read"], default="warm",
+                    help='how the warm test fills the cache: "bucketfs warm" or a first read '
+                         "through a mount (default warm)")
+    ap.add_argument("--write-size", type=parse_size, default="2GiB",
+                    help="size of the checkpoint of the write test (default 2GiB)")
+    ap.add_argument("--upload-part-size", type=parse_size, default="16MiB",
+                    help="part size of the direct multipart upload (default 16MiB)")
+    ap.add_argument("--upload-concurrency", type=int, default=8,
+                    help="parts in flight in the direct multipart upload (default 8)")
+    ap.add_argument("--verify-samples", type=int, default=16,
+                    help="1 MiB blocks checked after each cache/replica read and write "
+                         "(default 16, plus the first and last)")
     ap.add_argument("--bucketfs-args", type=shlex.split, default=[],
                     help='extra arguments for "bucketfs mount", e.g. "--read-concurrency 16"')
     ap.add_argument("--timeout", type=int, default=1800,
@@ -627,9 +1237,11 @@ def main():
     ap.add_argument("--mount-timeout", type=int, default=30,
                     help="seconds a daemon gets to mount (default 30)")
     ap.add_argument("--no-warm-server", action="store_true",
-                    help="after dropping the page cache, do not read the server's files back")
+                    help="do not keep the server's files in memory (no lock, no read back "
+                         "after each page cache drop)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"),
-                    help="where latest.json and latest.png go (default bench/results)")
+                    help="where latest.json, latest.png and latest-cache-write.png go "
+                         "(default bench/results)")
     # Set by run.sh.
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"),
                     help=argparse.SUPPRESS)
@@ -639,6 +1251,10 @@ def main():
         ap.error("--runs must be at least 1")
     if args.random_read_size > args.model_size:
         ap.error("--random-read-size is larger than the model")
+    if args.replicas < 2:
+        ap.error("--replicas must be at least 2")
+    if args.upload_concurrency < 1 or args.upload_part_size < 5 << 20:
+        ap.error("--upload-concurrency must be at least 1 and --upload-part-size 5MiB or more")
     for var in ("BUCKETFS_TEST_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         if not os.environ.get(var):
             ap.error(f"${var} is not set: run through bench/run.sh")
@@ -658,10 +1274,21 @@ def main():
     log(f"wrote a safetensors file of {tensors} tensors, {ctx.model_bytes} bytes, "
         f"in {time.perf_counter() - t0:.1f} s")
     upload(ctx, ctx.model_path, args.small_files, args.small_file_size)
+    ctx.locked = lock_server_files(ctx)
+    log(f"locked {sum(ctx.locked.values()) >> 20} MiB of the S3 server's files in memory")
+    ctx.write_path = os.path.join(ctx.workdir, "ckpt.bin")
+    ctx.write_bytes = args.write_size
+    if "write" in plan:
+        t1 = time.perf_counter()
+        make_random_file(ctx.write_path, args.write_size)
+        log(f"wrote a {human(args.write_size)} checkpoint file in {time.perf_counter() - t1:.1f} s")
+        ctx.locked.update(lock_in_memory(ctx, [ctx.write_path], "the checkpoint file"))
+    t_setup = time.perf_counter() - t0
 
     runs = []
+    step_seconds = {}
     proxy = None
-    index = 0
+    counting = None
     try:
         for latency in args.latency_ms:
             connect = latency if args.connect_delay_ms is None else args.connect_delay_ms
@@ -672,18 +1299,30 @@ def main():
                 log(f"latency {latency} ms per request, {connect} ms per connection (proxy)")
             else:
                 log("latency 0 ms: straight to the server, no proxy")
+            counting = proxy
+            if counting is None and any(s == "write" or s.endswith("/replicas") for s in plan):
+                # The replica and write tests count the bucket's traffic also at 0 ms.
+                counting = Proxy(ctx, os.environ["BUCKETFS_TEST_S3_ENDPOINT"], 0, 0)
             for run in range(1, args.runs + 1):
-                for scenario in plan:
-                    index += 1
-                    rec = measure(ctx, scenario, latency, run, endpoint, proxy, index)
-                    rec["connect_delay_ms"] = connect
-                    rec["proxy"] = proxy is not None
-                    runs.append(rec)
-                    log(f"{latency} ms, run {run}/{args.runs}, {scenario}: {show(rec)}")
+                for step in plan:
+                    t_step = time.perf_counter()
+                    for rec in run_step(ctx, step, latency, run, endpoint, proxy, counting):
+                        rec["connect_delay_ms"] = connect
+                        rec.setdefault("proxy", proxy is not None)
+                        runs.append(rec)
+                        log(f"{latency} ms, run {run}/{args.runs}, {rec['scenario']}: "
+                            f"{show(rec)}")
+                    # Set-up, cache drops and checks included: what a longer run will cost.
+                    step_seconds[step] = step_seconds.get(step, 0) + time.perf_counter() - t_step
+            if counting is not None and counting is not proxy:
+                counting.stop()
+            counting = None
             if proxy:
                 proxy.stop()
                 proxy = None
     finally:
+        if counting is not None and counting is not proxy:
+            counting.stop()
         if proxy:
             proxy.stop()
         try:
@@ -712,12 +1351,21 @@ def main():
             "bucketfs_tests": args.bucketfs_tests,
             "peer_tests": args.peer_tests,
             "warm_server": not args.no_warm_server,
+            "replicas": args.replicas,
+            "warm_fill": args.warm_fill,
+            "write_size": args.write_size,
+            "write_size_human": human(args.write_size),
+            "upload_part_size": args.upload_part_size,
+            "upload_concurrency": args.upload_concurrency,
+            "verify_samples": args.verify_samples,
             "command": os.environ.get("BUCKETFS_BENCH_COMMAND"),
         },
         "machine": machine_info(),
         "versions": versions(args),
         "started": started,
         "duration_s": round(time.perf_counter() - t0, 1),
+        "setup_s": round(t_setup, 1),
+        "step_seconds": {k: round(v, 1) for k, v in step_seconds.items()},
         "warnings": ctx.warnings,
         "runs": runs,
     }
@@ -727,6 +1375,9 @@ def main():
         json.dump(data, f, indent=1)
         f.write("\n")
     report.plot(data, os.path.join(args.out_dir, "latest.png"))
+    extra_png = os.path.join(args.out_dir, "latest-cache-write.png")
+    if report.plot_issues(data, extra_png) is None and os.path.exists(extra_png):
+        os.remove(extra_png)  # from an earlier run: it would not match latest.json
     print()
     print(f"model {human(args.model_size)} ({ctx.model_bytes} bytes, {tensors} tensors), "
           f"{args.runs} run(s), bucketfs args: {shlex.join(args.bucketfs_args) or '(none)'}")
@@ -734,7 +1385,8 @@ def main():
     shown = os.path.relpath(args.out_dir)
     if shown.startswith(".."):
         shown = args.out_dir
-    print(f"\nwrote {os.path.join(shown, 'latest.json')} and latest.png")
+    pngs = "latest.png" + (" and latest-cache-write.png" if os.path.exists(extra_png) else "")
+    print(f"\nwrote {os.path.join(shown, 'latest.json')}, {pngs}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summary table and chart of a benchmark run (bench/results/*.json).
 
-    python3 bench/report.py bench/results/latest.json [--png OUT.png] [--markdown]
+    python3 bench/report.py bench/results/latest.json [--png OUT.png] [--png2 OUT2.png] [--markdown]
 
 reprints the table of a finished run and redraws its chart; bench.py uses the same functions.
 """
@@ -10,8 +10,25 @@ import argparse
 import json
 import statistics
 
-# Which baseline each metric is compared with.
-BASELINE = {"MiB/s": "direct", "files/s": "direct-list"}
+# The tables, in order: (group, title, baseline scenario; None = per mount, see baseline_of).
+GROUPS = [
+    ("read", "Cold reads of the model (vs direct ranged GETs)", "direct"),
+    ("list", "Listing (vs direct LIST)", "direct-list"),
+    ("warm", "Warm reads from a full disk cache (issue 4; vs the local file)", "local-disk"),
+    ("replicas", "Replicas sharing one cache dir, cold (issue 4; wall time vs 1 replica)", None),
+    ("write", "Checkpoint write (issue 6; vs direct multipart upload)", "direct-upload"),
+]
+# Targets of the issues: (scenario pattern, what, test).
+TARGETS = [
+    ("bucketfs/warm", "warm read with passthrough, 1st mount, >= 0.90x the local-disk read",
+     lambda r: r["ratio"] is not None and r["ratio"] >= 0.9),
+    ("bucketfs/warm-again", "warm read with passthrough, 2nd mount, >= 0.90x the local-disk read",
+     lambda r: r["ratio"] is not None and r["ratio"] >= 0.9),
+    ("bucketfs/replicas-N", "N cold replicas fetch <= 1.05x the model size",
+     lambda r: r["fetched_per_model"] is not None and r["fetched_per_model"] <= 1.05),
+    ("bucketfs/write", "write through the mount >= 0.80x the direct multipart upload",
+     lambda r: r["ratio"] is not None and r["ratio"] >= 0.8),
+]
 
 LABELS = {
     "direct": "direct ranged GETs (baseline)",
@@ -20,6 +37,13 @@ LABELS = {
     "bucketfs/random": "bucketfs random 4 MiB preads",
     "bucketfs/safetensors": "bucketfs safetensors load",
     "bucketfs/list": "bucketfs list+stat",
+    "bucketfs/warm-fill": "bucketfs warm (fill the cache)",
+    "local-disk": "local file, same disk (baseline)",
+    "bucketfs/warm": "bucketfs warm read, passthrough, 1st mount",
+    "bucketfs/warm-again": "bucketfs warm read, passthrough, 2nd mount",
+    "bucketfs/warm-nopt": "bucketfs warm read, --no-passthrough",
+    "direct-upload": "direct multipart upload (baseline)",
+    "bucketfs/write": "bucketfs write (dd + close)",
 }
 
 
@@ -27,7 +51,29 @@ def label(scenario):
     if scenario in LABELS:
         return LABELS[scenario]
     mount, _, test = scenario.partition("/")
+    if test.startswith("replicas-"):
+        n = int(test.split("-")[1])
+        return f"{mount} x{n} replica{'s' if n > 1 else ''}" + (" (baseline)" if n == 1 else "")
     return f"{mount} {dict(seq='sequential (dd)', random='random 4 MiB preads', safetensors='safetensors load', list='list+stat').get(test, test)}"
+
+
+def group_of(scenario):
+    if scenario == "direct-list" or scenario.endswith("/list"):
+        return "list"
+    if scenario in ("local-disk", "bucketfs/warm", "bucketfs/warm-again", "bucketfs/warm-nopt"):
+        return "warm"
+    if "/replicas-" in scenario:
+        return "replicas"
+    if scenario == "direct-upload" or scenario.endswith("/write"):
+        return "write"
+    return "read"
+
+
+def baseline_of(scenario):
+    group = group_of(scenario)
+    if group == "replicas":
+        return scenario.split("/")[0] + "/replicas-1"
+    return dict((g, b) for g, _, b in GROUPS)[group]
 
 
 def summarize(runs):
@@ -36,6 +82,11 @@ def summarize(runs):
     groups = {}
     for r in runs:
         groups.setdefault((r["scenario"], r["latency_ms"]), []).append(r)
+
+    def median_of(rs, key):
+        v = [r[key] for r in rs if r.get(key) is not None]
+        return statistics.median(v) if v else None
+
     medians = {}
     rows = []
     for (scenario, latency), rs in groups.items():
@@ -43,6 +94,8 @@ def summarize(runs):
         values = [r["value"] for r in ok]
         row = {
             "scenario": scenario,
+            "group": group_of(scenario),
+            "baseline": baseline_of(scenario),
             "label": label(scenario),
             "latency_ms": latency,
             "metric": rs[0]["metric"],
@@ -55,6 +108,13 @@ def summarize(runs):
             "peak_rss_mib": None,
             "fetched_per_read": None,
             "errors": sorted({r["error"] for r in rs if r.get("error")}),
+            # Issue 4 and 6 tests (None elsewhere).
+            "fetched_per_model": median_of(ok, "fetched_per_model"),
+            "aggregate_mib_s": median_of(ok, "aggregate_mib_s"),
+            "uploaded_per_written": median_of(ok, "uploaded_per_written"),
+            "daemon_cpu_s": median_of(ok, "daemon_cpu_s"),
+            "notes": sorted({f"{k.replace('_', ' ')}: {r[k]}" for r in rs
+                             for k in ("passthrough_off", "reopen_error") if r.get(k)}),
         }
         rss = [r["peak_rss_kib"] for r in rs if r.get("peak_rss_kib")]
         if rss:
@@ -62,16 +122,17 @@ def summarize(runs):
         # Bytes the proxy returned from the bucket per byte the test read (listings: none).
         fetched = [r["fetched_bytes"] / r["bytes"] for r in ok
                    if r.get("fetched_bytes") is not None and r.get("bytes")
-                   and r["metric"] == "MiB/s"]
+                   and r["metric"] == "MiB/s" and group_of(scenario) != "write"]
         if fetched:
             row["fetched_per_read"] = statistics.median(fetched)
         medians[(scenario, latency)] = row["median"]
         rows.append(row)
     for row in rows:
-        base = medians.get((BASELINE.get(row["metric"]), row["latency_ms"]))
+        base = medians.get((row["baseline"], row["latency_ms"]))
         row["ratio"] = row["median"] / base if base and row["median"] is not None else None
     order = {s: i for i, s in enumerate(dict.fromkeys(r["scenario"] for r in runs))}
-    rows.sort(key=lambda r: (r["latency_ms"], r["metric"] != "MiB/s", order[r["scenario"]]))
+    group_order = {g: i for i, (g, _, _) in enumerate(GROUPS)}
+    rows.sort(key=lambda r: (group_order[r["group"]], r["latency_ms"], order[r["scenario"]]))
     return rows
 
 
@@ -79,97 +140,240 @@ def _fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
 
 
-def table(rows, markdown=False):
-    head = ["scenario", "latency", "median", "unit", "vs baseline", "peak RSS MiB",
-            "fetched/read", "runs ok"]
-    lines = []
-    for r in rows:
-        median = _fmt(r["median"], ".1f", "FAILED")
-        lines.append([
-            r["label"], f"{r['latency_ms']} ms", median, r["metric"],
-            _fmt(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else ""),
-            _fmt(r["peak_rss_mib"], ".0f"), _fmt(r["fetched_per_read"], ".2f"),
-            f"{r['runs_ok']}/{r['runs_ok'] + r['runs_failed']}",
-        ])
+def _ratio(r):
+    return _fmt(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else "")
+
+
+def _runs(r):
+    return f"{r['runs_ok']}/{r['runs_ok'] + r['runs_failed']}"
+
+
+def _rss(r):
+    return _fmt(r["peak_rss_mib"], ".0f")
+
+
+# Columns of each table: (header, cell of a summary row). Left-aligned: the first and "unit".
+_COMMON_HEAD = [("scenario", lambda r: r["label"]), ("latency", lambda r: f"{r['latency_ms']} ms"),
+                ("median", lambda r: _fmt(r["median"], ".1f", "FAILED")),
+                ("unit", lambda r: r["metric"])]
+COLUMNS = {
+    "read": _COMMON_HEAD + [("vs baseline", _ratio), ("peak RSS MiB", _rss),
+                            ("fetched/read", lambda r: _fmt(r["fetched_per_read"], ".2f")),
+                            ("runs ok", _runs)],
+    "warm": _COMMON_HEAD + [("vs local file", _ratio), ("peak RSS MiB", _rss),
+                            ("daemon CPU s", lambda r: _fmt(r["daemon_cpu_s"], ".2f")),
+                            ("fetched/read", lambda r: _fmt(r["fetched_per_read"], ".2f")),
+                            ("runs ok", _runs)],
+    "replicas": [("scenario", lambda r: r["label"]),
+                 ("latency", lambda r: f"{r['latency_ms']} ms"),
+                 ("wall s", lambda r: _fmt(r["median"], ".2f", "FAILED")),
+                 ("vs 1 replica", _ratio),
+                 ("MiB/s in all", lambda r: _fmt(r["aggregate_mib_s"], ".1f")),
+                 ("fetched/model", lambda r: _fmt(r["fetched_per_model"], ".2f")),
+                 ("peak RSS MiB", _rss), ("runs ok", _runs)],
+    "write": _COMMON_HEAD + [("vs direct", _ratio), ("peak RSS MiB", _rss),
+                             ("uploaded/written", lambda r: _fmt(r["uploaded_per_written"], ".2f")),
+                             ("runs ok", _runs)],
+}
+COLUMNS["list"] = COLUMNS["read"]
+
+
+def _one_table(rows, columns, markdown):
+    head = [h for h, _ in columns]
+    lines = [[cell(r) for _, cell in columns] for r in rows]
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(line) + " |" for line in lines]
-    else:
-        widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-        fmt = lambda cells: "  ".join(  # noqa: E731
-            c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-        out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
-    errors = [(r, e) for r in rows for e in r["errors"]]
-    for r, e in errors:
-        out.append(("" if not markdown else "\n") +
-                   f"{r['label']} at {r['latency_ms']} ms failed: {e}")
+        return out + ["| " + " | ".join(line) + " |" for line in lines]
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    left = {0, head.index("unit")} if "unit" in head else {0}
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+    return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
+
+
+def targets(rows):
+    """The issues' targets, as measured: (what, latency, value shown, met or not)."""
+    out = []
+    for pattern, what, test in TARGETS:
+        for r in rows:
+            if pattern.endswith("-N"):
+                n = r["scenario"].rpartition("-")[2]
+                hit = (r["scenario"].startswith(pattern[:-1]) and n.isdigit() and int(n) > 1)
+            else:
+                hit = r["scenario"] == pattern
+            if not hit:
+                continue
+            if r["median"] is None:
+                out.append((what, r["latency_ms"], "failed", False))
+                continue
+            shown = (f"{r['fetched_per_model']:.2f}x" if r["fetched_per_model"] is not None
+                     and pattern.endswith("-N") else _ratio(r))
+            out.append((what.replace("N cold", f"{r['scenario'].rpartition('-')[2]} cold"),
+                        r["latency_ms"], shown, test(r)))
+    return out
+
+
+def table(rows, markdown=False):
+    """One table per group of scenarios, then failures, notes and the issues' targets."""
+    out = []
+    for group, title, _ in GROUPS:
+        mine = [r for r in rows if r.get("group", group_of(r["scenario"])) == group]
+        if not mine:
+            continue
+        if out:
+            out.append("")
+        out.append(f"#### {title}" if markdown else f"{title}:")
+        if markdown:
+            out.append("")
+        out += _one_table(mine, COLUMNS[group], markdown)
+    notes = [f"{r['label']} at {r['latency_ms']} ms failed: {e}" for r in rows for e in r["errors"]]
+    notes += [f"{r['label']} at {r['latency_ms']} ms: {n}" for r in rows
+              for n in r.get("notes", [])]
+    if notes:
+        out.append("")
+        out += [("- " if markdown else "") + n for n in notes]
+    goals = targets(rows)
+    if goals:
+        out.append("")
+        out.append("Targets (as measured):")
+        if markdown:
+            out.append("")
+        for what, latency, shown, met in goals:
+            out.append(f"{'- ' if markdown else '  '}{what}, at {latency} ms: {shown} "
+                       f"({'met' if met else 'NOT met'})")
     return "\n".join(out)
 
 
-def plot(data, path):
-    import matplotlib
-    matplotlib.use("Agg")
+def _panel(ax, rows, latencies, *, log_scale, ylabel, title, extra=None):
+    """Bars of the median per scenario (x) and latency (colour), min-max whiskers; each
+    scenario's baseline hatched, labels: the value and the ratio to the baseline (plus
+    extra(row) when given)."""
+    import matplotlib.patches
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    rows = data["summary"]
-    latencies = sorted({r["latency_ms"] for r in rows})
-    panels = [m for m in ("MiB/s", "files/s") if any(r["metric"] == m for r in rows)]
-    widths = [max(1, len({r["scenario"] for r in rows if r["metric"] == m})) for m in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(min(22, 4 + 1.3 * sum(widths)), 6.5),
-                             gridspec_kw={"width_ratios": widths}, squeeze=False)
     colors = plt.get_cmap("tab10")
-    p = data["params"]
-    for ax, metric in zip(axes[0], panels):
-        scen = list(dict.fromkeys(r["scenario"] for r in rows if r["metric"] == metric))
-        by = {(r["scenario"], r["latency_ms"]): r for r in rows}
-        n = len(latencies)
-        w = 0.8 / n
-        for j, lat in enumerate(latencies):
-            xs, hs, lo, hi, hatch = [], [], [], [], []
-            for i, s in enumerate(scen):
-                r = by.get((s, lat))
-                x = i - 0.4 + w * (j + 0.5)
-                if r is None:
-                    continue
-                if r["median"] is None:
-                    ax.text(x, 0.02, "failed", rotation=90, ha="center", va="bottom",
-                            fontsize=8, color="red", transform=ax.get_xaxis_transform())
-                    continue
-                xs.append(x)
-                hs.append(r["median"])
-                lo.append(r["median"] - r["min"])
-                hi.append(r["max"] - r["median"])
-                hatch.append(s == BASELINE[metric])
-                ratio = "" if r["ratio"] is None else f"\n{r['ratio']:.2f}x"
-                ax.annotate(f"{r['median']:.0f}{ratio}", (x, r["max"]), ha="center",
-                            va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
-            bars = ax.bar(xs, hs, w, yerr=[lo, hi], capsize=2, color=colors(j),
-                          label=f"{lat} ms per request", edgecolor="black", linewidth=0.5)
-            for b, is_base in zip(bars, hatch):
-                if is_base:
-                    b.set_hatch("//")
-            base = by.get((BASELINE[metric], lat))
+    scen = list(dict.fromkeys(r["scenario"] for r in rows))
+    by = {(r["scenario"], r["latency_ms"]): r for r in rows}
+    w = 0.8 / len(latencies)
+    for j, lat in enumerate(latencies):
+        xs, hs, lo, hi, hatch = [], [], [], [], []
+        for i, s in enumerate(scen):
+            r = by.get((s, lat))
+            x = i - 0.4 + w * (j + 0.5)
+            if r is None:
+                continue
+            if r["median"] is None:
+                ax.text(x, 0.02, "failed", rotation=90, ha="center", va="bottom",
+                        fontsize=8, color="red", transform=ax.get_xaxis_transform())
+                continue
+            xs.append(x)
+            hs.append(r["median"])
+            lo.append(r["median"] - r["min"])
+            hi.append(r["max"] - r["median"])
+            hatch.append(s == r["baseline"])
+            v = r["median"]
+            text = f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+            if r["ratio"] is not None and s != r["baseline"]:
+                text += f"\n{r['ratio']:.2f}x"
+            if extra and s != r["baseline"] and extra(r):
+                text += "\n" + extra(r)
+            ax.annotate(text, (x, r["max"]), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 2), textcoords="offset points")
+        bars = ax.bar(xs, hs, w, yerr=[lo, hi], capsize=2, color=colors(j),
+                      edgecolor="black", linewidth=0.5)
+        for b, is_base in zip(bars, hatch):
+            if is_base:
+                b.set_hatch("//")
+        bases = {r["baseline"] for r in rows}
+        if len(bases) == 1:
+            base = by.get((bases.pop(), lat))
             if base and base["median"]:
                 ax.axhline(base["median"], color=colors(j), linestyle="--", linewidth=0.8)
-        ax.set_xticks(range(len(scen)))
-        ax.set_xticklabels([label(s) for s in scen], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(scen)))
+    ax.set_xticklabels([label(s) for s in scen], rotation=30, ha="right", fontsize=8)
+    if log_scale:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_ylabel(f"{metric} (median of runs; log scale)")
         ax.margins(y=0.25)
-        ax.set_title("reads of the model file" if metric == "MiB/s"
-                     else f"listing + stat of {p['small_files']} small files", fontsize=10)
-        ax.legend(fontsize=8, loc="upper right")
-        ax.grid(axis="y", which="both", alpha=0.3)
-    fig.suptitle(
-        f"bucketfs model-loading benchmark: model {p['model_size_human']}, {p['runs']} run(s), "
-        f"{data['machine']['nproc']} CPUs; hatched bar and dashed line = baseline "
-        f"(labels: value, ratio to baseline)", fontsize=10)
+    else:
+        ax.set_ylim(0, max([r["max"] for r in rows if r["max"] is not None] or [1]) * 1.3)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    # Plain patches: the first bar of a series may be a hatched baseline.
+    ax.legend(handles=[matplotlib.patches.Patch(facecolor=colors(j), edgecolor="black",
+                                                linewidth=0.5, label=f"{lat} ms per request")
+                       for j, lat in enumerate(latencies)], fontsize=8, loc="upper right")
+    ax.grid(axis="y", which="both", alpha=0.3)
+
+
+def _figure(data, groups, path, caption):
+    """One panel per group present; returns the path, or None if no group had rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["summary"] if r.get("group", group_of(r["scenario"])) in groups]
+    present = [g for g in groups if any(r.get("group", group_of(r["scenario"])) == g
+                                        for r in rows)]
+    if not present:
+        return None
+    latencies = sorted({r["latency_ms"] for r in rows})
+    widths = [max(1, len({r["scenario"] for r in rows if r.get("group", group_of(r["scenario"]))
+                          == g})) for g in present]
+    fig, axes = plt.subplots(1, len(present), figsize=(min(22, 4 + 1.4 * sum(widths)), 6.8),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    p = data["params"]
+    for ax, g in zip(axes[0], present):
+        mine = [r for r in rows if r.get("group", group_of(r["scenario"])) == g]
+        for r in mine:  # summaries written before groups existed
+            r.setdefault("baseline", baseline_of(r["scenario"]))
+        if g == "read":
+            _panel(ax, mine, latencies, log_scale=True,
+                   ylabel="MiB/s (median of runs; log scale)", title="reads of the model file")
+        elif g == "list":
+            _panel(ax, mine, latencies, log_scale=True,
+                   ylabel="files/s (median of runs; log scale)",
+                   title=f"listing + stat of {p['small_files']} small files")
+        elif g == "warm":
+            _panel(ax, mine, latencies, log_scale=False, ylabel="MiB/s (median of runs)",
+                   title="warm read of the model: full disk cache vs the local file (issue 4)")
+        elif g == "replicas":
+            _panel(ax, mine, latencies, log_scale=False,
+                   ylabel="wall seconds until every replica has read the model (lower is better)",
+                   title=f"{p.get('replicas', 'N')} replicas sharing one cache dir, cold, vs 1 "
+                         "(issue 4)",
+                   extra=lambda r: (f"fetch {r['fetched_per_model']:.2f}x"
+                                    if r.get("fetched_per_model") is not None else ""))
+        elif g == "write":
+            _panel(ax, mine, latencies, log_scale=False, ylabel="MiB/s (median of runs)",
+                   title=f"writing a {p.get('write_size_human', '')} checkpoint (issue 6)",
+                   extra=lambda r: (f"up {r['uploaded_per_written']:.2f}x"
+                                    if r.get("uploaded_per_written") is not None
+                                    and abs(r["uploaded_per_written"] - 1) >= 0.005 else ""))
+    fig.suptitle(caption.format(model=p["model_size_human"], runs=p["runs"],
+                                cpus=data["machine"]["nproc"]), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def plot(data, path):
+    """The cold-read and listing chart (latest.png)."""
+    return _figure(data, ["read", "list"], path,
+                   "bucketfs model-loading benchmark: model {model}, {runs} run(s), {cpus} CPUs; "
+                   "hatched bar and dashed line = baseline (labels: value, ratio to baseline)")
+
+
+def plot_issues(data, path):
+    """The disk cache, replica and write chart (latest-cache-write.png), if any were run."""
+    return _figure(data, ["warm", "replicas", "write"], path,
+                   "bucketfs disk cache and write path: model {model}, {runs} run(s), {cpus} "
+                   "CPUs; hatched = baseline (labels: value, ratio to its baseline)")
 
 
 def main():
@@ -178,12 +382,17 @@ def main():
     ap.add_argument("json")
     ap.add_argument("--png")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--png2", help="also draw the disk cache / replica / write chart here")
     a = ap.parse_args()
     with open(a.json) as f:
         data = json.load(f)
+    # Recomputed from the raw runs, so that files written by older versions print the same way.
+    data["summary"] = summarize(data["runs"])
     print(table(data["summary"], markdown=a.markdown))
     if a.png:
         plot(data, a.png)
+    if a.png2 and plot_issues(data, a.png2) is None:
+        print("(no disk cache, replica or write results to draw)")
 
 
 if __name__ == "__main__":

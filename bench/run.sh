@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# Model-loading benchmark of bucketfs: one command, prints a table and writes
-# bench/results/latest.json and bench/results/latest.png.
+# Model-loading benchmark of bucketfs: one command, prints the tables and writes
+# bench/results/latest.json, latest.png and latest-cache-write.png.
 #
 #   ./bench/run.sh                                   # 2 GiB model, 3 runs, no added latency
-#   ./bench/run.sh --model-size 256MiB --runs 1 --latency-ms 0,25
+#   ./bench/run.sh --latency-ms 0,25                 # the full run (~26 min on 2 CPUs)
+#   ./bench/run.sh --model-size 256MiB --write-size 512MiB --runs 1 --latency-ms 0,25
 #   ./bench/run.sh --bucketfs-args "--read-concurrency 16"
 #
 # It installs what it needs (fuse3, SeaweedFS, s3fs, rclone from apt; the Python packages of
-# bench/requirements.txt into a virtualenv), builds bucketfs and the two helper examples
-# (delay_proxy, direct_download), starts the local S3 server, runs bench/bench.py, and always
-# cleans up: unmounts, stops every process it started, deletes the data.
+# bench/requirements.txt into a virtualenv), builds bucketfs and the helper examples
+# (delay_proxy, direct_download, direct_upload), starts the local S3 server, runs bench/bench.py,
+# and always cleans up: unmounts, stops every process it started, deletes the data.
 #
 # Options of this script (everything else goes to bench.py; see --help):
 #   --no-install   do not install packages (they must be there)
 #   --no-build     use the binaries already in target/release
 # Environment: BUCKETFS_BENCH_VENV (virtualenv path), BUCKETFS_BENCH_TMP (where the scratch
-# directory goes, default $TMPDIR or /tmp; it needs about 3x the model size free).
+# directory goes, default $TMPDIR or /tmp, on a local disk; it needs about 4x the model size
+# plus 2x the write size free).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -86,7 +88,8 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 if [[ $build -eq 1 ]]; then
     log "building bucketfs and the bench examples (release)"
-    cargo build --release --locked --bin bucketfs --example delay_proxy --example direct_download
+    cargo build --release --locked --bin bucketfs --example delay_proxy --example direct_download \
+        --example direct_upload
 fi
 
 work="$(mktemp -d "${BUCKETFS_BENCH_TMP:-${TMPDIR:-/tmp}}/bucketfs-bench.XXXXXX")"

@@ -17,15 +17,16 @@
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::retry::RetryConfig;
-use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::DisplayErrorContext;
 use bytes::BytesMut;
 use clap::Parser;
 use futures::StreamExt;
+
+mod common;
+use common::{StoreArgs, parse_size};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,15 +36,8 @@ struct Args {
     bucket: String,
     /// Object key (with --list: a prefix).
     key: String,
-    /// S3-compatible endpoint (default: AWS).
-    #[arg(long)]
-    endpoint_url: Option<String>,
-    /// Region (default: from the AWS configuration, else us-east-1).
-    #[arg(long)]
-    region: Option<String>,
-    /// Address buckets as ENDPOINT/BUCKET.
-    #[arg(long)]
-    force_path_style: bool,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Size of each ranged GET, e.g. 8MiB.
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
     part_size: u64,
@@ -56,50 +50,6 @@ struct Args {
     /// List the keys under KEY instead of downloading.
     #[arg(long)]
     list: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1000,
-        "mb" => 1000 * 1000,
-        "gb" => 1000 * 1000 * 1000,
-        _ => return Err(format!("bad size unit in {s:?}")),
-    };
-    n.checked_mul(mult)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("bad size {s:?}"))
-}
-
-async fn client(args: &Args) -> Client {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(region) = &args.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    if let Some(url) = &args.endpoint_url {
-        loader = loader.endpoint_url(url);
-    }
-    let shared = loader.load().await;
-    let mut conf = aws_sdk_s3::config::Builder::from(&shared)
-        .retry_config(RetryConfig::standard().with_max_attempts(3))
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .read_timeout(Duration::from_secs(60))
-                .build(),
-        )
-        .force_path_style(args.force_path_style);
-    if shared.region().is_none() {
-        conf = conf.region(aws_config::Region::new("us-east-1"));
-    }
-    Client::from_conf(conf.build())
 }
 
 /// Reads one byte of every 64 (every cache line), so the download cannot be optimised away.
@@ -242,51 +192,14 @@ async fn list(args: &Args, client: Client) -> Result<String, Error> {
     ))
 }
 
-/// Peak resident memory of this process (VmHWM), in KiB.
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let client = client(&args).await;
+    let client = common::s3_client(&args.store, false).await;
     let result = if args.list {
         list(&args, client).await
     } else {
         download(&args, client).await
     };
-    match result {
-        Ok(json) => println!(
-            "{},\"peak_rss_kib\":{}}}",
-            json.strip_suffix('}').unwrap_or(&json),
-            peak_rss_kib()
-        ),
-        Err(e) => {
-            eprintln!("direct_download: {e}");
-            std::process::exit(1);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
-        assert_eq!(parse_size("512k"), Ok(512 << 10));
-        assert_eq!(parse_size("100"), Ok(100));
-        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("x").is_err());
-    }
+    common::finish("direct_download", result);
 }
