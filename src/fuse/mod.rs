@@ -18,8 +18,8 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
@@ -55,11 +55,17 @@ struct Passthrough {
 
 #[derive(Default)]
 struct PassthroughState {
-    /// Open file handles: inode and, for passthrough ones, the backing id they keep alive.
-    by_fh: HashMap<u64, (u64, Option<Arc<BackingId>>)>,
-    by_ino: HashMap<u64, Weak<BackingId>>,
+    /// Open file handles: inode and whether it was opened through the daemon.
+    by_fh: HashMap<u64, (u64, bool)>,
+    /// The one backing id of each inode, kept for the life of the mount: the kernel refuses a
+    /// second backing file for an inode it still associates with the first, so every later open
+    /// reuses it.
+    by_ino: HashMap<u64, Arc<BackingId>>,
     /// Handles per inode open through the daemon.
     cached_opens: HashMap<u64, usize>,
+    /// Inodes opened through the daemon in this mount: the kernel keeps such an inode in its
+    /// cached io mode, and a passthrough open of it fails, so they stay on the daemon path.
+    daemon_inodes: std::collections::HashSet<u64>,
 }
 
 impl Passthrough {
@@ -83,24 +89,30 @@ impl Passthrough {
         let mut st = self.state.lock().unwrap();
         if let Some(file) = backing
             && self.enabled.load(Ordering::Relaxed)
-            && st.cached_opens.get(&ino).copied().unwrap_or(0) == 0
+            && !st.daemon_inodes.contains(&ino)
         {
-            let id = match st.by_ino.get(&ino).and_then(Weak::upgrade) {
-                Some(id) => Ok(id),
+            let id = match st.by_ino.get(&ino) {
+                Some(id) => Ok(id.clone()),
                 None => reply.open_backing(&file).map(Arc::new),
             };
             match id {
                 Ok(id) => {
-                    st.by_ino.insert(ino, Arc::downgrade(&id));
-                    st.by_fh.insert(fh, (ino, Some(id.clone())));
+                    st.by_ino.insert(ino, id.clone());
+                    st.by_fh.insert(fh, (ino, false));
                     drop(st);
-                    reply.opened_passthrough(FileHandle(fh), flags, &id);
+                    // The page cache plays no part in passthrough reads.
+                    reply.opened_passthrough(
+                        FileHandle(fh),
+                        flags - FopenFlags::FOPEN_KEEP_CACHE,
+                        &id,
+                    );
                     return;
                 }
                 Err(e) => self.disable(&format!("the kernel refused a backing file: {e}")),
             }
         }
-        st.by_fh.insert(fh, (ino, None));
+        st.by_fh.insert(fh, (ino, true));
+        st.daemon_inodes.insert(ino);
         *st.cached_opens.entry(ino).or_default() += 1;
         drop(st);
         reply.opened(FileHandle(fh), flags);
@@ -108,7 +120,7 @@ impl Passthrough {
 
     fn release(&self, fh: u64) {
         let mut st = self.state.lock().unwrap();
-        if let Some((ino, None)) = st.by_fh.remove(&fh)
+        if let Some((ino, true)) = st.by_fh.remove(&fh)
             && let Some(n) = st.cached_opens.get_mut(&ino)
         {
             *n -= 1;
