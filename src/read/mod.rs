@@ -805,12 +805,14 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
-        /// Whatever the read pattern, and with slow and failing parts injected (failures within
-        /// the retry policy's attempts), every read returns exactly the object's bytes.
+        /// Whatever the read pattern, and with slow and failing parts injected, every read returns
+        /// exactly the object's bytes. At most 3 failures are injected in all, fewer than the
+        /// retry policy's 4 attempts, so no request can run out of tries (more would make EIO a
+        /// correct answer; `failed_prefetch_is_retried_on_demand` covers that case).
         #[test]
         fn every_read_pattern_returns_the_right_bytes(
             steps in proptest::collection::vec(step(20 << 20), 1..24),
-            faults in proptest::collection::vec((0u8..3, 1usize..3), 0..6),
+            faults in proptest::collection::vec((0u8..3, 1usize..2), 0..4),
         ) {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async {
