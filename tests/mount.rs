@@ -7,20 +7,11 @@ mod common;
 use bucketfs::store::Precondition;
 use bytes::Bytes;
 use common::backend::Backend;
-use common::{Mounted, pattern};
+use common::{Mounted, names, pattern};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-
-fn names(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    v.sort();
-    v
-}
 
 fn list_stat_and_read(b: Backend) {
     let small = pattern(1 << 20, 7);

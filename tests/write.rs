@@ -10,16 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::backend::Backend;
-use common::pattern;
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    v.sort();
-    v
-}
+use common::{names, pattern};
 
 /// 1 GiB written through the mount, then read back through it and from the bucket, byte-exact.
 fn write_and_read_back_1gib(b: Backend) {

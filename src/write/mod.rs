@@ -283,14 +283,19 @@ impl WriteHandle {
                 return Ok(());
             }
             let stream = self.stream_of(st).await?;
-            let number = stream.parts.len() as u32 + 1;
-            // Backpressure: waits while MAX_PART_UPLOADS parts are in flight.
-            let handle = self
-                .upload_part(&stream.upload, number, stream.sent, part)
-                .await;
-            stream.parts.push(handle);
-            stream.sent += part;
+            self.send_part(stream, part).await;
         }
+    }
+
+    /// Starts uploading the next `len` bytes of the stream as its next part; waits while
+    /// MAX_PART_UPLOADS parts are in flight (backpressure).
+    async fn send_part(&self, stream: &mut Stream, len: u64) {
+        let number = stream.parts.len() as u32 + 1;
+        let handle = self
+            .upload_part(&stream.upload, number, stream.sent, len)
+            .await;
+        stream.parts.push(handle);
+        stream.sent += len;
     }
 
     /// The handle's multipart upload, started (and journaled) if there is none yet.
@@ -412,12 +417,7 @@ impl WriteHandle {
         let stream = self.stream_of(st).await?;
         while stream.sent < size {
             let len = part.min(size - stream.sent);
-            let number = stream.parts.len() as u32 + 1;
-            let handle = self
-                .upload_part(&stream.upload, number, stream.sent, len)
-                .await;
-            stream.parts.push(handle);
-            stream.sent += len;
+            self.send_part(stream, len).await;
         }
         let mut parts = Vec::with_capacity(stream.parts.len());
         for handle in stream.parts.drain(..) {

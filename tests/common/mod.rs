@@ -131,6 +131,16 @@ pub async fn strict_gcs_store(tag: &str) -> DynStore {
     gcs_store_at(server.endpoint(), &bucket).await
 }
 
+/// The names in a directory, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Deterministic pseudo-random bytes (a fast xorshift), so big test files need no disk fixture.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
