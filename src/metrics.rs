@@ -428,6 +428,7 @@ fn error_kind(e: &StoreError) -> &'static str {
         StoreError::Transient(_) => "transient",
         StoreError::Unauthorized(_) => "unauthorized",
         StoreError::Invalid(_) => "invalid",
+        StoreError::NameTooLong(_) => "name_too_long",
     }
 }
 

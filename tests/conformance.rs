@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use bucketfs::store::gcs::UPLOADS;
 use bucketfs::store::local::LocalStore;
 use bucketfs::store::mem::MemStore;
-use bucketfs::store::{DynStore, Precondition, StoreError, Version};
+use bucketfs::store::{DynStore, Precondition, StoreError, UserMeta, Version};
 use bytes::Bytes;
 
 /// Smallest part S3 accepts except the last.
@@ -347,6 +347,95 @@ async fn store_clock(s: DynStore, p: String) {
     ));
 }
 
+fn meta(pairs: &[(&str, &str)]) -> UserMeta {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Every entry of `want` is in the object's user metadata (a local directory reports more: the
+/// file's other real attributes).
+async fn assert_meta(s: &DynStore, key: &str, want: &UserMeta) {
+    let got = s
+        .head(key)
+        .await
+        .unwrap()
+        .user
+        .expect("head carries user metadata");
+    for (k, v) in want {
+        assert_eq!(got.get(k), Some(v), "{key}: metadata {k} in {got:?}");
+    }
+}
+
+async fn user_metadata(s: DynStore, p: String) {
+    let key = format!("{p}meta");
+    let m1 = meta(&[
+        ("mode", "33188"),
+        ("uid", "1000"),
+        ("gid", "1001"),
+        ("mtime", "1700000000"),
+    ]);
+    let v1 = s
+        .put_with(&key, b("body"), Precondition::IfAbsent, &m1)
+        .await
+        .unwrap();
+    assert_meta(&s, &key, &m1).await;
+    // A listing says nothing, or the same.
+    let listed = s.list(&key, None, None, 10).await.unwrap();
+    let user = listed.objects[0].user.clone();
+    assert!(user.is_none_or(|u| m1.iter().all(|(k, v)| u.get(k) == Some(v))));
+
+    // A metadata change: the bytes stay, the metadata is replaced.
+    let m2 = meta(&[
+        ("mode", "33261"),
+        ("uid", "1000"),
+        ("gid", "1001"),
+        ("mtime", "1600000000.500000000"),
+    ]);
+    let v2 = s.set_meta(&key, &v1, &m2).await.unwrap();
+    assert_meta(&s, &key, &m2).await;
+    assert_eq!(read_all(&s, &key).await, b"body");
+    assert_eq!(s.head(&key).await.unwrap().version, v2);
+
+    // Only from the version the caller saw.
+    let v3 = s
+        .put_with(&key, b("other"), Precondition::None, &m1)
+        .await
+        .unwrap();
+    assert_ne!(v3, v2);
+    let stale = s.set_meta(&key, &Version("1234".into()), &m2).await;
+    assert!(
+        matches!(stale, Err(StoreError::PreconditionFailed(_))),
+        "{stale:?}"
+    );
+    assert_meta(&s, &key, &m1).await;
+
+    // Copies keep the metadata; a conditional copy too.
+    let copy = format!("{p}meta-copy");
+    s.copy(&key, &copy, Precondition::None).await.unwrap();
+    assert_meta(&s, &copy, &m1).await;
+    let copy2 = format!("{p}meta-copy2");
+    s.copy(&key, &copy2, Precondition::IfAbsent).await.unwrap();
+    assert_meta(&s, &copy2, &m1).await;
+
+    // A multipart upload publishes with the metadata it started with.
+    let up_key = format!("{p}meta-up");
+    let up = s.start_upload_with(&up_key, &m2).await.unwrap();
+    let part = s.upload_part(&up, 1, b("parts")).await.unwrap();
+    s.complete_upload(&up, vec![part], Precondition::IfAbsent)
+        .await
+        .unwrap();
+    assert_meta(&s, &up_key, &m2).await;
+    assert_eq!(read_all(&s, &up_key).await, b"parts");
+}
+
+async fn keys_over_the_limit_are_too_long(s: DynStore, p: String) {
+    let key = format!("{p}{}", "k".repeat(1100));
+    let r = s.put(&key, b("x"), Precondition::None).await;
+    assert!(matches!(r, Err(StoreError::NameTooLong(_))), "{r:?}");
+}
+
 async fn mem_store() -> DynStore {
     Arc::new(MemStore::new("conformance"))
 }
@@ -401,6 +490,19 @@ conformance!(
     empty_objects,
     store_clock,
 );
+
+/// User metadata (not served by the strict GCS server of the tests).
+mod metadata {
+    macro_rules! on {
+        ($store:ident: $($case:ident),*) => {
+            mod $store { $(#[tokio::test] async fn $case() { super::super::$case(super::super::$store().await, "t/".into()).await } )* }
+        };
+    }
+    on!(mem_store: user_metadata, keys_over_the_limit_are_too_long);
+    on!(local_store: user_metadata);
+    on!(s3_store: user_metadata, keys_over_the_limit_are_too_long);
+    on!(gcs_store: user_metadata);
+}
 
 on_fake_gcs!(
     head_get_and_ranges,
@@ -540,4 +642,52 @@ async fn local_create_if_absent_has_one_winner() {
     )
     .await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+}
+
+/// A local directory keeps symlinks, FIFOs and attributes as the real things, and never follows
+/// a symlink itself: keys through a symlinked directory (one leading out of the root here) name
+/// nothing.
+#[tokio::test]
+async fn local_symlinks_and_nodes_are_real() {
+    let dir = tempfile::tempdir().unwrap();
+    let s: DynStore = Arc::new(LocalStore::new(dir.path()).unwrap());
+    let link = meta(&[("mode", &(libc::S_IFLNK | 0o777).to_string())]);
+    s.put_with("d/l", b("../target"), Precondition::IfAbsent, &link)
+        .await
+        .unwrap();
+    let path = dir.path().join("d/l");
+    assert_eq!(
+        std::fs::read_link(&path).unwrap().to_str(),
+        Some("../target")
+    );
+    assert_eq!(s.head("d/l").await.unwrap().size, 9);
+    assert_eq!(read_all(&s, "d/l").await, b"../target");
+    let listed = s.list("d/", Some("/"), None, 10).await.unwrap();
+    assert_eq!(listed.objects.len(), 1);
+    let fifo = meta(&[("mode", &(libc::S_IFIFO | 0o640).to_string())]);
+    s.put_with("d/p", Bytes::new(), Precondition::IfAbsent, &fifo)
+        .await
+        .unwrap();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::symlink_metadata(dir.path().join("d/p")).unwrap();
+    assert!(m.file_type().is_fifo());
+    assert_eq!(m.mode() & 0o7777, 0o640);
+    assert_eq!(read_all(&s, "d/p").await, b"");
+
+    std::os::unix::fs::symlink("/etc", dir.path().join("out")).unwrap();
+    assert!(matches!(
+        s.head("out/passwd").await,
+        Err(StoreError::NotFound(_))
+    ));
+    let r = s.get_range("out/passwd", 0..10, None).await;
+    assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
+    assert!(
+        s.list("out/", Some("/"), None, 10)
+            .await
+            .unwrap()
+            .objects
+            .is_empty()
+    );
+    assert!(s.put("out/x", b("x"), Precondition::None).await.is_err());
+    assert!(!std::path::Path::new("/etc/x").exists());
 }

@@ -57,6 +57,7 @@ impl FsError {
                 StoreError::PreconditionFailed(_) => libc::ESTALE,
                 StoreError::Unauthorized(_) => libc::EACCES,
                 StoreError::Conflict(_) => libc::EBUSY,
+                StoreError::NameTooLong(_) => libc::ENAMETOOLONG,
                 StoreError::BucketNotFound(_)
                 | StoreError::Throttled(_)
                 | StoreError::Transient(_)

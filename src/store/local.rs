@@ -10,6 +10,14 @@
 //! the old file open keeps reading the old bytes (which `get_range` pins by comparing the open
 //! file's version).
 //!
+//! Attributes are the files' own: `head` reports a file's mode, owner and times as the user
+//! metadata names of `store::attrs` (the s3fs names), and writing those names sets them on the
+//! file (`chmod`, `lchown`, `utimensat`), so the directory stays a faithful copy that any other
+//! program reads the same way. A symbolic link is a real symlink (its object body is the target,
+//! as on a bucket); a FIFO, socket or device node a real one. bucketfs never follows a symlink
+//! itself: a key whose path runs through a symlinked directory does not exist, so nothing under
+//! the root can lead bucketfs outside it; the kernel follows the links it reads through a mount.
+//!
 //! Preconditions hold across processes: create-if-absent publishes with `link(2)`, which fails
 //! atomically if the name exists; compare-and-replace and conditional delete run under an
 //! exclusive `flock` on the root directory, which every mutating call of every bucketfs process
@@ -19,7 +27,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,7 +40,7 @@ use bytes::Bytes;
 
 use super::{
     ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload,
-    Version, page_of,
+    UserMeta, Version, attrs::FileAttrs, page_of,
 };
 
 const TMP_PREFIX: &str = ".bucketfs-tmp.";
@@ -94,6 +103,12 @@ fn io_err(what: &str, e: io::Error) -> StoreError {
         _ if e.raw_os_error() == Some(libc::EISDIR) => {
             StoreError::Conflict(format!("{what}: a directory has this name"))
         }
+        _ if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+            StoreError::NameTooLong(what.to_string())
+        }
+        _ if e.raw_os_error() == Some(libc::EPERM) => {
+            StoreError::Unauthorized(format!("{what}: {e}"))
+        }
         _ if e.raw_os_error() == Some(libc::ENOSPC) => {
             StoreError::Invalid(format!("{what}: no space left on device"))
         }
@@ -109,21 +124,106 @@ fn version_of(m: &fs::Metadata) -> Version {
     Version(format!("{:x}.{:x}.{:x}", m.ino(), mtime, m.size()))
 }
 
-fn mtime_of(m: &fs::Metadata) -> SystemTime {
-    if m.mtime() >= 0 {
-        UNIX_EPOCH + Duration::new(m.mtime() as u64, m.mtime_nsec() as u32)
+fn time_of(secs: i64, nanos: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nanos as u32)
     } else {
         UNIX_EPOCH
     }
 }
 
+/// A file's own attributes, as user metadata.
+fn attrs_of(m: &fs::Metadata) -> FileAttrs {
+    let ft = m.file_type();
+    let device = {
+        use std::os::unix::fs::FileTypeExt;
+        ft.is_block_device() || ft.is_char_device()
+    };
+    FileAttrs {
+        mode: Some(m.mode()),
+        uid: Some(m.uid()),
+        gid: Some(m.gid()),
+        mtime: Some(time_of(m.mtime(), m.mtime_nsec())),
+        atime: Some(time_of(m.atime(), m.atime_nsec())),
+        ctime: Some(time_of(m.ctime(), m.ctime_nsec())),
+        rdev: device.then_some(m.rdev() as u32),
+    }
+}
+
+/// `m` is `lstat`'s answer: a symlink is an object of its own (its size is its target's length).
 fn meta_of(key: String, m: &fs::Metadata) -> ObjectMeta {
     ObjectMeta {
         key,
         size: if m.is_dir() { 0 } else { m.size() },
         version: version_of(m),
-        last_modified: mtime_of(m),
+        last_modified: time_of(m.mtime(), m.mtime_nsec()),
+        user: Some(attrs_of(m).to_meta()),
     }
+}
+
+/// Sets the attributes `a` records on `path` itself (never on a symlink's target). The owner
+/// goes first: `chown` clears set-user-ID bits that the mode may set again.
+/// With `strict == false` (a new object), an owner this process may not give (it is not root)
+/// is left as it is rather than failing the write.
+fn apply_attrs(path: &Path, a: &FileAttrs, strict: bool) -> io::Result<()> {
+    let m = fs::symlink_metadata(path)?;
+    let mut uid = a.uid.filter(|u| *u != m.uid());
+    let mut gid = a.gid.filter(|g| *g != m.gid());
+    if uid.is_some() || gid.is_some() {
+        match std::os::unix::fs::lchown(path, uid, gid) {
+            Err(e) if !strict && e.raw_os_error() == Some(libc::EPERM) => (uid, gid) = (None, None),
+            other => other?,
+        }
+    }
+    if let Some(mode) = a.mode
+        && !m.file_type().is_symlink()
+        && (mode & 0o7777 != m.mode() & 0o7777 || uid.is_some() || gid.is_some())
+    {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))?;
+    }
+    if a.mtime.is_some() || a.atime.is_some() {
+        let spec = |t: Option<SystemTime>| match t {
+            Some(t) => {
+                let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+                libc::timespec {
+                    tv_sec: d.as_secs() as libc::time_t,
+                    tv_nsec: d.subsec_nanos() as _,
+                }
+            }
+            None => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+        };
+        let times = [spec(a.atime), spec(a.mtime)];
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a valid C string and an array of two timespecs, as utimensat expects.
+        let rc = unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Makes a FIFO, socket or device node at `path`.
+fn make_node(path: &Path, mode: u32, rdev: u32) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a valid C string; mknod reads nothing else.
+    let rc = unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Names the store itself uses inside the root; never listed as objects.
@@ -154,20 +254,29 @@ impl RootLock {
 }
 
 impl Inner {
-    /// The path of `key`, refusing keys that are not clean relative paths.
+    /// The path of `key`, refusing keys that are not clean relative paths. A key whose path
+    /// runs through a symlink (anything but its last segment) names no object: bucketfs never
+    /// follows a link itself (see the module docs).
     fn path(&self, key: &str) -> StoreResult<PathBuf> {
         let trimmed = key.strip_suffix('/').unwrap_or(key);
         if trimmed.is_empty() {
             return Ok(self.root.clone());
         }
         let mut p = self.root.clone();
-        for seg in trimmed.split('/') {
+        let mut segments = trimmed.split('/').peekable();
+        while let Some(seg) = segments.next() {
             if seg.is_empty() || seg == "." || seg == ".." || seg.contains('\0') {
                 return Err(StoreError::Invalid(format!(
                     "key {key:?} cannot be stored in a local directory"
                 )));
             }
             p.push(seg);
+            let last = segments.peek().is_none() && !key.ends_with('/');
+            if !last && fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(StoreError::NotFound(format!(
+                    "{key}: its path runs through a symbolic link"
+                )));
+            }
         }
         Ok(p)
     }
@@ -178,7 +287,7 @@ impl Inner {
     }
 
     fn current(&self, path: &Path) -> Option<fs::Metadata> {
-        fs::metadata(path).ok()
+        fs::symlink_metadata(path).ok()
     }
 
     /// Publishes the fully written `tmp` at `key` if `pre` holds. Consumes `tmp` either way.
@@ -206,26 +315,47 @@ impl Inner {
                 fs::rename(tmp, &path).map_err(|e| io_err(key, e))?;
             }
         }
-        let m = fs::metadata(&path).map_err(|e| io_err(key, e))?;
+        let m = fs::symlink_metadata(&path).map_err(|e| io_err(key, e))?;
         Ok(version_of(&m))
     }
 
-    /// Writes `body` to a new temporary file next to `key`'s path.
-    fn stage(
-        &self,
-        key: &str,
-        write: impl FnOnce(&mut File) -> io::Result<()>,
-    ) -> StoreResult<PathBuf> {
+    /// A fresh temporary name next to `key`'s path (its directory created if need be).
+    fn tmp_for(&self, key: &str) -> StoreResult<PathBuf> {
         let path = self.path(key)?;
         let dir = path
             .parent()
             .ok_or_else(|| StoreError::Invalid(format!("key {key:?} has no parent")))?;
         fs::create_dir_all(dir).map_err(|e| io_err(key, e))?;
-        let tmp = self.tmp_path(dir);
+        Ok(self.tmp_path(dir))
+    }
+
+    /// Makes the object to publish at `key` as a temporary file: a regular file filled by
+    /// `write`, or, when `attrs` say so, a symlink to `link` or a FIFO, socket or device node;
+    /// then gives it the attributes `attrs` record.
+    fn stage(
+        &self,
+        key: &str,
+        attrs: &FileAttrs,
+        link: impl FnOnce() -> io::Result<Vec<u8>>,
+        write: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> StoreResult<PathBuf> {
+        let tmp = self.tmp_for(key)?;
         let result = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            write(&mut f)?;
-            f.sync_data()
+            match attrs.file_type() {
+                Some(libc::S_IFLNK) => {
+                    let target = link()?;
+                    std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &tmp)?;
+                }
+                Some(t @ (libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK)) => {
+                    make_node(&tmp, t | 0o600, attrs.rdev.unwrap_or(0))?;
+                }
+                _ => {
+                    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+                    write(&mut f)?;
+                    f.sync_data()?;
+                }
+            }
+            apply_attrs(&tmp, attrs, false)
         })();
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);
@@ -234,24 +364,45 @@ impl Inner {
         Ok(tmp)
     }
 
-    fn put(&self, key: &str, body: &[u8], pre: &Precondition) -> StoreResult<Version> {
+    /// Sets `meta`'s attributes on the object `key` if it is still `version`.
+    fn set_meta(&self, key: &str, version: &Version, meta: &UserMeta) -> StoreResult<Version> {
+        let path = self.path(key)?;
+        let _lock = RootLock::take(&self.root)?;
+        match self.current(&path) {
+            Some(m) if version_of(&m) == *version && m.is_dir() == key.ends_with('/') => {}
+            _ => return Err(StoreError::PreconditionFailed(key.to_string())),
+        }
+        apply_attrs(&path, &FileAttrs::from_meta(meta), true).map_err(|e| io_err(key, e))?;
+        let m = fs::symlink_metadata(&path).map_err(|e| io_err(key, e))?;
+        Ok(version_of(&m))
+    }
+
+    fn put(
+        &self,
+        key: &str,
+        body: &[u8],
+        pre: &Precondition,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
+        let attrs = FileAttrs::from_meta(meta);
         if key.ends_with('/') {
             // A directory marker.
             let path = self.path(key)?;
             let _lock = RootLock::take(&self.root)?;
-            if *pre == Precondition::IfAbsent && path.exists() {
+            if *pre == Precondition::IfAbsent && fs::symlink_metadata(&path).is_ok() {
                 return Err(StoreError::PreconditionFailed(key.to_string()));
             }
             fs::create_dir_all(&path).map_err(|e| io_err(key, e))?;
+            apply_attrs(&path, &attrs, false).map_err(|e| io_err(key, e))?;
             return Ok(Version("dir".into()));
         }
-        let tmp = self.stage(key, |f| f.write_all(body))?;
+        let tmp = self.stage(key, &attrs, || Ok(body.to_vec()), |f| f.write_all(body))?;
         self.commit(key, &tmp, pre)
     }
 
     fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         let path = self.path(key)?;
-        let m = fs::metadata(&path).map_err(|e| io_err(key, e))?;
+        let m = fs::symlink_metadata(&path).map_err(|e| io_err(key, e))?;
         if m.is_dir() != key.ends_with('/') || key.is_empty() {
             return Err(StoreError::NotFound(key.to_string()));
         }
@@ -265,7 +416,27 @@ impl Inner {
         if_version: Option<&Version>,
     ) -> StoreResult<Bytes> {
         let path = self.path(key)?;
-        let f = File::open(&path).map_err(|e| io_err(key, e))?;
+        let linked = fs::symlink_metadata(&path).map_err(|e| io_err(key, e))?;
+        if !linked.is_file() && !linked.is_dir() {
+            // A symlink's body is its target; a FIFO, socket or device node has none.
+            if let Some(v) = if_version
+                && version_of(&linked) != *v
+            {
+                return Err(StoreError::PreconditionFailed(key.to_string()));
+            }
+            let body = match fs::read_link(&path) {
+                Ok(target) => target.into_os_string().into_vec(),
+                Err(_) => Vec::new(),
+            };
+            let start = (range.start as usize).min(body.len());
+            let end = (range.end as usize).min(body.len());
+            return Ok(Bytes::copy_from_slice(&body[start..end]));
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| io_err(key, e))?;
         let m = f.metadata().map_err(|e| io_err(key, e))?;
         if m.is_dir() {
             return Err(StoreError::NotFound(key.to_string()));
@@ -314,7 +485,8 @@ impl Inner {
                 // lock objects, are).
                 continue;
             }
-            let Ok(m) = fs::metadata(entry.path()) else {
+            // The entry itself, never what a symlink points to.
+            let Ok(m) = fs::symlink_metadata(entry.path()) else {
                 continue;
             };
             if m.is_dir() {
@@ -327,7 +499,7 @@ impl Inner {
                 } else {
                     self.walk(&entry.path(), &key, "", true, out);
                 }
-            } else if m.is_file() {
+            } else {
                 out.push(meta_of(format!("{dir_key}{name}"), &m));
             }
         }
@@ -346,8 +518,10 @@ impl Inner {
         };
         let dir = match self.path(dir_key) {
             Ok(d) => d,
-            // A prefix that no path can hold matches nothing.
-            Err(StoreError::Invalid(_)) => return Ok(ListPage::default()),
+            // A prefix that no path can hold (or one through a symlink) matches nothing.
+            Err(StoreError::Invalid(_) | StoreError::NotFound(_)) => {
+                return Ok(ListPage::default());
+            }
             Err(e) => return Err(e),
         };
         let mut all = Vec::new();
@@ -454,13 +628,22 @@ impl ObjectStore for LocalStore {
             .await
     }
 
-    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version> {
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        pre: Precondition,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
         let key = key.to_string();
-        self.blocking(move |s| s.put(&key, &body, &pre)).await
+        let meta = meta.clone();
+        self.blocking(move |s| s.put(&key, &body, &pre, &meta))
+            .await
     }
 
-    async fn start_upload(&self, key: &str) -> StoreResult<Upload> {
+    async fn start_upload_with(&self, key: &str, meta: &UserMeta) -> StoreResult<Upload> {
         let key = key.to_string();
+        let meta = meta.clone();
         self.blocking(move |s| {
             s.path(&key)?;
             let id = format!(
@@ -473,7 +656,7 @@ impl ObjectStore for LocalStore {
                 COUNTER.fetch_add(1, Ordering::Relaxed)
             );
             fs::create_dir_all(s.uploads_dir(&id)).map_err(|e| io_err(&key, e))?;
-            Ok(Upload { key, id })
+            Ok(Upload { key, id, meta })
         })
         .await
     }
@@ -507,13 +690,19 @@ impl ObjectStore for LocalStore {
             if !dir.is_dir() {
                 return Err(StoreError::NotFound(format!("upload {}", upload.id)));
             }
-            let tmp = s.stage(&upload.key, |f| {
-                for p in &parts {
-                    let mut part = File::open(dir.join(format!("{:08}", p.number)))?;
-                    io::copy(&mut part, f)?;
-                }
-                Ok(())
-            })?;
+            let attrs = FileAttrs::from_meta(&upload.meta);
+            let tmp = s.stage(
+                &upload.key,
+                &attrs,
+                || Ok(Vec::new()),
+                |f| {
+                    for p in &parts {
+                        let mut part = File::open(dir.join(format!("{:08}", p.number)))?;
+                        io::copy(&mut part, f)?;
+                    }
+                    Ok(())
+                },
+            )?;
             let v = s.commit(&upload.key, &tmp, &pre)?;
             let _ = fs::remove_dir_all(&dir);
             Ok(v)
@@ -534,14 +723,34 @@ impl ObjectStore for LocalStore {
         let (src, dst) = (src.to_string(), dst.to_string());
         self.blocking(move |s| {
             let src_path = s.path(&src)?;
-            let mut from = File::open(&src_path).map_err(|e| io_err(&src, e))?;
-            if from.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            let m = fs::symlink_metadata(&src_path).map_err(|e| io_err(&src, e))?;
+            if m.is_dir() {
                 return Err(StoreError::NotFound(src.clone()));
             }
-            let tmp = s.stage(&dst, |f| io::copy(&mut from, f).map(|_| ()))?;
+            // The copy is the same kind of file, with the same attributes (mode, owner, times).
+            let attrs = attrs_of(&m);
+            let link = || fs::read_link(&src_path).map(|t| t.into_os_string().into_vec());
+            let tmp = s.stage(&dst, &attrs, link, |f| {
+                let mut from = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&src_path)?;
+                io::copy(&mut from, f).map(|_| ())
+            })?;
             s.commit(&dst, &tmp, &pre)
         })
         .await
+    }
+
+    async fn set_meta(
+        &self,
+        key: &str,
+        version: &Version,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
+        let (key, version, meta) = (key.to_string(), version.clone(), meta.clone());
+        self.blocking(move |s| s.set_meta(&key, &version, &meta))
+            .await
     }
 
     async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {

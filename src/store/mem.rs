@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{
     ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload,
-    Version, page_of,
+    UserMeta, Version, page_of,
 };
 
 /// The store operations faults can be attached to.
@@ -34,6 +34,7 @@ pub enum Op {
     CompleteUpload,
     AbortUpload,
     Copy,
+    SetMeta,
     Delete,
 }
 
@@ -53,6 +54,7 @@ struct Object {
     data: Bytes,
     version: u64,
     modified: SystemTime,
+    user: UserMeta,
 }
 
 #[derive(Debug, Default)]
@@ -154,7 +156,16 @@ impl MemStore {
             size: o.data.len() as u64,
             version: Self::version_of(o.version),
             last_modified: o.modified,
+            user: Some(o.user.clone()),
         }
+    }
+
+    /// Refuses keys over S3's and GCS's limit, as they do.
+    fn check_key(key: &str) -> StoreResult<()> {
+        if key.len() > super::MAX_KEY_LEN {
+            return Err(StoreError::NameTooLong(key.to_string()));
+        }
+        Ok(())
     }
 
     fn check(st: &State, key: &str, pre: &Precondition) -> StoreResult<()> {
@@ -176,7 +187,7 @@ impl MemStore {
         }
     }
 
-    fn store(&self, st: &mut State, key: &str, data: Bytes) -> Version {
+    fn store(&self, st: &mut State, key: &str, data: Bytes, user: UserMeta) -> Version {
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
         st.objects.insert(
             key.to_string(),
@@ -184,6 +195,7 @@ impl MemStore {
                 data,
                 version,
                 modified: self.now(),
+                user,
             },
         );
         Self::version_of(version)
@@ -254,15 +266,23 @@ impl ObjectStore for MemStore {
         Ok(page_of(all, prefix, delimiter, page, max_keys))
     }
 
-    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version> {
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        pre: Precondition,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
         self.enter(Op::Put).await?;
+        Self::check_key(key)?;
         let mut st = self.state.lock().unwrap();
         Self::check(&st, key, &pre)?;
-        Ok(self.store(&mut st, key, body))
+        Ok(self.store(&mut st, key, body, meta.clone()))
     }
 
-    async fn start_upload(&self, key: &str) -> StoreResult<Upload> {
+    async fn start_upload_with(&self, key: &str, meta: &UserMeta) -> StoreResult<Upload> {
         self.enter(Op::StartUpload).await?;
+        Self::check_key(key)?;
         let id = format!("u{}", self.next_version.fetch_add(1, Ordering::Relaxed));
         let mut st = self.state.lock().unwrap();
         st.uploads
@@ -270,6 +290,7 @@ impl ObjectStore for MemStore {
         Ok(Upload {
             key: key.to_string(),
             id,
+            meta: meta.clone(),
         })
     }
 
@@ -307,7 +328,7 @@ impl ObjectStore for MemStore {
                 .ok_or_else(|| StoreError::Invalid(format!("part {} missing", p.number)))?;
             body.extend_from_slice(data);
         }
-        Ok(self.store(&mut st, &upload.key, body.freeze()))
+        Ok(self.store(&mut st, &upload.key, body.freeze(), upload.meta.clone()))
     }
 
     async fn abort_upload(&self, upload: &Upload) -> StoreResult<()> {
@@ -318,15 +339,33 @@ impl ObjectStore for MemStore {
 
     async fn copy(&self, src: &str, dst: &str, pre: Precondition) -> StoreResult<Version> {
         self.enter(Op::Copy).await?;
+        Self::check_key(dst)?;
         let mut st = self.state.lock().unwrap();
-        let data = st
+        let o = st
             .objects
             .get(src)
-            .ok_or_else(|| StoreError::NotFound(src.to_string()))?
+            .ok_or_else(|| StoreError::NotFound(src.to_string()))?;
+        let (data, user) = (o.data.clone(), o.user.clone());
+        Self::check(&st, dst, &pre)?;
+        Ok(self.store(&mut st, dst, data, user))
+    }
+
+    async fn set_meta(
+        &self,
+        key: &str,
+        version: &Version,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
+        self.enter(Op::SetMeta).await?;
+        let mut st = self.state.lock().unwrap();
+        Self::check(&st, key, &Precondition::IfVersion(version.clone()))?;
+        let data = st
+            .objects
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?
             .data
             .clone();
-        Self::check(&st, dst, &pre)?;
-        Ok(self.store(&mut st, dst, data))
+        Ok(self.store(&mut st, key, data, meta.clone()))
     }
 
     async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {

@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    DynStore, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreResult, Upload, Version,
+    DynStore, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreResult, Upload, UserMeta,
+    Version,
 };
 use crate::metrics;
 
@@ -90,14 +91,29 @@ impl ObjectStore for Metered {
         measure("list", self.inner.list(prefix, delimiter, page, max_keys)).await
     }
 
-    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version> {
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        pre: Precondition,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
         let len = body.len() as u64;
-        let r = measure("put", self.inner.put(key, body, pre)).await;
+        let r = measure("put", self.inner.put_with(key, body, pre, meta)).await;
         moved(r, true, |_| len)
     }
 
-    async fn start_upload(&self, key: &str) -> StoreResult<Upload> {
-        measure("start_upload", self.inner.start_upload(key)).await
+    async fn start_upload_with(&self, key: &str, meta: &UserMeta) -> StoreResult<Upload> {
+        measure("start_upload", self.inner.start_upload_with(key, meta)).await
+    }
+
+    async fn set_meta(
+        &self,
+        key: &str,
+        version: &Version,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
+        measure("set_meta", self.inner.set_meta(key, version, meta)).await
     }
 
     async fn upload_part(&self, upload: &Upload, number: u32, body: Bytes) -> StoreResult<Part> {

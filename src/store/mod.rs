@@ -15,6 +15,7 @@
 //!   jittered backoff happens in exactly one place, [`retry::Retrying`]; every attempt is
 //!   measured for `/metrics` by [`metered::Metered`], which sits inside it.
 
+pub mod attrs;
 pub mod gcs;
 pub mod local;
 pub mod mem;
@@ -22,6 +23,7 @@ pub mod metered;
 pub mod retry;
 pub mod s3;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
@@ -29,6 +31,9 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+
+/// Longest object key S3 and GCS accept, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
 
 /// The change token of one object version (S3 ETag, GCS generation, ...). Opaque to callers.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -40,6 +45,11 @@ impl fmt::Display for Version {
     }
 }
 
+/// User metadata of an object: S3's `x-amz-meta-NAME` headers, GCS custom metadata, a local
+/// file's own attributes. Names are lowercase and without the `x-amz-meta-` prefix, so one map
+/// means the same on every backend (`meta::attrs` gives them their file-attribute meaning).
+pub type UserMeta = BTreeMap<String, String>;
+
 /// What `head` and `list` say about one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {
@@ -48,6 +58,9 @@ pub struct ObjectMeta {
     pub size: u64,
     pub version: Version,
     pub last_modified: SystemTime,
+    /// The object's user metadata; `None` when this answer does not carry it (an S3 listing
+    /// does not: a `head` tells).
+    pub user: Option<UserMeta>,
 }
 
 /// One page of a listing. Keys and prefixes are full keys, in lexicographic order.
@@ -71,10 +84,13 @@ pub enum Precondition {
 }
 
 /// An in-progress multipart upload.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Upload {
     pub key: String,
     pub id: String,
+    /// The user metadata the object gets on completion (S3 takes it at the start, GCS at the
+    /// compose that completes it).
+    pub meta: UserMeta,
 }
 
 /// A part that was uploaded, as `complete_upload` needs it.
@@ -104,6 +120,10 @@ pub enum StoreError {
     Unauthorized(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The store refuses the key for its length (S3 and GCS: over 1,024 bytes; some servers
+    /// refuse shorter names).
+    #[error("name too long for the store: {0}")]
+    NameTooLong(String),
 }
 
 impl StoreError {
@@ -165,9 +185,27 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         max_keys: usize,
     ) -> StoreResult<ListPage>;
 
-    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version>;
+    /// `put_with` without user metadata.
+    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version> {
+        self.put_with(key, body, pre, &UserMeta::new()).await
+    }
 
-    async fn start_upload(&self, key: &str) -> StoreResult<Upload>;
+    /// Writes the whole object with `meta` as its user metadata.
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        pre: Precondition,
+        meta: &UserMeta,
+    ) -> StoreResult<Version>;
+
+    /// `start_upload_with` without user metadata.
+    async fn start_upload(&self, key: &str) -> StoreResult<Upload> {
+        self.start_upload_with(key, &UserMeta::new()).await
+    }
+
+    /// Starts a multipart upload whose object gets `meta` as its user metadata.
+    async fn start_upload_with(&self, key: &str, meta: &UserMeta) -> StoreResult<Upload>;
     async fn upload_part(&self, upload: &Upload, number: u32, body: Bytes) -> StoreResult<Part>;
     /// Publishes the upload atomically if `pre` holds; otherwise the upload stays open (abort it).
     async fn complete_upload(
@@ -178,14 +216,27 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     ) -> StoreResult<Version>;
     async fn abort_upload(&self, upload: &Upload) -> StoreResult<()>;
 
-    /// Server-side copy of `src` to `dst`, with `pre` checked on `dst`.
+    /// Server-side copy of `src` to `dst` (bytes and user metadata), with `pre` checked on `dst`.
     async fn copy(&self, src: &str, dst: &str, pre: Precondition) -> StoreResult<Version>;
+
+    /// Replaces the user metadata of `key`, if it is still `version`, without sending its bytes
+    /// again (S3: a copy onto itself with replaced metadata; GCS: a metadata patch; a local
+    /// directory: the file's own attributes). Fails with `PreconditionFailed` if the object
+    /// changed. Returns the object's version afterwards, which may be the same (an S3 ETag is
+    /// the digest of the bytes).
+    async fn set_meta(&self, key: &str, version: &Version, meta: &UserMeta)
+    -> StoreResult<Version>;
     /// Deletes `key`. `Precondition::IfVersion` deletes only that version; deleting a missing key
     /// without a precondition succeeds.
     async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()>;
 }
 
 pub type DynStore = Arc<dyn ObjectStore>;
+
+/// User metadata as the HTTP clients take it; `None` for none, so no empty set is sent.
+pub(crate) fn meta_map(meta: &UserMeta) -> Option<std::collections::HashMap<String, String>> {
+    (!meta.is_empty()).then(|| meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
 
 /// `get_range` of a backend that streams `get_blocks`: the whole range as one block.
 pub(crate) async fn range_in_one_block<S: ObjectStore + ?Sized>(

@@ -21,7 +21,7 @@ use rand::Rng;
 
 use super::{
     DynStore, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
-    Upload, Version,
+    Upload, UserMeta, Version,
 };
 
 /// How hard to try.
@@ -157,15 +157,34 @@ impl ObjectStore for Retrying {
             .await
     }
 
-    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version> {
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        pre: Precondition,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
         self.policy
-            .run("put", || self.inner.put(key, body.clone(), pre.clone()))
+            .run("put", || {
+                self.inner.put_with(key, body.clone(), pre.clone(), meta)
+            })
             .await
     }
 
-    async fn start_upload(&self, key: &str) -> StoreResult<Upload> {
+    async fn start_upload_with(&self, key: &str, meta: &UserMeta) -> StoreResult<Upload> {
         self.policy
-            .run("start_upload", || self.inner.start_upload(key))
+            .run("start_upload", || self.inner.start_upload_with(key, meta))
+            .await
+    }
+
+    async fn set_meta(
+        &self,
+        key: &str,
+        version: &Version,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
+        self.policy
+            .run("set_meta", || self.inner.set_meta(key, version, meta))
             .await
     }
 

@@ -9,6 +9,11 @@
 //! condition on its destination, so a conditional copy is a multipart upload of `UploadPartCopy`
 //! parts completed with the condition; that is also how objects over 5 GiB are copied.
 //!
+//! User metadata is `x-amz-meta-*` (the names s3fs uses, see `meta::attrs`). A listing does not
+//! carry it; `head` does. Changing it (`set_meta`) is a CopyObject of the object onto itself with
+//! `MetadataDirective: REPLACE` and `x-amz-copy-source-if-match` on the version the caller saw,
+//! so the bytes are never sent again.
+//!
 //! The store's clock (`head_timed`) is the `Date` header of the HEAD response, which the SDK
 //! does not put in its outputs: an interceptor attached to that one request reads it.
 
@@ -24,12 +29,12 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
 use bytes::Bytes;
 
 use super::{
     BlockBuilder, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
-    Upload, Version,
+    Upload, UserMeta, Version,
 };
 
 /// Largest single part of a server-side multipart copy (S3 allows up to 5 GiB per part).
@@ -104,6 +109,7 @@ where
     }
     match (code.as_deref(), status) {
         (Some("NoSuchBucket"), _) => StoreError::BucketNotFound(msg),
+        (Some("KeyTooLongError"), _) => StoreError::NameTooLong(msg),
         (Some("NoSuchKey" | "NotFound" | "NoSuchUpload"), _) | (_, Some(404)) => {
             StoreError::NotFound(msg)
         }
@@ -135,8 +141,15 @@ fn system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// An ETag as a version, always in its quoted form (servers differ in whether the ETag of a
+/// copy's result is quoted).
 fn version(etag: Option<&str>) -> Version {
-    Version(etag.unwrap_or_default().to_string())
+    let etag = etag.unwrap_or_default();
+    if etag.starts_with('"') || etag.is_empty() {
+        Version(etag.to_string())
+    } else {
+        Version(format!("\"{etag}\""))
+    }
 }
 
 /// Keeps the `Date` header (the server's clock) of the response to the request it is attached to.
@@ -186,7 +199,67 @@ impl S3Store {
             size: out.content_length().unwrap_or(0).max(0) as u64,
             version: version(out.e_tag()),
             last_modified: system_time(out.last_modified()),
+            user: Some(
+                out.metadata()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
         })
+    }
+
+    /// A copy of `src` (of `size` bytes) to `dst` as a multipart upload of `UploadPartCopy`
+    /// parts, completed with `pre` on `dst`; the new object gets `meta`.
+    async fn multipart_copy(
+        &self,
+        src: &str,
+        dst: &str,
+        size: u64,
+        pre: Precondition,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
+        let source = format!("{}/{}", self.bucket, src);
+        let upload = self.start_upload_with(dst, meta).await?;
+        let result = async {
+            let mut parts = Vec::new();
+            let mut start = 0u64;
+            let mut number = 1u32;
+            loop {
+                let end = (start + COPY_PART_SIZE).min(size);
+                let mut req = self
+                    .client
+                    .upload_part_copy()
+                    .bucket(&self.bucket)
+                    .key(dst)
+                    .upload_id(&upload.id)
+                    .part_number(number as i32)
+                    .copy_source(&source);
+                if size > 0 {
+                    req = req.copy_source_range(format!("bytes={}-{}", start, end - 1));
+                }
+                let out = req.send().await.map_err(|e| classify(src, e))?;
+                let tag = out
+                    .copy_part_result()
+                    .and_then(|r| r.e_tag())
+                    .unwrap_or_default()
+                    .to_string();
+                parts.push(Part { number, tag });
+                if end >= size {
+                    break;
+                }
+                start = end;
+                number += 1;
+            }
+            self.complete_upload(&upload, parts, pre).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = self.abort_upload(&upload).await;
+        }
+        result
     }
 }
 
@@ -274,6 +347,8 @@ impl ObjectStore for S3Store {
                     size: o.size().unwrap_or(0).max(0) as u64,
                     version: version(o.e_tag()),
                     last_modified: system_time(o.last_modified()),
+                    // A listing carries no user metadata.
+                    user: None,
                 })
             })
             .collect();
@@ -294,12 +369,19 @@ impl ObjectStore for S3Store {
         })
     }
 
-    async fn put(&self, key: &str, body: Bytes, pre: Precondition) -> StoreResult<Version> {
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        pre: Precondition,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
         let mut req = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_metadata(super::meta_map(meta))
             .body(ByteStream::from(body));
         match &pre {
             Precondition::None => {}
@@ -310,12 +392,13 @@ impl ObjectStore for S3Store {
         Ok(version(out.e_tag()))
     }
 
-    async fn start_upload(&self, key: &str) -> StoreResult<Upload> {
+    async fn start_upload_with(&self, key: &str, meta: &UserMeta) -> StoreResult<Upload> {
         let out = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .set_metadata(super::meta_map(meta))
             .send()
             .await
             .map_err(|e| classify(key, e))?;
@@ -325,6 +408,7 @@ impl ObjectStore for S3Store {
         Ok(Upload {
             key: key.to_string(),
             id: id.to_string(),
+            meta: meta.clone(),
         })
     }
 
@@ -398,59 +482,61 @@ impl ObjectStore for S3Store {
     }
 
     async fn copy(&self, src: &str, dst: &str, pre: Precondition) -> StoreResult<Version> {
-        let source = format!("{}/{}", self.bucket, src);
-        let size = self.head(src).await?.size;
-        if pre == Precondition::None && size <= COPY_PART_SIZE {
+        let head = self.head(src).await?;
+        if pre == Precondition::None && head.size <= COPY_PART_SIZE {
+            // CopyObject keeps the source's user metadata (`MetadataDirective: COPY`).
             let out = self
                 .client
                 .copy_object()
                 .bucket(&self.bucket)
                 .key(dst)
-                .copy_source(&source)
+                .copy_source(format!("{}/{}", self.bucket, src))
                 .send()
                 .await
                 .map_err(|e| classify(dst, e))?;
             return Ok(version(out.copy_object_result().and_then(|r| r.e_tag())));
         }
         // Multipart copy: needed for a condition on the destination and for large objects.
-        let upload = self.start_upload(dst).await?;
-        let result = async {
-            let mut parts = Vec::new();
-            let mut start = 0u64;
-            let mut number = 1u32;
-            loop {
-                let end = (start + COPY_PART_SIZE).min(size);
-                let mut req = self
-                    .client
-                    .upload_part_copy()
-                    .bucket(&self.bucket)
-                    .key(dst)
-                    .upload_id(&upload.id)
-                    .part_number(number as i32)
-                    .copy_source(&source);
-                if size > 0 {
-                    req = req.copy_source_range(format!("bytes={}-{}", start, end - 1));
-                }
-                let out = req.send().await.map_err(|e| classify(src, e))?;
-                let tag = out
-                    .copy_part_result()
-                    .and_then(|r| r.e_tag())
-                    .unwrap_or_default()
-                    .to_string();
-                parts.push(Part { number, tag });
-                if end >= size {
-                    break;
-                }
-                start = end;
-                number += 1;
-            }
-            self.complete_upload(&upload, parts, pre).await
+        let meta = head.user.unwrap_or_default();
+        self.multipart_copy(src, dst, head.size, pre, &meta).await
+    }
+
+    async fn set_meta(
+        &self,
+        key: &str,
+        version_now: &Version,
+        meta: &UserMeta,
+    ) -> StoreResult<Version> {
+        let head = self.head(key).await?;
+        if head.version != *version_now {
+            return Err(StoreError::PreconditionFailed(key.to_string()));
         }
-        .await;
-        if result.is_err() {
-            let _ = self.abort_upload(&upload).await;
+        if head.size > COPY_PART_SIZE {
+            return self
+                .multipart_copy(
+                    key,
+                    key,
+                    head.size,
+                    Precondition::IfVersion(version_now.clone()),
+                    meta,
+                )
+                .await;
         }
-        result
+        // A copy onto itself with replaced metadata, only from the version the caller knows:
+        // the bytes never leave the server.
+        let out = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .copy_source(format!("{}/{}", self.bucket, key))
+            .copy_source_if_match(&version_now.0)
+            .metadata_directive(MetadataDirective::Replace)
+            .set_metadata(super::meta_map(meta).or_else(|| Some(Default::default())))
+            .send()
+            .await
+            .map_err(|e| classify(key, e))?;
+        Ok(version(out.copy_object_result().and_then(|r| r.e_tag())))
     }
 
     async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {

@@ -604,6 +604,7 @@ impl Journal {
                 let upload = Upload {
                     key: key.to_string(),
                     id: id.to_string(),
+                    ..Default::default()
                 };
                 match store.abort_upload(&upload).await {
                     Ok(()) => {
