@@ -30,6 +30,12 @@
 //! | `bucketfs_locks_held` | | write locks held now |
 //! | `bucketfs_lock_acquisitions_total`, `bucketfs_lock_refusals_total`, `bucketfs_locks_lost_total` | | lock outcomes |
 //! | `bucketfs_build_info` | `version` | always 1 |
+//! | `bucketfs_cache_disk_writable` | | 1 while the disk tier's writes are on, 0 while paused after a write error |
+//! | `bucketfs_cache_write_errors_total` | | failed writes to the disk tier (full disk, permissions) |
+//! | `bucketfs_cache_files_open` | | cache data files held open to fill them (one per object being filled) |
+//! | `bucketfs_cache_claims_taken_over_total` | | blocks whose filler stalled past the claim wait and were fetched here |
+//! | `bucketfs_passthrough_backing_ids` | | backing files registered with the kernel for passthrough now |
+//! | `bucketfs_opens_total` | `io` | file opens by how their reads go: `passthrough`, `cached` (page cache), `direct`, or `stale` (sent back for a fresh lookup) |
 
 use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
@@ -102,6 +108,12 @@ struct Metrics {
     lock_acquisitions: Counter,
     lock_refusals: Counter,
     locks_lost: Counter,
+    cache_disk_writable: Gauge,
+    cache_write_errors: Counter,
+    cache_files_open: Gauge,
+    claims_taken_over: Counter,
+    backing_ids: Gauge,
+    opens: Family<Labels<1>, Counter>,
 }
 
 impl Metrics {
@@ -134,6 +146,12 @@ impl Metrics {
             lock_acquisitions: Counter::default(),
             lock_refusals: Counter::default(),
             locks_lost: Counter::default(),
+            cache_disk_writable: Gauge::default(),
+            cache_write_errors: Counter::default(),
+            cache_files_open: Gauge::default(),
+            claims_taken_over: Counter::default(),
+            backing_ids: Gauge::default(),
+            opens: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -261,6 +279,36 @@ impl Metrics {
             "locks_lost",
             "Locks lost while held (renewal failed or taken over)",
             m.locks_lost.clone(),
+        );
+        r.register(
+            "cache_disk_writable",
+            "1 while the disk cache's writes are on, 0 while paused after a write error",
+            m.cache_disk_writable.clone(),
+        );
+        r.register(
+            "cache_write_errors",
+            "Failed writes to the disk cache",
+            m.cache_write_errors.clone(),
+        );
+        r.register(
+            "cache_files_open",
+            "Disk cache data files held open to fill them",
+            m.cache_files_open.clone(),
+        );
+        r.register(
+            "cache_claims_taken_over",
+            "Blocks whose filler stalled past the claim wait and were fetched here instead",
+            m.claims_taken_over.clone(),
+        );
+        r.register(
+            "passthrough_backing_ids",
+            "Backing files registered with the kernel for FUSE passthrough now",
+            m.backing_ids.clone(),
+        );
+        r.register(
+            "opens",
+            "File opens by how their reads go: passthrough, cached, direct or stale",
+            m.opens.clone(),
         );
         let info: Family<Labels<1>, Gauge> = Family::default();
         info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -503,6 +551,46 @@ pub fn lock_lost() {
 /// A write was refused because another writer holds the path's lock.
 pub fn lock_refused() {
     METRICS.lock_refusals.inc();
+}
+
+// ---- node cache and passthrough ----
+
+/// The disk tier's writes are on (`true`) or paused after an error.
+pub fn cache_disk_writable(on: bool) {
+    METRICS.cache_disk_writable.set(on as i64);
+}
+
+/// A write to the disk tier failed.
+pub fn cache_write_error() {
+    METRICS.cache_write_errors.inc();
+}
+
+/// A cache data file was opened to fill it; pair with [`cache_file_closed`].
+pub fn cache_file_opened() {
+    METRICS.cache_files_open.inc();
+}
+
+pub fn cache_file_closed() {
+    METRICS.cache_files_open.dec();
+}
+
+/// A block claimed by a stalled filler was taken over.
+pub fn claim_taken_over() {
+    METRICS.claims_taken_over.inc();
+}
+
+/// A passthrough backing file was registered (`true`) or released.
+pub fn backing_id(registered: bool) {
+    if registered {
+        METRICS.backing_ids.inc();
+    } else {
+        METRICS.backing_ids.dec();
+    }
+}
+
+/// An open was answered with reads going `io` (see the table above).
+pub fn open(io: &'static str) {
+    METRICS.opens.get_or_create(&[("io", io)]).inc();
 }
 
 #[cfg(test)]

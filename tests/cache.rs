@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::backend::Backend;
 use common::proxy::Proxy;
-use common::{Mounted, pattern};
+use common::{Mounted, pattern, read_all};
 
 const MIB: usize = 1 << 20;
 
@@ -23,15 +23,6 @@ fn mount_cached(b: &Backend, proxy: &Proxy, cache: &Path, extra: &[&str]) -> Mou
         &args,
         &[("BUCKETFS_ENDPOINT_URL".into(), proxy.url())],
     )
-}
-
-fn read_all(path: &Path) -> Vec<u8> {
-    let mut v = Vec::new();
-    std::fs::File::open(path)
-        .unwrap()
-        .read_to_end(&mut v)
-        .unwrap();
-    v
 }
 
 fn drop_page_cache() {

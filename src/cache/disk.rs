@@ -18,12 +18,38 @@
 //! does not match torn bytes (a miss): nothing reads as valid but wrong. Every read verifies the
 //! checksum; a bad block is dropped and fetched again, never returned.
 //!
+//! ## Seals: handing a file to the kernel unverified
+//! FUSE passthrough lets the kernel read a fully cached object's data file itself, so those reads
+//! are never checksummed. A data file is handed over only if it is provably the bytes that were
+//! verified:
+//! - the first time an object is found complete, every block is verified, the data file is made
+//!   read-only (0400) and durable (`fdatasync`: a node crash cannot leave a sealed file of
+//!   holes), and only then is the *seal* written into the meta file: the data file's identity as
+//!   `fstat` reports it on the open descriptor (device, inode, size, mtime, ctime);
+//! - every later open `fstat`s the very descriptor it hands to the kernel and compares it with
+//!   the seal. Any change through the filesystem (a write in place, a truncate, a punched hole,
+//!   another file renamed over it, a `touch`) moves ctime, the inode or the size, so a mismatch
+//!   means "verify every block again": bad blocks are dropped and fetched again, and the file is
+//!   sealed anew once it is whole. (ctime cannot be set by a user; kernels since 6.13 give a
+//!   change right after an `fstat` a fine-grained ctime, so even a change within the same clock
+//!   tick shows.)
+//!
 //! ## Many processes, no lock server
-//! Filling a block takes an OFD write lock on its byte range of the data file (`F_OFD_SETLK`,
-//! one open file description per claim, so two handles of one process exclude each other too).
-//! Whoever gets the lock re-checks the entry and fetches; the others wait on the same range lock
-//! and then find the block filled: the bucket is asked once per block per node. The kernel drops
-//! a dead process's locks, so a crashed filler leaves the block to the next waiter.
+//! Filling a block takes an OFD write lock on its byte range of the data file (`F_OFD_SETLK`).
+//! Whoever gets the lock re-checks the entry and fetches; the others wait for the range lock to
+//! go and then find the block filled: the bucket is asked once per block per node. The kernel
+//! drops a dead process's locks, so a crashed filler leaves the block to the next waiter.
+//!
+//! A process holds **one descriptor per object it is filling**, shared by all its claims on that
+//! object (not one per claimed block): a streaming handle fills one object, so it holds at most
+//! one cache descriptor however many blocks its parallel GETs claim. OFD locks of one open file
+//! description do not exclude each other, so claims inside the process are kept apart by a table
+//! of the blocks it is filling.
+//!
+//! A waiter never waits without end: a claim still held after [`CLAIM_WAIT`] (its holder is
+//! stopped, or stuck on a dead connection) is *taken over*: the waiter fetches the block and
+//! writes it without the lock. That is safe because every filler of one object version writes
+//! the same bytes, data before entry.
 //!
 //! ## Size cap and eviction
 //! Each process measures the cache (allocated bytes of data files) after it fills and evicts
@@ -33,28 +59,46 @@
 //!
 //! ## Full disks
 //! A write that fails (disk full, read-only, permissions) turns the tier's writes off with one
-//! warning; reads go on from the bucket and the blocks already cached.
+//! warning; reads go on from the bucket and the blocks already cached. Writes are tried again
+//! after a backoff (1 s, doubling up to a minute), so a disk that was freed is used again; the
+//! `bucketfs_cache_disk_writable` gauge and `bucketfs_cache_write_errors_total` show it. When
+//! the filesystem is full (`ENOSPC`, `EDQUOT`) even below `--cache-max-size` — other data filled
+//! it — the process first evicts its least recently used objects to make room.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
 use super::{BLOCK_SIZE, BlockKey};
+use crate::metrics;
 
 const LAYOUT: &str = "bucketfs-cache 1\n";
 const MAGIC: &[u8; 8] = b"BFSCACHE";
-/// Meta header: magic, object size, block size, sealed flag, then the identity text.
+/// Meta header: magic, object size, block size, a byte left from the first seal format, the
+/// identity text, and the seal in the last [`SEAL`] bytes.
 const HEADER: u64 = 4096;
 const ENTRY: u64 = 16;
+/// The seal: the data file's identity (7 x 8 bytes) and a check of it.
+const SEAL: u64 = 64;
 /// Bytes written between two eviction checks of this process.
 const EVICT_EVERY: u64 = 64 << 20;
+/// How long a reader waits for another process's claim on a block before taking it over. A
+/// healthy filler holds a claim for one ranged GET (well under a second on a node's network, a
+/// few seconds with retries); 10 s is past that, and short next to what a stalled model load
+/// costs.
+pub const CLAIM_WAIT: Duration = Duration::from_secs(10);
+/// First and longest pause of the disk tier's writes after a write error.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// One object version in the cache.
 pub struct CachedObject {
@@ -89,49 +133,159 @@ impl<'a> ObjectId<'a> {
     }
 }
 
+/// A file as `fstat` sees it: what any change to it through the filesystem moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    /// The identity of the open file `f` (`fstat` on its descriptor, not a path lookup).
+    pub fn of(f: &File) -> io::Result<FileIdentity> {
+        let m = f.metadata()?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    fn encode(&self) -> [u8; SEAL as usize] {
+        let mut b = [0u8; SEAL as usize];
+        let fields = [
+            self.dev,
+            self.ino,
+            self.size,
+            self.mtime.0 as u64,
+            self.mtime.1 as u64,
+            self.ctime.0 as u64,
+            self.ctime.1 as u64,
+        ];
+        for (i, v) in fields.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        let check = xxh3_64(&b[..56]);
+        b[56..].copy_from_slice(&check.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; SEAL as usize]) -> Option<FileIdentity> {
+        let check = u64::from_le_bytes(b[56..].try_into().ok()?);
+        if check != xxh3_64(&b[..56]) || b.iter().all(|&x| x == 0) {
+            return None;
+        }
+        let f = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        Some(FileIdentity {
+            dev: f(0),
+            ino: f(1),
+            size: f(2),
+            mtime: (f(3) as i64, f(4) as i64),
+            ctime: (f(5) as i64, f(6) as i64),
+        })
+    }
+}
+
+/// The data file of a complete object, checked against its seal on this very descriptor.
+#[derive(Debug)]
+pub struct SealedFile {
+    pub file: File,
+    /// What the file was when it was handed out (see the module docs).
+    pub identity: FileIdentity,
+}
+
 #[derive(Debug)]
 pub struct DiskCache {
     root: PathBuf,
     max_size: u64,
-    writable: AtomicBool,
+    writes: Mutex<WriteState>,
     written_since_check: AtomicU64,
+    claims: Arc<ClaimTable>,
+}
+
+/// Whether the tier's writes are on, and when to try again if not.
+#[derive(Debug)]
+struct WriteState {
+    /// Writes are off until then (after a write error).
+    off_until: Option<Instant>,
+    /// The next pause if the retry fails too.
+    backoff: Duration,
+}
+
+/// The claims of this process: which blocks it is filling, and the one descriptor per object
+/// that holds their range locks.
+#[derive(Debug, Default)]
+struct ClaimTable {
+    filling: Mutex<HashSet<(PathBuf, u64)>>,
+    files: Mutex<HashMap<PathBuf, Weak<ClaimFile>>>,
+}
+
+/// An open data file holding this process's range locks on it; counted in
+/// `bucketfs_cache_files_open`.
+#[derive(Debug)]
+struct ClaimFile(File);
+
+impl Drop for ClaimFile {
+    fn drop(&mut self) {
+        metrics::cache_file_closed();
+    }
 }
 
 /// A claim on filling one block.
 pub enum Claim {
-    /// This caller fills the block; the range lock is held until the guard drops.
+    /// This caller fills the block; the claim is held until the guard drops.
     Mine(FillGuard),
     /// Another process or handle is filling it; [`DiskCache::wait`] until it is done.
     Theirs,
 }
 
-/// Holds the OFD range lock of a block being filled.
+/// A claim on a block being filled: the range lock (none for a claim taken over from a stalled
+/// filler) and the entry in this process's claim table.
+#[derive(Debug)]
 pub struct FillGuard {
-    _file: File,
+    claims: Arc<ClaimTable>,
+    block: (PathBuf, u64),
+    /// The block's entry in the claim table is this guard's (a takeover may find it listed).
+    listed: bool,
+    locked: Option<Arc<ClaimFile>>,
 }
 
-fn ofd_lock(file: &File, start: u64, len: u64, wait: bool) -> io::Result<bool> {
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        if let Some(f) = &self.locked {
+            let start = self.block.1 * BLOCK_SIZE;
+            let _ = ofd_lock(&f.0, libc::F_UNLCK, libc::F_OFD_SETLK, start, BLOCK_SIZE);
+        }
+        if self.listed {
+            self.claims.filling.lock().unwrap().remove(&self.block);
+        }
+    }
+}
+
+/// `fcntl` with an OFD lock of type `kind` on `start..start+len`: `Ok(true)` when set (for
+/// `F_OFD_GETLK`: when no other description holds a conflicting lock).
+fn ofd_lock(file: &File, kind: i32, cmd: i32, start: u64, len: u64) -> io::Result<bool> {
     // SAFETY: a zeroed flock is a valid value; fields set below.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_type = kind as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = start as libc::off_t;
     fl.l_len = len as libc::off_t;
-    let cmd = if wait {
-        libc::F_OFD_SETLKW
-    } else {
-        libc::F_OFD_SETLK
-    };
     loop {
         // SAFETY: fcntl with a valid fd and a pointer to a live flock.
-        let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &fl) };
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
         if rc == 0 {
-            return Ok(true);
+            return Ok(cmd != libc::F_OFD_GETLK || fl.l_type == libc::F_UNLCK as libc::c_short);
         }
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) | Some(libc::EACCES) if !wait => return Ok(false),
+            Some(libc::EAGAIN) | Some(libc::EACCES) => return Ok(false),
             _ => return Err(err),
         }
     }
@@ -143,6 +297,19 @@ fn entry_check(index: u64, len: u32, sum: u64) -> u32 {
     buf[8..12].copy_from_slice(&len.to_le_bytes());
     buf[12..].copy_from_slice(&sum.to_le_bytes());
     xxh3_64(&buf) as u32
+}
+
+/// A block's (length, checksum) from its meta entry, if the entry is whole and valid.
+fn parse_entry(index: u64, e: &[u8]) -> Option<(u32, u64)> {
+    let check = u32::from_le_bytes(e[0..4].try_into().ok()?);
+    let len = u32::from_le_bytes(e[4..8].try_into().ok()?);
+    let sum = u64::from_le_bytes(e[8..16].try_into().ok()?);
+    (len != 0 && check == entry_check(index, len, sum)).then_some((len, sum))
+}
+
+/// Whether `e` says the filesystem (or the user's quota) is full.
+fn is_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 impl DiskCache {
@@ -182,11 +349,16 @@ impl DiskCache {
             .recursive(true)
             .mode(0o700)
             .create(&root)?;
+        metrics::cache_disk_writable(true);
         Ok(DiskCache {
             root,
             max_size,
-            writable: AtomicBool::new(true),
+            writes: Mutex::new(WriteState {
+                off_until: None,
+                backoff: BACKOFF_FIRST,
+            }),
             written_since_check: AtomicU64::new(0),
+            claims: Arc::default(),
         })
     }
 
@@ -196,6 +368,12 @@ impl DiskCache {
         (dir.join(format!("{h}.data")), dir.join(format!("{h}.meta")))
     }
 
+    /// Whether writes are on (or due to be tried again after an error).
+    fn writable(&self) -> bool {
+        let w = self.writes.lock().unwrap();
+        w.off_until.is_none_or(|t| Instant::now() >= t)
+    }
+
     /// The cached object for `id` of `size` bytes, creating its files if `create`.
     pub fn object(&self, id: &ObjectId<'_>, size: u64, create: bool) -> Option<CachedObject> {
         let (data, meta) = self.paths(id);
@@ -203,25 +381,57 @@ impl DiskCache {
         if obj.header_ok(id) {
             return Some(obj);
         }
-        if !create || !self.writable.load(Ordering::Relaxed) {
+        if !create || !self.writable() {
             return None;
         }
         match obj.create(id) {
-            Ok(()) => Some(obj),
+            Ok(()) => {
+                self.write_ok();
+                Some(obj)
+            }
             Err(e) => {
-                self.write_failed(&e);
+                self.write_failed(&e, &obj.meta);
                 None
             }
         }
     }
 
-    fn write_failed(&self, e: &io::Error) {
-        if self.writable.swap(false, Ordering::Relaxed) {
+    /// A write worked: if writes were off, they are on again.
+    fn write_ok(&self) {
+        let mut w = self.writes.lock().unwrap();
+        if w.off_until.take().is_some() {
+            w.backoff = BACKOFF_FIRST;
+            metrics::cache_disk_writable(true);
+            tracing::info!(dir = %self.root.display(), "the disk cache can be written again");
+        }
+    }
+
+    /// A write failed: on a full filesystem make room first; writes pause for a growing backoff.
+    /// `current` is the meta file of the object being written, which is not evicted for it.
+    fn write_failed(&self, e: &io::Error, current: &Path) {
+        metrics::cache_write_error();
+        if is_full(e) {
+            let freed = self.evict_to_make_room(current);
+            tracing::debug!(
+                freed,
+                "disk cache filesystem full; evicted least recently used objects"
+            );
+        }
+        let mut w = self.writes.lock().unwrap();
+        let first = w.off_until.is_none();
+        let pause = w.backoff;
+        w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
+        w.off_until = Some(Instant::now() + pause);
+        drop(w);
+        metrics::cache_disk_writable(false);
+        if first {
             tracing::warn!(
                 dir = %self.root.display(),
                 error = %e,
-                "the disk cache cannot be written; reading on without caching new blocks"
+                "the disk cache cannot be written; reading on without caching new blocks, trying again later"
             );
+        } else {
+            tracing::debug!(error = %e, retry_in = ?pause, "the disk cache still cannot be written");
         }
     }
 
@@ -231,46 +441,105 @@ impl DiskCache {
         obj.read_block(key.index)
     }
 
+    /// The descriptor this process fills `data` through, shared by its claims on it.
+    fn claim_file(&self, data: &Path) -> Option<Arc<ClaimFile>> {
+        let mut files = self.claims.files.lock().unwrap();
+        if let Some(f) = files.get(data).and_then(Weak::upgrade) {
+            return Some(f);
+        }
+        files.retain(|_, w| w.strong_count() > 0);
+        let file = OpenOptions::new().read(true).write(true).open(data).ok()?;
+        metrics::cache_file_opened();
+        let f = Arc::new(ClaimFile(file));
+        files.insert(data.to_path_buf(), Arc::downgrade(&f));
+        Some(f)
+    }
+
     /// Claims block `index` for filling (see the module docs).
     pub fn claim(&self, key: &BlockKey, size: u64) -> Option<Claim> {
-        if !self.writable.load(Ordering::Relaxed) {
+        if !self.writable() {
             return None;
         }
         let obj = self.object(&ObjectId::of(key), size, true)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&obj.data)
-            .ok()?;
-        match ofd_lock(&file, key.index * BLOCK_SIZE, BLOCK_SIZE, false) {
-            Ok(true) => Some(Claim::Mine(FillGuard { _file: file })),
+        let block = (obj.data.clone(), key.index);
+        if !self.claims.filling.lock().unwrap().insert(block.clone()) {
+            return Some(Claim::Theirs); // another handle of this process fills it
+        }
+        let mut guard = FillGuard {
+            claims: self.claims.clone(),
+            block,
+            listed: true,
+            locked: None,
+        };
+        let file = self.claim_file(&obj.data)?;
+        let start = key.index * BLOCK_SIZE;
+        match ofd_lock(&file.0, libc::F_WRLCK, libc::F_OFD_SETLK, start, BLOCK_SIZE) {
+            Ok(true) => {
+                guard.locked = Some(file);
+                Some(Claim::Mine(guard))
+            }
             Ok(false) => Some(Claim::Theirs),
             Err(_) => None,
         }
     }
 
-    /// Blocks until whoever fills block `index` is done (or died); the caller then looks again.
-    pub fn wait(&self, key: &BlockKey, size: u64) {
+    /// Waits until whoever fills block `index` is done (or died), or until `deadline`; the
+    /// caller then looks again. Returns `false` if the claim was still held at the deadline.
+    pub fn wait(&self, key: &BlockKey, size: u64, deadline: Instant) -> bool {
         let Some(obj) = self.object(&ObjectId::of(key), size, false) else {
-            return;
+            return true;
         };
-        if let Ok(file) = OpenOptions::new().read(true).write(true).open(&obj.data) {
-            let _ = ofd_lock(&file, key.index * BLOCK_SIZE, BLOCK_SIZE, true);
+        let block = (obj.data.clone(), key.index);
+        let Ok(probe) = OpenOptions::new().read(true).write(true).open(&obj.data) else {
+            return true;
+        };
+        let start = key.index * BLOCK_SIZE;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let ours = self.claims.filling.lock().unwrap().contains(&block);
+            // GETLK on a description of our own reports other processes' locks only.
+            let theirs = !ours
+                && !ofd_lock(&probe, libc::F_WRLCK, libc::F_OFD_GETLK, start, BLOCK_SIZE)
+                    .unwrap_or(true);
+            if !ours && !theirs {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
+    }
+
+    /// Takes over the claim on a block whose filler stalled past [`CLAIM_WAIT`] (see the module
+    /// docs): the caller fills it without the range lock.
+    pub fn take_over(&self, key: &BlockKey, size: u64) -> Option<FillGuard> {
+        let obj = self.object(&ObjectId::of(key), size, false)?;
+        let block = (obj.data.clone(), key.index);
+        let listed = self.claims.filling.lock().unwrap().insert(block.clone());
+        Some(FillGuard {
+            claims: self.claims.clone(),
+            block,
+            listed,
+            locked: None,
+        })
     }
 
     /// Stores a block (the caller holds its claim).
     pub fn put(&self, key: &BlockKey, size: u64, data: &[u8]) {
-        if !self.writable.load(Ordering::Relaxed) {
+        if !self.writable() {
             return;
         }
         let Some(obj) = self.object(&ObjectId::of(key), size, true) else {
             return;
         };
         if let Err(e) = obj.write_block(key.index, data) {
-            self.write_failed(&e);
+            self.write_failed(&e, &obj.meta);
             return;
         }
+        self.write_ok();
         let n = self
             .written_since_check
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -288,10 +557,11 @@ impl DiskCache {
         }
     }
 
-    /// The data file of a fully cached, verified object (for kernel passthrough), or `None`.
-    pub fn complete_file(&self, id: &ObjectId<'_>, size: u64) -> Option<File> {
+    /// The data file of a fully cached object, provably the bytes that were verified (for
+    /// kernel passthrough), or `None`. See "Seals" in the module docs.
+    pub fn complete_file(&self, id: &ObjectId<'_>, size: u64) -> Option<SealedFile> {
         let obj = self.object(id, size, false)?;
-        obj.sealed_file(self)
+        obj.sealed_file()
     }
 
     /// Every object in the cache: (identity text, size, bytes on disk, complete).
@@ -330,8 +600,8 @@ impl DiskCache {
         s.bytes + s.meta_bytes
     }
 
-    /// Deletes least recently used objects until the cache is under 90% of its cap.
-    pub fn evict(&self) {
+    /// Objects, least recently used first: (bytes on disk, meta, data).
+    fn by_age(&self) -> Vec<(u64, PathBuf, PathBuf)> {
         let mut objects: Vec<(SystemTime, u64, PathBuf, PathBuf)> = self
             .files()
             .into_iter()
@@ -344,30 +614,60 @@ impl DiskCache {
                 (used, bytes, meta, data)
             })
             .collect();
-        let mut total: u64 = objects.iter().map(|o| o.1).sum();
+        objects.sort_by_key(|o| o.0);
+        objects.into_iter().map(|(_, b, m, d)| (b, m, d)).collect()
+    }
+
+    /// Deletes an object's files: meta first, so a half-deleted object is a miss, never a wrong
+    /// block. Readers with the files open (and the kernel, for a passthrough handle) keep
+    /// reading them.
+    fn remove(meta: &Path, data: &Path) {
+        let _ = fs::remove_file(meta);
+        let _ = fs::remove_file(data);
+    }
+
+    /// Deletes least recently used objects until the cache is under 90% of its cap.
+    pub fn evict(&self) {
+        let objects = self.by_age();
+        let mut total: u64 = objects.iter().map(|o| o.0).sum();
         if total <= self.max_size {
             return;
         }
         let target = self.max_size / 10 * 9;
-        objects.sort_by_key(|o| o.0);
-        for (_, bytes, meta, data) in objects {
+        for (bytes, meta, data) in objects {
             if total <= target {
                 break;
             }
-            // Meta first: a half-deleted object is a miss, never a wrong block.
-            let _ = fs::remove_file(&meta);
-            let _ = fs::remove_file(&data);
+            Self::remove(&meta, &data);
             total = total.saturating_sub(bytes);
         }
-        self.writable.store(true, Ordering::Relaxed);
+    }
+
+    /// On a full filesystem: deletes least recently used objects (not `current`) until a tenth
+    /// of what the cache holds, and at least [`EVICT_EVERY`], is free again. Returns bytes freed.
+    fn evict_to_make_room(&self, current: &Path) -> u64 {
+        let objects = self.by_age();
+        let total: u64 = objects.iter().map(|o| o.0).sum();
+        let want = (total / 10).max(EVICT_EVERY);
+        let mut freed = 0;
+        for (bytes, meta, data) in objects {
+            if freed >= want {
+                break;
+            }
+            if meta == current {
+                continue;
+            }
+            Self::remove(&meta, &data);
+            freed += bytes;
+        }
+        freed
     }
 
     /// Removes every cached object.
     pub fn clear(&self) -> io::Result<u64> {
         let mut n = 0;
         for (meta, data) in self.files() {
-            let _ = fs::remove_file(&meta);
-            let _ = fs::remove_file(&data);
+            Self::remove(&meta, &data);
             n += 1;
         }
         Ok(n)
@@ -391,9 +691,9 @@ impl CachedObject {
         h.extend_from_slice(MAGIC);
         h.extend_from_slice(&self.size.to_le_bytes());
         h.extend_from_slice(&BLOCK_SIZE.to_le_bytes());
-        h.push(0); // sealed flag, at offset 24
+        h.push(0); // unused since seals record the file's identity, at offset 24
         h.extend_from_slice(id.text().as_bytes());
-        h.truncate(HEADER as usize);
+        h.truncate((HEADER - SEAL) as usize);
         h
     }
 
@@ -456,14 +756,10 @@ impl CachedObject {
         result
     }
 
-    fn entry(&self, index: u64) -> Option<(u32, u64)> {
-        let f = File::open(&self.meta).ok()?;
+    fn entry(&self, meta: &File, index: u64) -> Option<(u32, u64)> {
         let mut e = [0u8; ENTRY as usize];
-        f.read_exact_at(&mut e, HEADER + index * ENTRY).ok()?;
-        let check = u32::from_le_bytes(e[0..4].try_into().ok()?);
-        let len = u32::from_le_bytes(e[4..8].try_into().ok()?);
-        let sum = u64::from_le_bytes(e[8..16].try_into().ok()?);
-        (len != 0 && check == entry_check(index, len, sum)).then_some((len, sum))
+        meta.read_exact_at(&mut e, HEADER + index * ENTRY).ok()?;
+        parse_entry(index, &e)
     }
 
     fn expected_len(&self, index: u64) -> u64 {
@@ -474,7 +770,8 @@ impl CachedObject {
         if index >= self.blocks() {
             return None;
         }
-        let (len, sum) = self.entry(index)?;
+        let meta = File::open(&self.meta).ok()?;
+        let (len, sum) = self.entry(&meta, index)?;
         if len as u64 != self.expected_len(index) {
             return None;
         }
@@ -489,11 +786,14 @@ impl CachedObject {
         Some(Bytes::from(buf))
     }
 
+    /// Drops a bad block's entry, and the seal with it (the file is no longer whole).
     fn clear_entry(&self, index: u64) {
         if let Ok(f) = OpenOptions::new().write(true).open(&self.meta) {
+            let _ = f.write_all_at(&[0u8; SEAL as usize], HEADER - SEAL);
             let _ = f.write_all_at(&[0u8; ENTRY as usize], HEADER + index * ENTRY);
-            let _ = f.write_all_at(&[0], 24);
         }
+        // Writable again, so the block can be filled again.
+        let _ = fs::set_permissions(&self.data, fs::Permissions::from_mode(0o600));
     }
 
     fn write_block(&self, index: u64, data: &[u8]) -> io::Result<()> {
@@ -512,36 +812,66 @@ impl CachedObject {
         m.write_all_at(&e, HEADER + index * ENTRY)
     }
 
-    /// The data file if every block is present; verified in full the first time (then sealed,
-    /// and later opens only check the file's size).
-    fn sealed_file(&self, cache: &DiskCache) -> Option<File> {
+    fn seal(&self, meta: &File) -> Option<FileIdentity> {
+        let mut b = [0u8; SEAL as usize];
+        meta.read_exact_at(&mut b, HEADER - SEAL).ok()?;
+        FileIdentity::decode(&b)
+    }
+
+    /// The data file if every block is present and it is the file that was verified (see
+    /// "Seals" in the module docs).
+    fn sealed_file(&self) -> Option<SealedFile> {
         let meta = File::open(&self.meta).ok()?;
-        let mut flag = [0u8; 1];
-        meta.read_exact_at(&mut flag, 24).ok()?;
         let data = File::open(&self.data).ok()?;
-        if data.metadata().ok()?.len() != self.size {
+        let identity = FileIdentity::of(&data).ok()?;
+        if identity.size != self.size {
             return None;
         }
-        if flag[0] == 1 {
-            return Some(data);
+        if self.seal(&meta) == Some(identity) {
+            return Some(SealedFile {
+                file: data,
+                identity,
+            });
         }
-        for index in 0..self.blocks() {
-            let (len, sum) = self.entry(index)?;
+        // Not sealed yet, or changed since: verify it all, on this descriptor. Every entry
+        // first (one read of the meta file), so an incomplete object costs no data reads.
+        let mut table = vec![0u8; (self.blocks() * ENTRY) as usize];
+        meta.read_exact_at(&mut table, HEADER).ok()?;
+        let mut entries = Vec::with_capacity(self.blocks() as usize);
+        for (index, e) in table.chunks_exact(ENTRY as usize).enumerate() {
+            let index = index as u64;
+            let (len, sum) = parse_entry(index, e)?;
             if len as u64 != self.expected_len(index) {
                 return None;
             }
-            let mut buf = vec![0u8; len as usize];
-            if data.read_exact_at(&mut buf, index * BLOCK_SIZE).is_err() || xxh3_64(&buf) != sum {
+            entries.push(sum);
+        }
+        // Read-only from now on (which moves ctime), then the identity the checks are of.
+        let _ = data.set_permissions(fs::Permissions::from_mode(0o400));
+        let before = FileIdentity::of(&data).ok()?;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for (index, sum) in entries.into_iter().enumerate() {
+            let index = index as u64;
+            let buf = &mut buf[..self.expected_len(index) as usize];
+            if data.read_exact_at(buf, index * BLOCK_SIZE).is_err() || xxh3_64(buf) != sum {
+                tracing::warn!(path = %self.data.display(), index, "cached block failed its checksum; fetching it again");
                 self.clear_entry(index);
                 return None;
             }
         }
-        if cache.writable.load(Ordering::Relaxed)
-            && let Ok(m) = OpenOptions::new().write(true).open(&self.meta)
-        {
-            let _ = m.write_all_at(&[1], 24);
+        // Durable before sealed; and nothing changed while we read.
+        data.sync_data().ok()?;
+        let identity = FileIdentity::of(&data).ok()?;
+        if identity != before {
+            return None;
         }
-        Some(data)
+        if let Ok(m) = OpenOptions::new().write(true).open(&self.meta) {
+            let _ = m.write_all_at(&identity.encode(), HEADER - SEAL);
+        }
+        Some(SealedFile {
+            file: data,
+            identity,
+        })
     }
 }
 
@@ -651,6 +981,96 @@ mod tests {
         assert!(c.complete_file(&id, size).is_none(), "one block missing");
         c.put(&key(1), size, &vec![2u8; BLOCK_SIZE as usize]);
         let f = c.complete_file(&id, size).unwrap();
-        assert_eq!(f.metadata().unwrap().len(), size);
+        assert_eq!(f.file.metadata().unwrap().len(), size);
+        let mode = f.file.metadata().unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o400, "read-only once sealed");
+        let again = c.complete_file(&id, size).unwrap();
+        assert_eq!(
+            again.identity, f.identity,
+            "a sealed file is handed out as it is"
+        );
+    }
+
+    /// Any change to a sealed data file through the filesystem is caught before it is handed
+    /// out: bad blocks are dropped, and the file is whole (and sealed) again once refilled.
+    #[test]
+    fn a_changed_sealed_file_is_verified_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
+        let size = 3 * BLOCK_SIZE;
+        let id_key = key(0);
+        let id = ObjectId::of(&id_key);
+        let fill = |c: &DiskCache| {
+            for i in 0..3 {
+                c.put(&key(i), size, &vec![i as u8 + 1; BLOCK_SIZE as usize]);
+            }
+        };
+        fill(&c);
+        let sealed = c.complete_file(&id, size).unwrap().identity;
+        let (data, _) = c.paths(&id);
+        type Change = fn(&File);
+        let changes: [(&str, Change); 3] = [
+            ("overwrite", |f| {
+                f.write_all_at(&[9u8; 16], BLOCK_SIZE + 100).unwrap()
+            }),
+            ("truncate", |f| f.set_len(BLOCK_SIZE).unwrap()),
+            ("punch", |f| {
+                // SAFETY: fallocate on a valid descriptor.
+                let rc = unsafe {
+                    libc::fallocate(
+                        f.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        BLOCK_SIZE as i64,
+                        4096,
+                    )
+                };
+                assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+            }),
+        ];
+        for (what, change) in changes {
+            let f = OpenOptions::new().write(true).open(&data).unwrap();
+            change(&f);
+            drop(f);
+            assert!(
+                c.complete_file(&id, size).is_none(),
+                "{what}: not handed out"
+            );
+            assert!(
+                c.get(&key(1), size).is_none(),
+                "{what}: the block is a miss"
+            );
+            fill(&c);
+            let again = c.complete_file(&id, size).expect("whole again");
+            assert_ne!(again.identity, sealed, "{what}");
+            let mut buf = vec![0u8; size as usize];
+            again.file.read_exact_at(&mut buf, 0).unwrap();
+            assert!(
+                buf[BLOCK_SIZE as usize..2 * BLOCK_SIZE as usize]
+                    .iter()
+                    .all(|&b| b == 2)
+            );
+        }
+    }
+
+    #[test]
+    fn a_stalled_claim_is_waited_for_boundedly_then_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
+        let size = 2 * BLOCK_SIZE;
+        let held = c.claim(&key(0), size).unwrap();
+        assert!(matches!(held, Claim::Mine(_)));
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(200);
+        assert!(
+            !c.wait(&key(0), size, deadline),
+            "still held at the deadline"
+        );
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        let taken = c.take_over(&key(0), size).unwrap();
+        c.put(&key(0), size, &vec![5u8; BLOCK_SIZE as usize]);
+        drop(taken);
+        drop(held);
+        assert!(c.wait(&key(0), size, Instant::now()), "released");
+        assert!(c.get(&key(0), size).is_some());
     }
 }

@@ -83,7 +83,9 @@ pub struct Opened {
     pub keep_cache: bool,
     /// The object is fully cached on local disk: this file holds exactly its bytes, verified,
     /// and the kernel may read it directly (FUSE passthrough).
-    pub backing: Option<std::fs::File>,
+    pub backing: Option<crate::cache::disk::SealedFile>,
+    /// The object version a read handle is pinned to (empty for write handles).
+    pub version: String,
 }
 
 struct Inode {
@@ -285,6 +287,20 @@ impl Fs {
         Ok(self.remember(parent, name, key, stat))
     }
 
+    /// Unties `ino` from its name: the next lookup of the name makes a new inode, while the
+    /// kernel goes on using `ino` for the files it has open. For opens the kernel cannot serve
+    /// on `ino` as it is tied now (see the passthrough rules in `fuse`).
+    pub fn detach_name(&self, ino: u64) {
+        let mut t = self.inodes.lock().unwrap();
+        let Some(i) = t.by_ino.get(&ino) else {
+            return;
+        };
+        let name_key = (i.parent, i.name.clone());
+        if t.by_name.get(&name_key) == Some(&ino) {
+            t.by_name.remove(&name_key);
+        }
+    }
+
     pub fn forget(&self, ino: u64, nlookup: u64) {
         if ino == ROOT_INO {
             return;
@@ -391,12 +407,14 @@ impl Fs {
             }
             None => None,
         };
+        let pinned = version.0.clone();
         let reader = Reader::new(self.read.clone(), key, version, stat.size);
         let fh = self.add_handle(Handle::File(Arc::new(reader)));
         Ok(Opened {
             fh,
             keep_cache,
             backing,
+            version: pinned,
         })
     }
 

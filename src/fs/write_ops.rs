@@ -146,6 +146,7 @@ impl Fs {
             fh,
             keep_cache: false,
             backing: None,
+            version: String::new(),
         })
     }
 

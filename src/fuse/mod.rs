@@ -43,11 +43,41 @@ pub struct FuseAdapter {
     passthrough: Arc<Passthrough>,
 }
 
-/// FUSE passthrough of fully cached objects: the kernel reads the cache file itself.
+/// FUSE passthrough of fully cached objects (the kernel reads the cache file itself), and the
+/// io mode of every open.
 ///
-/// The kernel lets an inode be open either through the daemon (page cache) or through one
-/// backing file, not both at once; so passthrough is used only when no handle of the inode is
-/// open the other way, and every passthrough open of an inode shares one backing id.
+/// ## The kernel's rules (Linux >= 6.9, `fs/fuse/iomode.c`)
+/// Each inode is, at any moment, in one io mode, set by the files open on it:
+/// - *cached*: files opened through the daemon using the page cache. While one is open, a
+///   passthrough open of the inode fails with `EIO`.
+/// - *passthrough*: files opened with `FOPEN_PASSTHROUGH`. From the first such open until the last
+///   one closes the inode is bound to **one** backing file, and every open of it must be a
+///   passthrough open with that same backing file: another backing file fails (`EIO`), and so does
+///   any open through the daemon, even with `FOPEN_DIRECT_IO` (`EIO`).
+/// - `FOPEN_DIRECT_IO` opens use no page cache and enter no mode: they work next to cached files
+///   (not next to a bound backing file). An `mmap` of such a file enters the cached mode.
+/// - A mode ends when its last file is closed. The kernel drops it at `close(2)`, before the
+///   `RELEASE` reaches us, so our view lags the kernel's only on the safe side.
+/// - A registered backing id pins its file (also after the cache evicted it) until we close the
+///   id; an open passthrough file holds its own reference, so the id is closed when the last
+///   handle opened with it is released (`bucketfs_passthrough_backing_ids`).
+///
+/// ## What an open gets
+/// A read open resolves to version `v`, perhaps with a sealed cache file `f` of it.
+/// 1. The inode is bound to a backing file: if that is `v`'s and `f` is the same file (same
+///    identity), the open shares it. Otherwise no answer on this inode is right (the bound file
+///    holds other bytes, and nothing else is allowed): the name is untied from the inode
+///    (`Fs::detach_name`) and the open answered `ESTALE`, on which the kernel retries the open
+///    once with a fresh lookup, which yields a new inode free of the binding. Write opens while
+///    bound go the same way (a write can never go to a cache file).
+/// 2. Handles through the daemon are open: passthrough would fail, so through the daemon too.
+///    If one of them is of another version (or a writer), the page cache is theirs, and this
+///    open gets `FOPEN_DIRECT_IO`: two versions never share pages.
+/// 3. Nothing open: passthrough to `f` if there is one, else through the daemon.
+///
+/// The page cache is kept at open (`FOPEN_KEEP_CACHE`) only if it can hold nothing but `v`'s
+/// bytes: the last open that used it was at `v`, and no writer used it since.
+/// (Limit: an `mmap` of a direct-I/O handle shares the page cache with the cached handles.)
 struct Passthrough {
     enabled: std::sync::atomic::AtomicBool,
     state: std::sync::Mutex<PassthroughState>,
@@ -55,17 +85,71 @@ struct Passthrough {
 
 #[derive(Default)]
 struct PassthroughState {
-    /// Open file handles: inode and whether it was opened through the daemon.
-    by_fh: HashMap<u64, (u64, bool)>,
-    /// The one backing id of each inode, kept for the life of the mount: the kernel refuses a
-    /// second backing file for an inode it still associates with the first, so every later open
-    /// reuses it.
-    by_ino: HashMap<u64, Arc<BackingId>>,
-    /// Handles per inode open through the daemon.
-    cached_opens: HashMap<u64, usize>,
-    /// Inodes opened through the daemon in this mount: the kernel keeps such an inode in its
-    /// cached io mode, and a passthrough open of it fails, so they stay on the daemon path.
-    daemon_inodes: std::collections::HashSet<u64>,
+    /// How each open handle reads, and its inode.
+    by_fh: HashMap<u64, (u64, HandleIo)>,
+    inodes: HashMap<u64, InodeIo>,
+}
+
+/// How one handle's reads go.
+enum HandleIo {
+    Passthrough,
+    /// Through the daemon and the page cache, at this version ("" for a writer).
+    Cached(String),
+    Direct,
+}
+
+/// What the kernel ties one inode to, as far as we know.
+#[derive(Default)]
+struct InodeIo {
+    /// The backing file of the inode's passthrough handles, while any is open.
+    bound: Option<Bound>,
+    /// Handles open through the daemon with the page cache, by version ("" for writers).
+    cached: HashMap<String, usize>,
+    /// Handles open with `FOPEN_DIRECT_IO`.
+    direct: usize,
+    /// The version whose bytes the inode's page cache may hold; `None` if unknown (written).
+    pages: Option<String>,
+}
+
+struct Bound {
+    version: String,
+    identity: crate::cache::disk::FileIdentity,
+    id: BackingId,
+    handles: usize,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        metrics::backing_id(false);
+    }
+}
+
+/// How an open is to be answered.
+enum OpenIo {
+    Passthrough,
+    Cached {
+        keep: bool,
+    },
+    Direct,
+    /// Not on this inode (see rule 1).
+    Stale,
+}
+
+impl InodeIo {
+    fn daemon_handles(&self) -> usize {
+        self.cached.values().sum::<usize>() + self.direct
+    }
+
+    /// Rules 2 and 3 for a read at `version` through the daemon.
+    fn daemon_io(&self, version: &str, keep: bool) -> OpenIo {
+        if self.cached.keys().any(|v| v != version) {
+            OpenIo::Direct
+        } else {
+            OpenIo::Cached {
+                keep: keep && self.pages.as_deref() == Some(version),
+            }
+        }
+    }
 }
 
 impl Passthrough {
@@ -77,56 +161,124 @@ impl Passthrough {
         }
     }
 
-    /// Replies to an open, with passthrough to `backing` when possible.
+    /// Whether a write open of `ino` must be sent back for a new inode (rule 1).
+    fn write_is_stale(&self, ino: u64) -> bool {
+        let st = self.state.lock().unwrap();
+        st.inodes.get(&ino).is_some_and(|i| i.bound.is_some())
+    }
+
+    /// Records a write handle (from `open` or `create`): through the page cache, which from now
+    /// on holds bytes of no known version.
+    fn opened_for_write(&self, ino: u64, fh: u64) {
+        let mut st = self.state.lock().unwrap();
+        let i = st.inodes.entry(ino).or_default();
+        *i.cached.entry(String::new()).or_default() += 1;
+        i.pages = None;
+        st.by_fh.insert(fh, (ino, HandleIo::Cached(String::new())));
+        metrics::open("cached");
+    }
+
+    /// Answers a read open of `ino` at `version` (see the rules above), or gives the reply back
+    /// if this inode cannot serve it: the caller unties the name, releases the handle and answers
+    /// `ESTALE`, in that order.
     fn reply(
         &self,
         reply: ReplyOpen,
         ino: u64,
         fh: u64,
-        flags: FopenFlags,
-        backing: Option<std::fs::File>,
-    ) {
+        keep_cache: bool,
+        version: String,
+        backing: Option<crate::cache::disk::SealedFile>,
+    ) -> Result<(), ReplyOpen> {
+        let enabled = self.enabled.load(Ordering::Relaxed);
+        // The lock is held until the reply is sent, so the kernel sees our decisions in order.
         let mut st = self.state.lock().unwrap();
-        if let Some(file) = backing
-            && self.enabled.load(Ordering::Relaxed)
-            && !st.daemon_inodes.contains(&ino)
-        {
-            let id = match st.by_ino.get(&ino) {
-                Some(id) => Ok(id.clone()),
-                None => reply.open_backing(&file).map(Arc::new),
-            };
-            match id {
-                Ok(id) => {
-                    st.by_ino.insert(ino, id.clone());
-                    st.by_fh.insert(fh, (ino, false));
-                    drop(st);
-                    // The page cache plays no part in passthrough reads.
-                    reply.opened_passthrough(
-                        FileHandle(fh),
-                        flags - FopenFlags::FOPEN_KEEP_CACHE,
-                        &id,
-                    );
-                    return;
-                }
-                Err(e) => self.disable(&format!("the kernel refused a backing file: {e}")),
+        let i = st.inodes.entry(ino).or_default();
+        let io = match (&i.bound, &backing) {
+            (Some(b), Some(f)) if b.version == version && b.identity == f.identity => {
+                OpenIo::Passthrough
             }
-        }
-        st.by_fh.insert(fh, (ino, true));
-        st.daemon_inodes.insert(ino);
-        *st.cached_opens.entry(ino).or_default() += 1;
-        drop(st);
-        reply.opened(FileHandle(fh), flags);
+            (Some(_), _) => OpenIo::Stale,
+            (None, _) if i.daemon_handles() > 0 => i.daemon_io(&version, keep_cache),
+            (None, Some(f)) if enabled => match reply.open_backing(&f.file) {
+                Ok(id) => {
+                    metrics::backing_id(true);
+                    i.bound = Some(Bound {
+                        version: version.clone(),
+                        identity: f.identity,
+                        id,
+                        handles: 0,
+                    });
+                    OpenIo::Passthrough
+                }
+                Err(e) => {
+                    self.disable(&format!("the kernel refused a backing file: {e}"));
+                    i.daemon_io(&version, keep_cache)
+                }
+            },
+            (None, _) => i.daemon_io(&version, keep_cache),
+        };
+        let flags = FopenFlags::empty();
+        let (handle, label) = match io {
+            OpenIo::Stale => return Err(reply),
+            OpenIo::Passthrough => {
+                let b = i.bound.as_mut().expect("bound for passthrough");
+                b.handles += 1;
+                // The page cache plays no part in passthrough reads.
+                reply.opened_passthrough(FileHandle(fh), flags, &b.id);
+                (HandleIo::Passthrough, "passthrough")
+            }
+            OpenIo::Direct => {
+                i.direct += 1;
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+                (HandleIo::Direct, "direct")
+            }
+            OpenIo::Cached { keep } => {
+                *i.cached.entry(version.clone()).or_default() += 1;
+                i.pages = Some(version.clone());
+                let flags = if keep {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    flags
+                };
+                reply.opened(FileHandle(fh), flags);
+                (HandleIo::Cached(version), "cached")
+            }
+        };
+        st.by_fh.insert(fh, (ino, handle));
+        metrics::open(label);
+        Ok(())
     }
 
     fn release(&self, fh: u64) {
         let mut st = self.state.lock().unwrap();
-        if let Some((ino, true)) = st.by_fh.remove(&fh)
-            && let Some(n) = st.cached_opens.get_mut(&ino)
-        {
-            *n -= 1;
-            if *n == 0 {
-                st.cached_opens.remove(&ino);
+        let Some((ino, handle)) = st.by_fh.remove(&fh) else {
+            return;
+        };
+        let Some(i) = st.inodes.get_mut(&ino) else {
+            return;
+        };
+        match handle {
+            HandleIo::Passthrough => {
+                if let Some(b) = &mut i.bound {
+                    b.handles -= 1;
+                    if b.handles == 0 {
+                        i.bound = None; // closes the backing id
+                    }
+                }
             }
+            HandleIo::Cached(v) => {
+                if let Some(n) = i.cached.get_mut(&v) {
+                    *n -= 1;
+                    if *n == 0 {
+                        i.cached.remove(&v);
+                    }
+                }
+            }
+            HandleIo::Direct => i.direct -= 1,
+        }
+        if i.bound.is_none() && i.daemon_handles() == 0 && i.pages.is_none() {
+            st.inodes.remove(&ino);
         }
     }
 }
@@ -256,15 +408,29 @@ impl Filesystem for FuseAdapter {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_APPEND != 0;
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let passthrough = self.passthrough.clone();
+        if (write || truncate) && passthrough.write_is_stale(ino.0) {
+            // Rule 1 of the passthrough rules: a new inode for the writer.
+            self.fs.detach_name(ino.0);
+            metrics::open("stale");
+            reply.error(Errno::ESTALE);
+            return;
+        }
         self.spawn("open", |fs| async move {
             match fs.open(ino.0, write, truncate, pid).await {
+                Ok(o) if write || truncate => {
+                    passthrough.opened_for_write(ino.0, o.fh);
+                    reply.opened(FileHandle(o.fh), FopenFlags::empty())
+                }
                 Ok(o) => {
-                    let flags = if o.keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    passthrough.reply(reply, ino.0, o.fh, flags, o.backing)
+                    let answer =
+                        passthrough.reply(reply, ino.0, o.fh, o.keep_cache, o.version, o.backing);
+                    if let Err(reply) = answer {
+                        // Rule 1: the kernel's retry must find the name untied already.
+                        fs.detach_name(ino.0);
+                        fs.release(o.fh).await;
+                        metrics::open("stale");
+                        reply.error(Errno::ESTALE);
+                    }
                 }
                 Err(e) => reply.error(errno("open", e)),
             }
@@ -322,19 +488,23 @@ impl Filesystem for FuseAdapter {
     ) {
         let ttl = self.ttl;
         let pid = req.pid();
+        let passthrough = self.passthrough.clone();
         let Some(name) = name.to_str().map(str::to_string) else {
             reply.error(Errno::EINVAL);
             return;
         };
         self.spawn("create", |fs| async move {
             match fs.create(parent.0, &name, pid).await {
-                Ok((a, fh)) => reply.created(
-                    &ttl,
-                    &file_attr(&a),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                ),
+                Ok((a, fh)) => {
+                    passthrough.opened_for_write(a.ino, fh);
+                    reply.created(
+                        &ttl,
+                        &file_attr(&a),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    )
+                }
                 Err(e) => reply.error(errno("create", e)),
             }
         });

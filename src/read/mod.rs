@@ -41,7 +41,7 @@ use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
-use crate::cache::disk::{Claim, DiskCache, FillGuard};
+use crate::cache::disk::{CLAIM_WAIT, Claim, DiskCache, FillGuard};
 use crate::cache::{BLOCK_SIZE, BlockCache, BlockKey};
 use crate::fs::{FsError, FsResult};
 use crate::metrics::{self, Tier};
@@ -371,11 +371,14 @@ impl Reader {
         let version = self.version.clone();
         let size = self.size;
         let task = tokio::spawn(async move {
+            let range = BlockRange::new(&ctx, &key, &version, size, start, end);
+            let sources = range.look_up(&ctx).await;
+            // Leased only now: a read waiting on another process's fill holds no memory.
             let lease = match lease {
                 Some(l) => l,
                 None => ctx.budget.demand(end - start).await,
             };
-            let blocks = fetch_range(&ctx, &key, &version, size, start, end).await?;
+            let blocks = range.fetch_missing(&ctx, sources).await?;
             Ok(Arc::new(Part {
                 start,
                 blocks,
@@ -408,7 +411,9 @@ pub async fn fill(
     end: u64,
 ) -> Result<u64, StoreError> {
     let key: Arc<str> = key.into();
-    let blocks = fetch_range(ctx, &key, version, size, start, end).await?;
+    let range = BlockRange::new(ctx, &key, version, size, start, end);
+    let sources = range.look_up(ctx).await;
+    let blocks = range.fetch_missing(ctx, sources).await?;
     Ok(blocks.iter().map(|b| b.len() as u64).sum())
 }
 
@@ -420,89 +425,135 @@ enum Source {
     Fetch(Option<FillGuard>),
 }
 
-/// The blocks of `start..end` (`start` on a block boundary): from the memory tier, then the disk
-/// tier, and the rest with one ranged GET per run of missing blocks. Blocks another process is
-/// filling right now are waited for instead of fetched twice. Fetched blocks go to both tiers.
-async fn fetch_range(
-    ctx: &Arc<ReadContext>,
-    key: &Arc<str>,
-    version: &Version,
+/// The blocks of `start..end` (`start` on a block boundary) of one object version: looked up in
+/// the memory tier, then the disk tier ([`BlockRange::look_up`]), and the rest fetched with one
+/// ranged GET per run of missing blocks ([`BlockRange::fetch_missing`]). Blocks another process
+/// is filling right now are waited for instead of fetched twice. Fetched blocks go to both tiers.
+struct BlockRange {
+    store_id: Arc<str>,
+    key: Arc<str>,
+    version: Version,
+    version_id: Arc<str>,
     size: u64,
-    start: u64,
     end: u64,
-) -> Result<Vec<Bytes>, StoreError> {
-    debug_assert_eq!(start % BLOCK_SIZE, 0, "fetches start on block boundaries");
-    let version_id: Arc<str> = version.0.as_str().into();
-    let block_key = |index: u64| BlockKey {
-        store: ctx.store_id.clone(),
-        key: key.clone(),
-        version: version_id.clone(),
-        index,
-    };
-    let first = start / BLOCK_SIZE;
-    let last = (end - 1) / BLOCK_SIZE;
-    let mut sources: Vec<Source> = Vec::with_capacity((last - first + 1) as usize);
-    for index in first..=last {
-        sources.push(match ctx.cache.get(&block_key(index)).await {
-            Some(b) => Source::Have(b),
-            None => Source::Fetch(None),
-        });
+    first: u64,
+    last: u64,
+}
+
+impl BlockRange {
+    fn new(
+        ctx: &ReadContext,
+        key: &Arc<str>,
+        version: &Version,
+        size: u64,
+        start: u64,
+        end: u64,
+    ) -> BlockRange {
+        debug_assert_eq!(start % BLOCK_SIZE, 0, "fetches start on block boundaries");
+        BlockRange {
+            store_id: ctx.store_id.clone(),
+            key: key.clone(),
+            version: version.clone(),
+            version_id: version.0.as_str().into(),
+            size,
+            end,
+            first: start / BLOCK_SIZE,
+            last: (end - 1) / BLOCK_SIZE,
+        }
     }
-    if let Some(disk) = &ctx.disk {
-        disk_lookup(ctx, disk, &block_key, first, size, &mut sources).await;
+
+    fn block_key(&self, index: u64) -> BlockKey {
+        BlockKey {
+            store: self.store_id.clone(),
+            key: self.key.clone(),
+            version: self.version_id.clone(),
+            index,
+        }
     }
-    let mut i = 0usize;
-    while i < sources.len() {
-        if matches!(sources[i], Source::Have(_)) {
-            i += 1;
-            continue;
+
+    /// Where each block comes from: a cache, or a fetch (with the disk claim if this caller
+    /// fills the disk tier). May wait, boundedly, for other processes filling the blocks.
+    async fn look_up(&self, ctx: &Arc<ReadContext>) -> Vec<Source> {
+        let mut sources = Vec::with_capacity((self.last - self.first + 1) as usize);
+        for index in self.first..=self.last {
+            sources.push(match ctx.cache.get(&self.block_key(index)).await {
+                Some(b) => Source::Have(b),
+                None => Source::Fetch(None),
+            });
         }
-        let run_start = i;
-        while i < sources.len() && matches!(sources[i], Source::Fetch(_)) {
-            i += 1;
-        }
-        let from = (first + run_start as u64) * BLOCK_SIZE;
-        let to = ((first + i as u64) * BLOCK_SIZE).min(end);
-        let fetched = ctx
-            .store
-            .get_blocks(key, from..to, Some(version), BLOCK_SIZE)
-            .await?;
-        let got: u64 = fetched.iter().map(|b| b.len() as u64).sum();
-        metrics::bytes_served(Tier::Bucket, got);
-        if got != to - from || fetched.len() != i - run_start {
-            return Err(StoreError::Transient(format!(
-                "{key}: asked for {} bytes at {from}, got {got}",
-                to - from
-            )));
-        }
-        let mut to_disk = Vec::new();
-        for (n, b) in fetched.into_iter().enumerate() {
-            let index = first + (run_start + n) as u64;
-            ctx.cache.put(&block_key(index), b.clone()).await;
-            if let Source::Fetch(Some(guard)) =
-                std::mem::replace(&mut sources[run_start + n], Source::Have(b.clone()))
-            {
-                to_disk.push((block_key(index), b, guard));
-            }
-        }
-        if let (Some(disk), false) = (&ctx.disk, to_disk.is_empty()) {
-            let disk = disk.clone();
-            // The claims (guards) are released once the blocks are on disk.
-            let _ = tokio::task::spawn_blocking(move || {
-                for (k, b, _guard) in to_disk {
-                    disk.put(&k, size, &b);
-                }
-            })
+        if let Some(disk) = &ctx.disk {
+            disk_lookup(
+                ctx,
+                disk,
+                &|i| self.block_key(i),
+                self.first,
+                self.size,
+                &mut sources,
+            )
             .await;
         }
+        sources
     }
-    Ok(sources
-        .into_iter()
-        .filter_map(|s| match s {
-            Source::Have(b) => Some(b),
-            Source::Fetch(_) => None,
-        })
-        .collect())
+
+    async fn fetch_missing(
+        &self,
+        ctx: &Arc<ReadContext>,
+        mut sources: Vec<Source>,
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let (key, first, end, size) = (&self.key, self.first, self.end, self.size);
+        let mut i = 0usize;
+        while i < sources.len() {
+            if matches!(sources[i], Source::Have(_)) {
+                i += 1;
+                continue;
+            }
+            let run_start = i;
+            while i < sources.len() && matches!(sources[i], Source::Fetch(_)) {
+                i += 1;
+            }
+            let from = (first + run_start as u64) * BLOCK_SIZE;
+            let to = ((first + i as u64) * BLOCK_SIZE).min(end);
+            let fetched = ctx
+                .store
+                .get_blocks(key, from..to, Some(&self.version), BLOCK_SIZE)
+                .await?;
+            let got: u64 = fetched.iter().map(|b| b.len() as u64).sum();
+            metrics::bytes_served(Tier::Bucket, got);
+            if got != to - from || fetched.len() != i - run_start {
+                return Err(StoreError::Transient(format!(
+                    "{key}: asked for {} bytes at {from}, got {got}",
+                    to - from
+                )));
+            }
+            let mut to_disk = Vec::new();
+            for (n, b) in fetched.into_iter().enumerate() {
+                let index = first + (run_start + n) as u64;
+                ctx.cache.put(&self.block_key(index), b.clone()).await;
+                if let Source::Fetch(Some(guard)) =
+                    std::mem::replace(&mut sources[run_start + n], Source::Have(b.clone()))
+                {
+                    to_disk.push((self.block_key(index), b, guard));
+                }
+            }
+            if let (Some(disk), false) = (&ctx.disk, to_disk.is_empty()) {
+                let disk = disk.clone();
+                // The claims (guards) are released once the blocks are on disk.
+                let _ = tokio::task::spawn_blocking(move || {
+                    for (k, b, _guard) in to_disk {
+                        disk.put(&k, size, &b);
+                    }
+                })
+                .await;
+            }
+        }
+        Ok(sources
+            .into_iter()
+            .filter_map(|s| match s {
+                Source::Have(b) => Some(b),
+                Source::Fetch(_) => None,
+            })
+            .collect())
+    }
 }
 
 /// Fills `sources` from the disk tier: cached blocks become `Have`; missing ones are claimed for
@@ -526,6 +577,10 @@ async fn disk_lookup(
     }
     let disk = disk.clone();
     let found = tokio::task::spawn_blocking(move || {
+        // One bound for the whole lookup, not per block: a stopped filler holding a part's worth
+        // of claims costs the reader one CLAIM_WAIT, not one per block.
+        let deadline = std::time::Instant::now() + CLAIM_WAIT;
+        let mut said = false;
         wanted
             .into_iter()
             .map(|k| {
@@ -543,7 +598,20 @@ async fn disk_lookup(
                             }
                             return (k, Source::Fetch(Some(guard)));
                         }
-                        Some(Claim::Theirs) => disk.wait(&k, size),
+                        Some(Claim::Theirs) => {
+                            if !disk.wait(&k, size, deadline) {
+                                if !std::mem::replace(&mut said, true) {
+                                    tracing::info!(
+                                    key = %k.key,
+                                    block = k.index,
+                                    "another process has held this block's fill claim for {}s; fetching it here",
+                                    CLAIM_WAIT.as_secs()
+                                    );
+                                }
+                                metrics::claim_taken_over();
+                                return (k.clone(), Source::Fetch(disk.take_over(&k, size)));
+                            }
+                        }
                     }
                 }
                 (k, Source::Fetch(None))

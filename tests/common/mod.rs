@@ -295,3 +295,32 @@ impl Drop for Mounted {
         }
     }
 }
+
+/// A free loopback address for `--http-addr`.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The value of one sample (`name` or `name{labels}`, as the daemon prints it) from `/metrics`
+/// at `addr`; 0 if the daemon has not reported it yet.
+pub fn metric(addr: &str, series: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the daemon serves HTTP");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// The whole content of `path`.
+pub fn read_all(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
