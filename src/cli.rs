@@ -199,6 +199,10 @@ pub struct StoreArgs {
     /// Default Credentials.
     #[arg(long, env = "BUCKETFS_ANONYMOUS")]
     pub anonymous: bool,
+    /// Longest a read, stat or listing waits for a store that does not answer (retries
+    /// included) before it fails with EIO; stalled transfers are cut after a third of it.
+    #[arg(long, env = "BUCKETFS_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub read_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -328,6 +332,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 /// Opens the store for `source` and checks, quickly, that it answers: the bucket exists, the
 /// credentials work, the endpoint is reachable. Returns the store wrapped in the retry policy.
 pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, Failure> {
+    if args.read_timeout < Duration::from_secs(1) {
+        return Err(Failure::new(2, "--read-timeout must be at least 1s"));
+    }
+    let policy = RetryPolicy::with_read_deadline(args.read_timeout);
     let raw: DynStore = match source {
         Source::S3 { .. } if args.anonymous => {
             return Err(Failure::new(
@@ -340,6 +348,7 @@ pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, F
                 endpoint_url: args.endpoint_url.clone(),
                 region: args.region.clone(),
                 force_path_style: args.force_path_style,
+                timeouts: policy.timeouts(),
             };
             Arc::new(
                 store::s3::S3Store::new(bucket, &opts)
@@ -351,6 +360,7 @@ pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, F
             let opts = GcsOptions {
                 endpoint_url: args.endpoint_url.clone(),
                 anonymous: args.anonymous,
+                timeouts: policy.timeouts(),
             };
             Arc::new(
                 store::gcs::GcsStore::new(bucket, &opts)
@@ -383,7 +393,7 @@ pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, F
             }
         })?;
     let metered = Arc::new(Metered::new(raw));
-    Ok(Arc::new(Retrying::new(metered, RetryPolicy::default())))
+    Ok(Arc::new(Retrying::new(metered, policy)))
 }
 
 fn store_failure(e: StoreError) -> Failure {

@@ -3,7 +3,9 @@
 //! - `GET /healthz`: 200 while the process runs (a liveness probe).
 //! - `GET /readyz`: 200 once the mount answers a `stat` of its root, 503 before (the store is
 //!   still being checked, the kernel mount is not made yet), when the stat does not answer
-//!   within [`PROBE_TIMEOUT`], and from the moment shutdown starts. A startup probe on it holds
+//!   within [`PROBE_TIMEOUT`], while the store does not answer (an outage: known metadata is
+//!   still served, reads of what is not cached fail with EIO), and from the moment shutdown
+//!   starts. A startup probe on it holds
 //!   the application container back until its files are there.
 //! - `GET /metrics`: every metric in the Prometheus text format (see [`crate::metrics`]).
 //!
@@ -75,6 +77,15 @@ impl Health {
     async fn ready(self: &Arc<Self>) -> Result<(), String> {
         if !self.mounted.load(Ordering::Relaxed) {
             return Err("not mounted".into());
+        }
+        if let Some(fs) = self.fs.get()
+            && let Some(since) = fs.store_unreachable_since()
+            && !fs.probe_store(PROBE_TIMEOUT / 2).await
+        {
+            return Err(format!(
+                "the store has not answered for {}s",
+                since.elapsed().as_secs()
+            ));
         }
         if self.probing.swap(true, Ordering::Relaxed) {
             return Err("an earlier stat of the mount root has not answered yet".into());

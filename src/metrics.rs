@@ -36,6 +36,11 @@
 //! | `bucketfs_cache_claims_taken_over_total` | | blocks whose filler stalled past the claim wait and were fetched here |
 //! | `bucketfs_passthrough_backing_ids` | | backing files registered with the kernel for passthrough now |
 //! | `bucketfs_opens_total` | `io` | file opens by how their reads go: `passthrough`, `cached` (page cache), `direct`, or `stale` (sent back for a fresh lookup) |
+//! | `bucketfs_store_timeouts_total` | `phase` | store attempts cut by a timeout: `first_byte`, `stall` (no bytes for a while), `attempt` |
+//! | `bucketfs_store_gave_up_total` | `op` | read-side requests given up (deadline or attempts used up); the application got `EIO` |
+//! | `bucketfs_store_unreachable` | | 1 while the store does not answer |
+//! | `bucketfs_stale_metadata_total` | `what` | `attr` or `listing` answers served as last seen because the store did not answer |
+//! | `bucketfs_read_timeouts_total` | | application reads failed with `EIO` after `--read-timeout` |
 
 use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
@@ -114,6 +119,11 @@ struct Metrics {
     claims_taken_over: Counter,
     backing_ids: Gauge,
     opens: Family<Labels<1>, Counter>,
+    store_timeouts: Family<Labels<1>, Counter>,
+    store_gave_up: Family<[(&'static str, String); 1], Counter>,
+    store_unreachable: Gauge,
+    stale_metadata: Family<Labels<1>, Counter>,
+    read_timeouts: Counter,
 }
 
 impl Metrics {
@@ -152,6 +162,11 @@ impl Metrics {
             claims_taken_over: Counter::default(),
             backing_ids: Gauge::default(),
             opens: Family::default(),
+            store_timeouts: Family::default(),
+            store_gave_up: Family::default(),
+            store_unreachable: Gauge::default(),
+            stale_metadata: Family::default(),
+            read_timeouts: Counter::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -309,6 +324,31 @@ impl Metrics {
             "opens",
             "File opens by how their reads go: passthrough, cached, direct or stale",
             m.opens.clone(),
+        );
+        r.register(
+            "store_timeouts",
+            "Store request attempts cut by a timeout, by phase (first_byte, stall, attempt)",
+            m.store_timeouts.clone(),
+        );
+        r.register(
+            "store_gave_up",
+            "Read-side store requests given up after the read deadline or the last attempt",
+            m.store_gave_up.clone(),
+        );
+        r.register(
+            "store_unreachable",
+            "1 while the store does not answer",
+            m.store_unreachable.clone(),
+        );
+        r.register(
+            "stale_metadata",
+            "Attributes and listings served as last seen because the store did not answer",
+            m.stale_metadata.clone(),
+        );
+        r.register(
+            "read_timeouts",
+            "Application reads failed with EIO after --read-timeout",
+            m.read_timeouts.clone(),
         );
         let info: Family<Labels<1>, Gauge> = Family::default();
         info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -591,6 +631,42 @@ pub fn backing_id(registered: bool) {
 /// An open was answered with reads going `io` (see the table above).
 pub fn open(io: &'static str) {
     METRICS.opens.get_or_create(&[("io", io)]).inc();
+}
+
+// ---- faults ----
+
+/// A store attempt was cut by the timeout of `phase`.
+pub fn store_timeout(phase: &'static str) {
+    METRICS
+        .store_timeouts
+        .get_or_create(&[("phase", phase)])
+        .inc();
+}
+
+/// A read-side store request was given up.
+pub fn store_gave_up(op: &str) {
+    METRICS
+        .store_gave_up
+        .get_or_create(&[("op", op.to_string())])
+        .inc();
+}
+
+/// The store stopped (`true`) or started again (`false`) answering.
+pub fn store_unreachable(down: bool) {
+    METRICS.store_unreachable.set(down as i64);
+}
+
+/// Metadata (`attr` or `listing`) served as last seen during an outage.
+pub fn stale_metadata(what: &'static str) {
+    METRICS
+        .stale_metadata
+        .get_or_create(&[("what", what)])
+        .inc();
+}
+
+/// An application read failed with EIO after `--read-timeout`.
+pub fn read_timeout() {
+    METRICS.read_timeouts.inc();
 }
 
 #[cfg(test)]

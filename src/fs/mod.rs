@@ -203,6 +203,11 @@ impl Fs {
         &self.cfg
     }
 
+    /// Since when the store has not answered, during an outage.
+    pub fn store_unreachable_since(&self) -> Option<tokio::time::Instant> {
+        self.store.health().and_then(|h| h.unreachable_since())
+    }
+
     fn attr(&self, ino: u64, stat: &Stat) -> Attr {
         Attr {
             ino,
@@ -425,9 +430,50 @@ impl Fs {
             _ => return Err(FsError::BadHandle),
         };
         match handle {
-            Ok(reader) => reader.read(offset, size as u64).await,
+            Ok(reader) => self.bounded_read(&reader, offset, size).await,
             Err(writer) => Ok(writer.read(offset, size as u64).await?),
         }
+    }
+
+    /// A read of `reader` that gives up with EIO within the store's read deadline, and within
+    /// [`crate::meta::OUTAGE_PROBE`] while the store is known not to answer: the kernel follows a
+    /// failed readahead with a read of its own, which must not wait the whole deadline again.
+    async fn bounded_read(
+        &self,
+        reader: &Reader,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<bytes::Bytes> {
+        let read = reader.read(offset, size as u64);
+        let Some(health) = self.store.health() else {
+            return read.await;
+        };
+        let bound = match health.unreachable_since() {
+            Some(_) => crate::meta::OUTAGE_PROBE,
+            None => health.read_deadline(),
+        };
+        match tokio::time::timeout(bound, read).await {
+            Ok(r) => r,
+            Err(_) => {
+                crate::metrics::read_timeout();
+                tracing::warn!(
+                    key = %reader.key(),
+                    offset,
+                    ?bound,
+                    "read failed with EIO: the store did not deliver the bytes in time"
+                );
+                Err(FsError::Store(crate::store::StoreError::Transient(
+                    format!("no bytes within {bound:?}"),
+                )))
+            }
+        }
+    }
+
+    /// Asks the store for one listing entry of the mount root, within `limit`: whether it
+    /// answers (an answer also ends an outage, see `store::retry::StoreHealth`).
+    pub async fn probe_store(&self, limit: std::time::Duration) -> bool {
+        let ask = self.store.list(&self.cfg.prefix, Some("/"), None, 1);
+        matches!(tokio::time::timeout(limit, ask).await, Ok(Ok(_)))
     }
 
     /// Closes a handle. A write handle still holding uncommitted changes (a `flush` failed or
@@ -476,7 +522,7 @@ impl Fs {
                 let t = self.inodes.lock().unwrap();
                 Ok::<_, FsError>(
                     listed
-                        .into_iter()
+                        .iter()
                         .map(|e| {
                             let ino = t
                                 .by_name
@@ -486,7 +532,7 @@ impl Fs {
                             DirEntryOut {
                                 ino,
                                 kind: e.stat.kind,
-                                name: e.name,
+                                name: e.name.clone(),
                             }
                         })
                         .collect(),

@@ -22,11 +22,49 @@
 //! `lookup` asks the store (a HEAD of `key` and a one-key LIST of `key/`, at once) and keeps the
 //! answer, positive or negative, for `--metadata-ttl`. A directory listing refreshes the entries of
 //! every child it saw, so `ls -l` costs one LIST, not one HEAD per file.
+//!
+//! ## During an outage
+//! Answers stay in the cache past their TTL (up to [`META_CACHE_BYTES`], counted in bytes, least
+//! recently used first out), and so does each directory's last complete listing (up to
+//! [`LISTINGS_BYTES`]). An entry past its TTL is asked for again; if the store does not answer
+//! (it is found unreachable, by this request or any other; see `store::retry::StoreHealth`), the
+//! last answer is served, and the log says so. While the store is unreachable a question waits at
+//! most [`OUTAGE_PROBE`] before the last answer is served, so `ls` and `stat` of known paths keep
+//! answering at once, and the first answer that comes back ends the outage.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::time::Instant;
+
 use crate::store::{DynStore, StoreError, StoreResult, Version};
+
+/// Cap of the attribute cache, in bytes of keys and answers: 32 MiB holds about 200k paths.
+pub const META_CACHE_BYTES: u64 = 32 << 20;
+
+/// Cap of the last complete listings kept to answer `ls` during an outage: 16 MiB (a directory of
+/// about 100k entries; a larger one is listed again, or fails with EIO while the store is down).
+pub const LISTINGS_BYTES: u64 = 16 << 20;
+
+/// While the store is unreachable, how long a question waits for it before the last answer is
+/// served: long enough for a store that came back to answer, short enough for `ls` to feel live.
+pub const OUTAGE_PROBE: Duration = Duration::from_millis(500);
+
+/// Bytes an entry of `name` with `stat` holds in a cache (the strings, the struct, the map).
+fn weight(name: &str, stat: Option<&Stat>) -> u64 {
+    let version = stat
+        .and_then(|s| s.version.as_ref())
+        .map_or(0, |v| v.0.len());
+    (name.len() + version + std::mem::size_of::<Known>() + 32) as u64
+}
+
+/// What the store last said about a path, and when.
+#[derive(Clone, Debug)]
+struct Known {
+    stat: Option<Stat>,
+    seen: Instant,
+}
 
 /// The name reserved at the bucket root for bucketfs' own objects.
 pub const RESERVED_ROOT_NAME: &str = ".bucketfs";
@@ -95,10 +133,17 @@ pub struct DirEntry {
 /// The metadata cache and the listing logic over a store.
 pub struct Meta {
     store: DynStore,
-    /// Full path key (no trailing slash) -> what it is; `None` is a negative entry.
-    cache: Option<moka::sync::Cache<String, Option<Stat>>>,
+    /// How long an answer is used without asking again.
+    ttl: Duration,
+    /// Full path key (no trailing slash) -> what it is; `None` is a negative entry. Kept past the
+    /// TTL, for outages.
+    cache: moka::sync::Cache<String, Known>,
+    /// Directory key -> its last complete listing, for outages.
+    listings: moka::sync::Cache<String, Arc<Vec<DirEntry>>>,
     /// Keys already warned about, so a listing repeated every second does not flood the log.
     warned: moka::sync::Cache<String, ()>,
+    /// Paths served as last seen recently: one log line per path and minute.
+    stale_warned: moka::sync::Cache<String, ()>,
     /// Whether the mount's root is the bucket root (where [`RESERVED_ROOT_NAME`] is hidden).
     at_bucket_root: bool,
     /// Where write-lock objects live (full key ending with `/`): hidden wherever it is.
@@ -112,16 +157,29 @@ impl Meta {
         at_bucket_root: bool,
         lock_prefix: &str,
     ) -> Arc<Meta> {
-        let cache = (!ttl.is_zero()).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(ttl)
-                .build()
-        });
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(META_CACHE_BYTES)
+            .weigher(|k: &String, v: &Known| {
+                weight(k, v.stat.as_ref()).try_into().unwrap_or(u32::MAX)
+            })
+            .build();
+        let listings = moka::sync::Cache::builder()
+            .max_capacity(LISTINGS_BYTES)
+            .weigher(|k: &String, v: &Arc<Vec<DirEntry>>| {
+                let bytes: u64 = v.iter().map(|e| weight(&e.name, Some(&e.stat))).sum();
+                (bytes + k.len() as u64).try_into().unwrap_or(u32::MAX)
+            })
+            .build();
         Arc::new(Meta {
             store,
+            ttl,
             cache,
+            listings,
             warned: moka::sync::Cache::new(10_000),
+            stale_warned: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
             at_bucket_root,
             lock_prefix: lock_prefix.to_string(),
         })
@@ -146,20 +204,77 @@ impl Meta {
 
     /// Forgets what is known about `path_key`, e.g. after this mount changed it.
     pub fn invalidate(&self, path_key: &str) {
-        if let Some(c) = &self.cache {
-            c.invalidate(path_key);
+        self.cache.invalidate(path_key);
+        if let Some(i) = path_key.rfind('/') {
+            self.listings.invalidate(&path_key[..=i]);
+        } else {
+            self.listings.invalidate("");
+        }
+    }
+
+    fn remember(&self, path_key: String, stat: Option<Stat>) {
+        let known = Known {
+            stat,
+            seen: Instant::now(),
+        };
+        self.cache.insert(path_key, known);
+    }
+
+    /// Runs `asked`, unless the store turns out not to answer: `None` then, and the caller
+    /// serves what it saw last. Without a way to tell (a store that is not watched), waits.
+    async fn unless_outage<T>(
+        &self,
+        asked: impl Future<Output = StoreResult<T>>,
+    ) -> Option<StoreResult<T>> {
+        let Some(health) = self.store.health() else {
+            return Some(asked.await);
+        };
+        let answer = if health.unreachable_since().is_some() {
+            tokio::time::timeout(OUTAGE_PROBE, asked).await.ok()
+        } else {
+            tokio::select! {
+                r = asked => Some(r),
+                _ = health.until_unreachable() => None,
+            }
+        };
+        match answer {
+            Some(Err(e)) if e.is_retryable() => None,
+            other => other,
+        }
+    }
+
+    fn served_stale(&self, what: &'static str, key: &str) {
+        crate::metrics::stale_metadata(what);
+        if !self.stale_warned.contains_key(key) {
+            self.stale_warned.insert(key.to_string(), ());
+            tracing::warn!(
+                key,
+                what,
+                "the store does not answer: serving what it said last"
+            );
         }
     }
 
     /// What `path_key` (a full key without trailing slash) is: a directory, a file, or nothing.
     pub async fn resolve(&self, path_key: &str) -> StoreResult<Option<Stat>> {
-        if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(path_key)) {
-            return Ok(hit);
+        let known = self.cache.get(path_key);
+        if let Some(k) = &known
+            && k.seen.elapsed() < self.ttl
+        {
+            return Ok(k.stat.clone());
         }
-        let stat = self.resolve_uncached(path_key).await?;
-        if let Some(c) = &self.cache {
-            c.insert(path_key.to_string(), stat.clone());
-        }
+        let asked = self.resolve_uncached(path_key);
+        let stat = match known {
+            None => asked.await?,
+            Some(k) => match self.unless_outage(asked).await {
+                Some(answer) => answer?,
+                None => {
+                    self.served_stale("attr", path_key);
+                    return Ok(k.stat);
+                }
+            },
+        };
+        self.remember(path_key.to_string(), stat.clone());
         Ok(stat)
     }
 
@@ -195,8 +310,26 @@ impl Meta {
     }
 
     /// Every visible entry of the directory `dir_key` (`""` or ending with `/`), sorted by name,
-    /// following the rule in the module docs. Refreshes the cache for each child.
-    pub async fn list_dir(&self, dir_key: &str) -> StoreResult<Vec<DirEntry>> {
+    /// following the rule in the module docs. Refreshes the cache for each child. During an
+    /// outage, the last complete listing of the directory, if one is kept.
+    pub async fn list_dir(&self, dir_key: &str) -> StoreResult<Arc<Vec<DirEntry>>> {
+        let asked = self.list_dir_uncached(dir_key);
+        let entries = match self.listings.get(dir_key) {
+            None => asked.await?,
+            Some(last) => match self.unless_outage(asked).await {
+                Some(answer) => answer?,
+                None => {
+                    self.served_stale("listing", dir_key);
+                    return Ok(last);
+                }
+            },
+        };
+        let entries = Arc::new(entries);
+        self.listings.insert(dir_key.to_string(), entries.clone());
+        Ok(entries)
+    }
+
+    async fn list_dir_uncached(&self, dir_key: &str) -> StoreResult<Vec<DirEntry>> {
         let mut files: Vec<DirEntry> = Vec::new();
         let mut dirs: Vec<String> = Vec::new();
         let mut page = None;
@@ -255,10 +388,8 @@ impl Meta {
             stat: Stat::dir(),
         }));
         entries.sort_by(|a, b| a.name.cmp(&b.name));
-        if let Some(c) = &self.cache {
-            for e in &entries {
-                c.insert(format!("{dir_key}{}", e.name), Some(e.stat.clone()));
-            }
+        for e in &entries {
+            self.remember(format!("{dir_key}{}", e.name), Some(e.stat.clone()));
         }
         Ok(entries)
     }
@@ -388,5 +519,46 @@ mod tests {
         meta.resolve("f").await.unwrap();
         meta.resolve("f").await.unwrap();
         assert_eq!(s.calls(Op::Head), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn known_metadata_is_served_while_the_store_does_not_answer() {
+        use crate::store::mem::Fault;
+        use crate::store::retry::{RetryPolicy, Retrying};
+        let mem = store_with(&["a/f", "a/g"]).await;
+        let policy = RetryPolicy {
+            metadata_timeout: Duration::from_secs(1),
+            read_deadline: Duration::from_secs(30),
+            ..RetryPolicy::default()
+        };
+        let store: DynStore = Arc::new(Retrying::new(mem.clone(), policy));
+        let meta = Meta::new(store, Duration::from_secs(1), true, LOCKS);
+        assert_eq!(meta.list_dir("a/").await.unwrap().len(), 2);
+        assert!(meta.resolve("a/f").await.unwrap().is_some());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        mem.inject(Op::Head, Fault::Hang, 1000);
+        mem.inject(Op::List, Fault::Hang, 1000);
+        // Past the TTL: asked again, and answered as last seen once the store is found down,
+        // long before the read deadline.
+        let start = tokio::time::Instant::now();
+        let f = meta.resolve("a/f").await.unwrap().unwrap();
+        assert_eq!((f.kind, f.size), (Kind::File, 1));
+        assert!(start.elapsed() <= Duration::from_millis(1050));
+        let start = tokio::time::Instant::now();
+        assert_eq!(names(&meta.list_dir("a/").await.unwrap()).len(), 2);
+        assert!(
+            start.elapsed() <= OUTAGE_PROBE + Duration::from_millis(50),
+            "{:?}",
+            start.elapsed()
+        );
+        // What was never seen cannot be served.
+        assert!(meta.resolve("a/nothing").await.is_err());
+        // The store back, answers are fresh again.
+        mem.clear_faults();
+        mem.put("a/f", Bytes::from_static(b"xyz"), Precondition::None)
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(meta.resolve("a/f").await.unwrap().unwrap().size, 3);
     }
 }

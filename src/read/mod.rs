@@ -211,6 +211,11 @@ impl Reader {
         }
     }
 
+    /// The object key read.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// The current prefetch window in bytes (for tests and metrics).
     pub fn window(&self) -> u64 {
         self.stream.lock().unwrap().window
@@ -669,6 +674,7 @@ mod tests {
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(2),
             attempt_timeout: Duration::from_secs(5),
+            ..RetryPolicy::default()
         };
         let store: DynStore = Arc::new(Retrying::new(mem.clone(), fast));
         let (prefetch, demand, tier_bytes) = cfg.split().unwrap();

@@ -64,6 +64,7 @@ use gcloud_storage::http::objects::list::ListObjectsRequest;
 use gcloud_storage::http::objects::upload::{UploadObjectRequest, UploadType};
 use gcloud_storage::http::objects::{Object, SourceObjects};
 
+use super::retry::Timeouts;
 use super::{
     BlockBuilder, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
     Upload, UserMeta, Version,
@@ -92,12 +93,15 @@ pub struct GcsOptions {
     pub endpoint_url: Option<String>,
     /// Send no credentials (public buckets, local emulators) instead of looking them up.
     pub anonymous: bool,
+    /// How long each phase of a transfer may take (see [`super::retry`]).
+    pub timeouts: Timeouts,
 }
 
 #[derive(Clone)]
 pub struct GcsStore {
     client: Client,
     bucket: String,
+    timeouts: Timeouts,
 }
 
 impl std::fmt::Debug for GcsStore {
@@ -114,7 +118,7 @@ impl GcsStore {
     pub async fn new(bucket: &str, opts: &GcsOptions) -> StoreResult<Self> {
         let http = reqwest::Client::builder()
             // An unreachable endpoint must fail in seconds, not minutes.
-            .connect_timeout(Duration::from_secs(3))
+            .connect_timeout(opts.timeouts.connect)
             .read_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| StoreError::Invalid(format!("cannot build an HTTP client: {e}")))?;
@@ -137,6 +141,7 @@ impl GcsStore {
         Ok(GcsStore {
             client: Client::new(config),
             bucket: bucket.to_string(),
+            timeouts: opts.timeouts,
         })
     }
 
@@ -583,7 +588,11 @@ impl ObjectStore for GcsStore {
             ..Default::default()
         };
         let bytes = ByteRange(Some(range.start), Some(range.end - 1));
-        let stream = match self.client.download_streamed_object(&req, &bytes).await {
+        let t = self.timeouts;
+        let started = Timeouts::bound(t.first_byte, "first_byte", key, async {
+            Ok(self.client.download_streamed_object(&req, &bytes).await)
+        });
+        let stream = match started.await? {
             Ok(stream) => stream,
             // Nothing at or after `range.start`: only an empty object when reading from 0.
             Err(e) if status_of(&e) == Some(416) && range.start == 0 => return Ok(Vec::new()),
@@ -603,9 +612,13 @@ impl ObjectStore for GcsStore {
         let mut stream = std::pin::pin!(stream);
         // The body is copied once, straight into blocks of the exact size.
         let mut blocks = BlockBuilder::new(block, range.end - range.start);
-        while let Some(chunk) = stream.try_next().await.map_err(|e| {
-            StoreError::Transient(format!("{key}: reading body: {}", error_chain(&e)))
-        })? {
+        while let Some(chunk) = Timeouts::bound(t.stall, "stall", key, async {
+            stream.try_next().await.map_err(|e| {
+                StoreError::Transient(format!("{key}: reading body: {}", error_chain(&e)))
+            })
+        })
+        .await?
+        {
             blocks.push(chunk);
         }
         Ok(blocks.finish())

@@ -141,6 +141,11 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// A short human description for logs and errors, e.g. `s3://bucket`.
     fn describe(&self) -> String;
 
+    /// Whether the store answers, for stores that watch it ([`retry::Retrying`]).
+    fn health(&self) -> Option<&retry::StoreHealth> {
+        None
+    }
+
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta>;
 
     /// `head`, and the store's own clock when it answered (the response's `Date`; for a local

@@ -1,11 +1,33 @@
-//! The one place where transient store errors are retried.
+//! The one place where transient store errors are retried, and where a store that stops
+//! answering is noticed.
 //!
 //! Backends classify errors and never retry themselves (the S3 SDK's own retry layer is turned
 //! off), so the policy below is the whole story: up to `max_attempts` tries of a request that
 //! failed with `Throttled` or `Transient`, with "full jitter" exponential backoff (a random sleep
 //! in `0..min(cap, base * 2^attempt)`), which spreads out replicas that all failed at the same
-//! moment. Each attempt also has a deadline, so a store that accepts a connection and then hangs
-//! turns into a `Transient` error instead of a stuck read.
+//! moment.
+//!
+//! ## Timeouts, the way transfers fail
+//! A stuck transfer fails in one of a few ways, each with its own bound, so none waits for the
+//! others:
+//! - the connection cannot be made: the backends' `connect` timeout ([`Timeouts`], 3 s);
+//! - the request is sent and no answer starts: `first_byte`, for GETs in the backends;
+//! - a body starts and then stops: `stall`, no bytes for that long, in the backends' body loops;
+//! - a whole attempt: `attempt_timeout` for transfers (a slow link moving a large part keeps
+//!   making progress, so this one is generous) and `metadata_timeout` for HEAD and LIST (small
+//!   answers that never take long when the store is up).
+//!
+//! On top, requests that serve reads (`head`, `get`, `list`) have a **deadline**, retries
+//! included: `--read-timeout` (30 s by default), after which the application gets `EIO` with the
+//! reason in the log, instead of waiting minutes for every attempt to run out. The first-byte and
+//! stall timeouts are a third of it (at most 10 s), so even a short deadline leaves room to retry
+//! one dropped connection. Writes have no deadline: a slow upload that progresses must finish.
+//!
+//! ## Outages
+//! [`StoreHealth`] records whether the store answers: a request that times out or fails with a
+//! transient error marks it unreachable, any answer marks it reachable again. While it is
+//! unreachable, the metadata layer serves what it already knows instead of waiting (see
+//! `meta`), and `/readyz` says so.
 //!
 //! Writes are retried too: every write bucketfs issues is idempotent or carries a precondition.
 //! A retried `put(IfAbsent)` whose first attempt did land will see `PreconditionFailed`; callers
@@ -18,11 +40,51 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::{
     DynStore, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
     Upload, UserMeta, Version,
 };
+
+/// How long each phase of one transfer may take; the backends apply them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP (and TLS) connection set-up: an unreachable endpoint fails in seconds.
+    pub connect: Duration,
+    /// From a GET sent to the first byte of its answer. S3 answers in tens of milliseconds, and
+    /// in well under a second when busy.
+    pub first_byte: Duration,
+    /// No bytes of a response body for this long: the transfer has stalled.
+    pub stall: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        RetryPolicy::default().timeouts()
+    }
+}
+
+impl Timeouts {
+    /// Waits for `fut` at most `limit`; a timeout is a `Transient` error naming `phase`.
+    pub async fn bound<T>(
+        limit: Duration,
+        phase: &'static str,
+        what: &str,
+        fut: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                crate::metrics::store_timeout(phase);
+                Err(StoreError::Transient(format!(
+                    "{what}: {phase} timeout, nothing for {limit:?}"
+                )))
+            }
+        }
+    }
+}
 
 /// How hard to try.
 #[derive(Clone, Debug)]
@@ -33,9 +95,18 @@ pub struct RetryPolicy {
     pub base_delay: Duration,
     /// Largest backoff ceiling.
     pub max_delay: Duration,
-    /// Deadline of one attempt. Generous: an 8 MiB ranged GET on a slow link takes seconds.
+    /// Deadline of one attempt of a transfer (GET, PUT, part upload). Generous: an 8 MiB ranged
+    /// GET on a slow link takes seconds, and a stalled one is cut sooner by [`Timeouts::stall`].
     pub attempt_timeout: Duration,
+    /// Deadline of one HEAD or LIST page: small answers, never slow from a store that is up.
+    pub metadata_timeout: Duration,
+    /// Longest time a request that serves a read (`head`, `get`, `list`) takes, retries
+    /// included (`--read-timeout`).
+    pub read_deadline: Duration,
 }
+
+/// Default `--read-timeout`: a store that answers nothing fails a read with EIO after this long.
+pub const DEFAULT_READ_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -46,11 +117,35 @@ impl Default for RetryPolicy {
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(2),
             attempt_timeout: Duration::from_secs(60),
+            metadata_timeout: Duration::from_secs(10),
+            read_deadline: DEFAULT_READ_DEADLINE,
         }
     }
 }
 
 impl RetryPolicy {
+    /// The default policy with a read deadline of `read_deadline` (`--read-timeout`).
+    pub fn with_read_deadline(read_deadline: Duration) -> RetryPolicy {
+        let d = RetryPolicy::default();
+        RetryPolicy {
+            metadata_timeout: d.metadata_timeout.min(read_deadline),
+            read_deadline,
+            ..d
+        }
+    }
+
+    /// The transfer timeouts that fit this policy: first byte and stall a third of the read
+    /// deadline, at most 10 s.
+    pub fn timeouts(&self) -> Timeouts {
+        let phase =
+            (self.read_deadline / 3).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        Timeouts {
+            connect: Duration::from_secs(3),
+            first_byte: phase,
+            stall: phase,
+        }
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         let ceiling = self
             .base_delay
@@ -61,30 +156,135 @@ impl RetryPolicy {
     }
 
     /// Runs `op` until it succeeds, fails with a non-retryable error, or runs out of attempts.
-    pub async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> StoreResult<T>
+    pub async fn run<T, F, Fut>(&self, what: &str, op: F) -> StoreResult<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = StoreResult<T>>,
     {
+        self.run_bounded(what, self.attempt_timeout, None, None, op)
+            .await
+    }
+
+    /// [`RetryPolicy::run`] with `attempt` per attempt, no more than `deadline` in all, telling
+    /// `health` whether the store answered.
+    async fn run_bounded<T, F, Fut>(
+        &self,
+        what: &str,
+        attempt_timeout: Duration,
+        deadline: Option<Duration>,
+        health: Option<&StoreHealth>,
+        mut op: F,
+    ) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = StoreResult<T>>,
+    {
+        let start = Instant::now();
+        let left = |now: Duration| deadline.map(|d| d.saturating_sub(now));
         let mut attempt = 0;
         loop {
-            let result = match tokio::time::timeout(self.attempt_timeout, op()).await {
-                Ok(r) => r,
-                Err(_) => Err(StoreError::Transient(format!(
-                    "{what}: no answer within {:?}",
-                    self.attempt_timeout
-                ))),
+            let limit = match left(start.elapsed()) {
+                Some(left) => attempt_timeout.min(left),
+                None => attempt_timeout,
             };
-            match result {
-                Err(e) if e.is_retryable() && attempt + 1 < self.max_attempts => {
-                    let delay = self.backoff(attempt);
-                    tracing::debug!(%what, error = %e, attempt, ?delay, "retrying store request");
-                    crate::metrics::store_retry(what);
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
+            let result = match tokio::time::timeout(limit, op()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    crate::metrics::store_timeout("attempt");
+                    Err(StoreError::Transient(format!(
+                        "{what}: no answer within {limit:?}"
+                    )))
                 }
-                other => return other,
+            };
+            if let Some(h) = health {
+                match &result {
+                    Err(e @ StoreError::Transient(_)) => h.failed(e),
+                    _ => h.answered(),
+                }
             }
+            let e = match result {
+                Err(e) if e.is_retryable() => e,
+                other => return other,
+            };
+            let delay = self.backoff(attempt);
+            let out_of_time = left(start.elapsed()).is_some_and(|l| l <= delay);
+            if attempt + 1 >= self.max_attempts || out_of_time {
+                if deadline.is_some() {
+                    tracing::warn!(
+                        %what, error = %e, attempts = attempt + 1, elapsed = ?start.elapsed(),
+                        "store request failed; giving up"
+                    );
+                    crate::metrics::store_gave_up(what);
+                }
+                return Err(e);
+            }
+            tracing::debug!(%what, error = %e, attempt, ?delay, "retrying store request");
+            crate::metrics::store_retry(what);
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+}
+
+/// Whether the store answers, as the requests through [`Retrying`] find out.
+#[derive(Debug)]
+pub struct StoreHealth {
+    /// Since when no request got an answer; `None` while the store answers.
+    unreachable: watch::Sender<Option<Instant>>,
+    /// The policy's read deadline: what a read waits at most.
+    read_deadline: Duration,
+}
+
+impl StoreHealth {
+    fn new(read_deadline: Duration) -> StoreHealth {
+        StoreHealth {
+            unreachable: watch::Sender::new(None),
+            read_deadline,
+        }
+    }
+
+    /// Longest a request serving a read takes, retries included (`--read-timeout`).
+    pub fn read_deadline(&self) -> Duration {
+        self.read_deadline
+    }
+
+    /// Since when the store has not answered, if it does not answer now.
+    pub fn unreachable_since(&self) -> Option<Instant> {
+        *self.unreachable.borrow()
+    }
+
+    /// Returns once the store is found unreachable (at once if it is now).
+    pub async fn until_unreachable(&self) {
+        let mut rx = self.unreachable.subscribe();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    fn failed(&self, why: &StoreError) {
+        let changed = self.unreachable.send_if_modified(|since| {
+            since.is_none() && {
+                *since = Some(Instant::now());
+                true
+            }
+        });
+        if changed {
+            tracing::warn!(
+                error = %why,
+                "the store does not answer: reads fail with EIO after --read-timeout, known \
+                 metadata is served as last seen"
+            );
+            crate::metrics::store_unreachable(true);
+        }
+    }
+
+    fn answered(&self) {
+        let mut was = None;
+        self.unreachable.send_if_modified(|since| {
+            was = since.take();
+            was.is_some()
+        });
+        if let Some(since) = was {
+            tracing::warn!(after = ?since.elapsed(), "the store answers again");
+            crate::metrics::store_unreachable(false);
         }
     }
 }
@@ -94,11 +294,43 @@ impl RetryPolicy {
 pub struct Retrying {
     inner: DynStore,
     policy: RetryPolicy,
+    health: StoreHealth,
 }
 
 impl Retrying {
     pub fn new(inner: DynStore, policy: RetryPolicy) -> Self {
-        Retrying { inner, policy }
+        Retrying {
+            inner,
+            health: StoreHealth::new(policy.read_deadline),
+            policy,
+        }
+    }
+
+    /// A request that serves a read: bounded by the read deadline, watched for outages.
+    async fn read_side<T, F, Fut>(&self, what: &str, metadata: bool, op: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = StoreResult<T>>,
+    {
+        let p = &self.policy;
+        let attempt = if metadata {
+            p.metadata_timeout
+        } else {
+            p.attempt_timeout
+        };
+        p.run_bounded(what, attempt, Some(p.read_deadline), Some(&self.health), op)
+            .await
+    }
+
+    /// A write: retried, never cut by the read deadline.
+    async fn write_side<T, F, Fut>(&self, what: &str, op: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = StoreResult<T>>,
+    {
+        let p = &self.policy;
+        p.run_bounded(what, p.attempt_timeout, None, Some(&self.health), op)
+            .await
     }
 }
 
@@ -108,12 +340,17 @@ impl ObjectStore for Retrying {
         self.inner.describe()
     }
 
+    fn health(&self) -> Option<&StoreHealth> {
+        Some(&self.health)
+    }
+
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.policy.run("head", || self.inner.head(key)).await
+        self.read_side("head", true, || self.inner.head(key)).await
     }
 
     async fn head_timed(&self, key: &str) -> StoreResult<(ObjectMeta, SystemTime)> {
-        self.policy.run("head", || self.inner.head_timed(key)).await
+        self.read_side("head", true, || self.inner.head_timed(key))
+            .await
     }
 
     async fn get_range(
@@ -122,11 +359,10 @@ impl ObjectStore for Retrying {
         range: Range<u64>,
         if_version: Option<&Version>,
     ) -> StoreResult<Bytes> {
-        self.policy
-            .run("get", || {
-                self.inner.get_range(key, range.clone(), if_version)
-            })
-            .await
+        self.read_side("get", false, || {
+            self.inner.get_range(key, range.clone(), if_version)
+        })
+        .await
     }
 
     async fn get_blocks(
@@ -136,11 +372,10 @@ impl ObjectStore for Retrying {
         if_version: Option<&Version>,
         block: u64,
     ) -> StoreResult<Vec<Bytes>> {
-        self.policy
-            .run("get", || {
-                self.inner.get_blocks(key, range.clone(), if_version, block)
-            })
-            .await
+        self.read_side("get", false, || {
+            self.inner.get_blocks(key, range.clone(), if_version, block)
+        })
+        .await
     }
 
     async fn list(
@@ -150,11 +385,10 @@ impl ObjectStore for Retrying {
         page: Option<String>,
         max_keys: usize,
     ) -> StoreResult<ListPage> {
-        self.policy
-            .run("list", || {
-                self.inner.list(prefix, delimiter, page.clone(), max_keys)
-            })
-            .await
+        self.read_side("list", true, || {
+            self.inner.list(prefix, delimiter, page.clone(), max_keys)
+        })
+        .await
     }
 
     async fn put_with(
@@ -164,16 +398,14 @@ impl ObjectStore for Retrying {
         pre: Precondition,
         meta: &UserMeta,
     ) -> StoreResult<Version> {
-        self.policy
-            .run("put", || {
-                self.inner.put_with(key, body.clone(), pre.clone(), meta)
-            })
-            .await
+        self.write_side("put", || {
+            self.inner.put_with(key, body.clone(), pre.clone(), meta)
+        })
+        .await
     }
 
     async fn start_upload_with(&self, key: &str, meta: &UserMeta) -> StoreResult<Upload> {
-        self.policy
-            .run("start_upload", || self.inner.start_upload_with(key, meta))
+        self.write_side("start_upload", || self.inner.start_upload_with(key, meta))
             .await
     }
 
@@ -183,17 +415,15 @@ impl ObjectStore for Retrying {
         version: &Version,
         meta: &UserMeta,
     ) -> StoreResult<Version> {
-        self.policy
-            .run("set_meta", || self.inner.set_meta(key, version, meta))
+        self.write_side("set_meta", || self.inner.set_meta(key, version, meta))
             .await
     }
 
     async fn upload_part(&self, upload: &Upload, number: u32, body: Bytes) -> StoreResult<Part> {
-        self.policy
-            .run("upload_part", || {
-                self.inner.upload_part(upload, number, body.clone())
-            })
-            .await
+        self.write_side("upload_part", || {
+            self.inner.upload_part(upload, number, body.clone())
+        })
+        .await
     }
 
     async fn complete_upload(
@@ -202,29 +432,25 @@ impl ObjectStore for Retrying {
         parts: Vec<Part>,
         pre: Precondition,
     ) -> StoreResult<Version> {
-        self.policy
-            .run("complete_upload", || {
-                self.inner
-                    .complete_upload(upload, parts.clone(), pre.clone())
-            })
-            .await
+        self.write_side("complete_upload", || {
+            self.inner
+                .complete_upload(upload, parts.clone(), pre.clone())
+        })
+        .await
     }
 
     async fn abort_upload(&self, upload: &Upload) -> StoreResult<()> {
-        self.policy
-            .run("abort_upload", || self.inner.abort_upload(upload))
+        self.write_side("abort_upload", || self.inner.abort_upload(upload))
             .await
     }
 
     async fn copy(&self, src: &str, dst: &str, pre: Precondition) -> StoreResult<Version> {
-        self.policy
-            .run("copy", || self.inner.copy(src, dst, pre.clone()))
+        self.write_side("copy", || self.inner.copy(src, dst, pre.clone()))
             .await
     }
 
     async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {
-        self.policy
-            .run("delete", || self.inner.delete(key, pre.clone()))
+        self.write_side("delete", || self.inner.delete(key, pre.clone()))
             .await
     }
 }
@@ -241,6 +467,8 @@ mod tests {
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(5),
             attempt_timeout: Duration::from_millis(200),
+            metadata_timeout: Duration::from_millis(200),
+            read_deadline: Duration::from_secs(5),
         }
     }
 
@@ -296,5 +524,75 @@ mod tests {
         let store = Retrying::new(mem.clone(), fast());
         assert_eq!(store.head("k").await.unwrap().size, 1);
         assert_eq!(mem.calls(Op::Head), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_gives_up_at_its_deadline_and_the_outage_ends_with_an_answer() {
+        let mem = Arc::new(MemStore::new("b"));
+        mem.put("k", Bytes::from_static(b"x"), Precondition::None)
+            .await
+            .unwrap();
+        mem.inject(Op::Head, Fault::Hang, 100);
+        mem.inject(Op::GetRange, Fault::Hang, 100);
+        let policy = RetryPolicy {
+            max_attempts: 100,
+            metadata_timeout: Duration::from_secs(1),
+            attempt_timeout: Duration::from_secs(60),
+            read_deadline: Duration::from_secs(3),
+            ..fast()
+        };
+        let store = Retrying::new(mem.clone(), policy);
+        let health = store.health().unwrap();
+        let start = tokio::time::Instant::now();
+        assert!(matches!(
+            store.head("k").await,
+            Err(StoreError::Transient(_))
+        ));
+        assert!(
+            start.elapsed() <= Duration::from_millis(3050),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(mem.calls(Op::Head) >= 2, "a hung attempt is retried");
+        assert!(health.unreachable_since().is_some());
+        // A transfer is bounded by the same deadline, not by its (longer) attempt timeout.
+        let start = tokio::time::Instant::now();
+        assert!(store.get_range("k", 0..1, None).await.is_err());
+        assert!(
+            start.elapsed() <= Duration::from_millis(3050),
+            "{:?}",
+            start.elapsed()
+        );
+        mem.clear_faults();
+        assert_eq!(store.head("k").await.unwrap().size, 1);
+        assert!(health.unreachable_since().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_are_not_cut_by_the_read_deadline() {
+        let mem = Arc::new(MemStore::new("b"));
+        mem.inject(Op::Put, Fault::Delay(Duration::from_secs(10)), 1);
+        let policy = RetryPolicy {
+            attempt_timeout: Duration::from_secs(60),
+            read_deadline: Duration::from_secs(3),
+            ..fast()
+        };
+        let store = Retrying::new(mem.clone(), policy);
+        store
+            .put("k", Bytes::from_static(b"x"), Precondition::None)
+            .await
+            .unwrap();
+        assert_eq!(mem.calls(Op::Put), 1);
+    }
+
+    #[test]
+    fn transfer_timeouts_leave_room_for_retries_within_the_deadline() {
+        let t = RetryPolicy::default().timeouts();
+        assert_eq!(
+            (t.first_byte, t.stall),
+            (Duration::from_secs(10), Duration::from_secs(10))
+        );
+        let t = RetryPolicy::with_read_deadline(Duration::from_secs(6)).timeouts();
+        assert_eq!(t.stall, Duration::from_secs(2));
     }
 }

@@ -32,6 +32,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
 use bytes::Bytes;
 
+use super::retry::Timeouts;
 use super::{
     BlockBuilder, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
     Upload, UserMeta, Version,
@@ -46,12 +47,15 @@ pub struct S3Options {
     pub endpoint_url: Option<String>,
     pub region: Option<String>,
     pub force_path_style: bool,
+    /// How long each phase of a transfer may take (see [`super::retry`]).
+    pub timeouts: Timeouts,
 }
 
 #[derive(Debug, Clone)]
 pub struct S3Store {
     client: Client,
     bucket: String,
+    timeouts: Timeouts,
 }
 
 impl S3Store {
@@ -68,8 +72,10 @@ impl S3Store {
             .retry_config(RetryConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()
-                    // An unreachable endpoint must fail in seconds, not minutes.
-                    .connect_timeout(Duration::from_secs(3))
+                    // An unreachable endpoint must fail in seconds, not minutes. The read
+                    // timeout runs from the request until the answer starts, uploads included,
+                    // so it stays generous; GETs have their own first-byte and stall bounds.
+                    .connect_timeout(opts.timeouts.connect)
                     .read_timeout(Duration::from_secs(30))
                     .build(),
             )
@@ -81,6 +87,7 @@ impl S3Store {
         Ok(S3Store {
             client: Client::from_conf(conf.build()),
             bucket: bucket.to_string(),
+            timeouts: opts.timeouts,
         })
     }
 }
@@ -307,13 +314,19 @@ impl ObjectStore for S3Store {
         if let Some(v) = if_version {
             req = req.if_match(&v.0);
         }
-        let mut body = req.send().await.map_err(|e| classify(key, e))?.body;
+        let t = self.timeouts;
+        let sent = async { req.send().await.map_err(|e| classify(key, e)) };
+        let mut body = Timeouts::bound(t.first_byte, "first_byte", key, sent)
+            .await?
+            .body;
         // The body is copied once, straight into blocks of the exact size.
         let mut blocks = BlockBuilder::new(block, range.end - range.start);
-        while let Some(chunk) = body
-            .try_next()
-            .await
-            .map_err(|e| StoreError::Transient(format!("{key}: reading body: {e}")))?
+        while let Some(chunk) = Timeouts::bound(t.stall, "stall", key, async {
+            body.try_next()
+                .await
+                .map_err(|e| StoreError::Transient(format!("{key}: reading body: {e}")))
+        })
+        .await?
         {
             blocks.push(chunk);
         }

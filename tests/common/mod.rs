@@ -44,6 +44,7 @@ pub fn s3_options() -> S3Options {
         endpoint_url: Some(s3_endpoint()),
         region: Some("us-east-1".into()),
         force_path_style: true,
+        ..Default::default()
     }
 }
 
@@ -115,6 +116,7 @@ pub async fn gcs_store_at(endpoint: &str, bucket: &str) -> DynStore {
     let opts = GcsOptions {
         endpoint_url: Some(endpoint.to_string()),
         anonymous: true,
+        ..Default::default()
     };
     Arc::new(GcsStore::new(bucket, &opts).await.unwrap())
 }

@@ -1,9 +1,11 @@
 //! A TCP proxy in front of a test server: counts the bytes the server sends back (what a mount
-//! fetched from the bucket) and can be made unreachable.
+//! fetched from the bucket) and can be made unreachable, or frozen: connections stay open and
+//! no byte moves either way, as with a server that hangs (`SIGSTOP`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -12,7 +14,72 @@ pub struct Proxy {
     pub addr: SocketAddr,
     down_bytes: Arc<AtomicU64>,
     unreachable: Arc<AtomicBool>,
+    gate: Arc<Gate>,
     _rt: tokio::runtime::Runtime,
+}
+
+/// Whether bytes may move: open, or frozen once `allowance` more bytes from the server passed.
+#[derive(Default)]
+struct Gate {
+    frozen: AtomicBool,
+    allowance: AtomicU64,
+}
+
+impl Gate {
+    /// How many of `n` bytes may move now, waiting while none may.
+    async fn pass(&self, n: usize, from_server: bool) -> usize {
+        loop {
+            if !self.frozen.load(Ordering::Relaxed) {
+                return n;
+            }
+            if !from_server {
+                // Requests pass while the server may still answer.
+                if self.allowance.load(Ordering::Relaxed) > 0 {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            let take = self
+                .allowance
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                    (a > 0).then(|| a.saturating_sub(n as u64))
+                });
+            match take {
+                Ok(a) => return n.min(a as usize),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+}
+
+/// Copies `from` to `to` through `gate` until either side closes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    gate: Arc<Gate>,
+    from_server: bool,
+    cut: Arc<AtomicBool>,
+    counted: Option<Arc<AtomicU64>>,
+) {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut off = 0;
+        while off < n {
+            let k = gate.pass(n - off, from_server).await;
+            if cut.load(Ordering::Relaxed) || to.write_all(&buf[off..off + k]).await.is_err() {
+                return;
+            }
+            if let Some(c) = &counted {
+                c.fetch_add(k as u64, Ordering::Relaxed);
+            }
+            off += k;
+        }
+    }
 }
 
 impl Proxy {
@@ -32,6 +99,8 @@ impl Proxy {
         let down_bytes = Arc::new(AtomicU64::new(0));
         let unreachable = Arc::new(AtomicBool::new(false));
         let (bytes, cut) = (down_bytes.clone(), unreachable.clone());
+        let gate = Arc::new(Gate::default());
+        let gate_of_proxy = gate.clone();
         rt.spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -42,42 +111,15 @@ impl Proxy {
                     continue;
                 }
                 let (bytes, cut, target) = (bytes.clone(), cut.clone(), target.clone());
+                let gate = gate.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&target).await else {
                         return;
                     };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    let cut_up = cut.clone();
-                    let up = async move {
-                        let mut buf = vec![0u8; 64 << 10];
-                        loop {
-                            match cr.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) if !cut_up.load(Ordering::Relaxed) => {
-                                    if sw.write_all(&buf[..n]).await.is_err() {
-                                        break;
-                                    }
-                                }
-                                Ok(_) => break,
-                            }
-                        }
-                    };
-                    let down = async move {
-                        let mut buf = vec![0u8; 256 << 10];
-                        loop {
-                            match sr.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) if !cut.load(Ordering::Relaxed) => {
-                                    bytes.fetch_add(n as u64, Ordering::Relaxed);
-                                    if cw.write_all(&buf[..n]).await.is_err() {
-                                        break;
-                                    }
-                                }
-                                Ok(_) => break,
-                            }
-                        }
-                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let up = pump(cr, sw, gate.clone(), false, cut.clone(), None);
+                    let down = pump(sr, cw, gate, true, cut, Some(bytes));
                     tokio::select! { _ = up => {}, _ = down => {} }
                 });
             }
@@ -86,6 +128,7 @@ impl Proxy {
             addr,
             down_bytes,
             unreachable,
+            gate: gate_of_proxy,
             _rt: rt,
         }
     }
@@ -102,5 +145,21 @@ impl Proxy {
     /// Makes the server unreachable (connections are cut and refused) or reachable again.
     pub fn set_unreachable(&self, cut: bool) {
         self.unreachable.store(cut, Ordering::Relaxed);
+    }
+
+    /// Freezes every connection, open and new: no byte moves either way until [`Proxy::thaw`].
+    pub fn freeze(&self) {
+        self.freeze_after(0);
+    }
+
+    /// Lets `bytes` more bytes come from the server, then freezes like [`Proxy::freeze`].
+    pub fn freeze_after(&self, bytes: u64) {
+        self.gate.allowance.store(bytes, Ordering::Relaxed);
+        self.gate.frozen.store(true, Ordering::Relaxed);
+    }
+
+    /// Lets bytes move again.
+    pub fn thaw(&self) {
+        self.gate.frozen.store(false, Ordering::Relaxed);
     }
 }
