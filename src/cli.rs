@@ -652,11 +652,11 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
     }
     let staging_dir = cache_dir(args.cache_dir.as_deref()).join("staging");
     if !args.read_only {
-        std::fs::create_dir_all(&staging_dir).map_err(|e| {
+        crate::write::prepare_staging_dir(&staging_dir).map_err(|e| {
             Failure::new(
                 4,
                 format!(
-                    "cannot create the staging directory {}: {e}",
+                    "cannot use the staging directory {}: {e}",
                     staging_dir.display()
                 ),
             )

@@ -8,6 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::backend::Backend;
 use common::{names, pattern};
@@ -260,6 +261,114 @@ fn read_only_refuses_writes(b: Backend) {
     assert_eq!(b.get("f").unwrap(), b"x");
 }
 
+/// Another client writes an object within the metadata TTL after a `stat` here found nothing:
+/// `>>`, `touch` and `O_CREAT` without `O_TRUNC` act on what the store holds now.
+fn append_and_touch_after_another_client_wrote(b: Backend) {
+    let m = b.mount(&[]);
+    let absent = |name: &str| {
+        let err = std::fs::metadata(m.path(name)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    };
+    absent("x.json");
+    b.put("x.json", "{}\n");
+    let path = m.path("x.json");
+    sh(&format!("echo line >> '{}'", path.display()));
+    assert_eq!(b.get("x.json").unwrap(), b"{}\nline\n");
+    assert_eq!(std::fs::read(&path).unwrap(), b"{}\nline\n");
+    absent("y.json");
+    b.put("y.json", "keep");
+    sh(&format!("touch '{}'", m.path("y.json").display()));
+    assert_eq!(std::fs::read(m.path("y.json")).unwrap(), b"keep");
+    settle();
+    assert_eq!(
+        b.get("y.json").unwrap(),
+        b"keep",
+        "touch changes no content"
+    );
+    absent("z.bin");
+    b.put("z.bin", "0123");
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(m.path("z.bin"))
+        .unwrap();
+    f.write_all_at(b"AB", 0).unwrap();
+    close(f).unwrap();
+    assert_eq!(
+        b.get("z.bin").unwrap(),
+        b"AB23",
+        "O_CREAT keeps the content"
+    );
+}
+
+/// A file unlinked while open for writing is never committed, whether it had an object yet or
+/// not; unlinking a new file that has none is not `ENOENT`.
+fn unlink_while_open_for_writing(b: Backend) {
+    let m = b.mount(&[]);
+    let mut f = File::create(m.path("scratch.bin")).unwrap();
+    f.write_all(b"scratch").unwrap();
+    std::fs::remove_file(m.path("scratch.bin")).unwrap();
+    f.write_all(b" more").unwrap();
+    close(f).unwrap();
+    settle();
+    assert!(
+        b.get("scratch.bin").is_none(),
+        "it does not appear at close"
+    );
+    assert!(!names(&m.dir).contains(&"scratch.bin".to_string()));
+    let mut f = File::create(m.path("kept.bin")).unwrap();
+    f.write_all(b"one").unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(b.get("kept.bin").unwrap(), b"one");
+    std::fs::remove_file(m.path("kept.bin")).unwrap();
+    assert!(b.get("kept.bin").is_none());
+    f.write_all(b"two").unwrap();
+    close(f).unwrap();
+    settle();
+    assert!(b.get("kept.bin").is_none(), "an unlinked file stays gone");
+}
+
+/// A file open for writing whose directory is renamed publishes under the new name.
+fn writer_follows_a_directory_rename(b: Backend) {
+    let m = b.mount(&[]);
+    std::fs::create_dir(m.path("d1")).unwrap();
+    std::fs::write(m.path("d1/other"), "o").unwrap();
+    let mut f = File::create(m.path("d1/f.txt")).unwrap();
+    f.write_all(b"abc").unwrap();
+    std::fs::rename(m.path("d1"), m.path("d2")).unwrap();
+    f.write_all(b"def").unwrap();
+    close(f).unwrap();
+    settle();
+    assert_eq!(b.get("d2/f.txt").unwrap(), b"abcdef");
+    assert_eq!(b.get("d2/other").unwrap(), b"o");
+    assert!(b.get("d1/f.txt").is_none(), "nothing under the old name");
+    assert_eq!(std::fs::read(m.path("d2/f.txt")).unwrap(), b"abcdef");
+}
+
+/// No operation turns a name that is not UTF-8 into another name: each refuses it.
+fn names_that_are_not_utf8_are_refused(b: Backend) {
+    use std::os::unix::ffi::OsStrExt;
+    let m = b.mount(&[]);
+    std::fs::write(m.path("ok"), "x").unwrap();
+    std::fs::create_dir(m.path("dir")).unwrap();
+    let bad = m.dir.join(std::ffi::OsStr::from_bytes(b"bad\xff"));
+    let einval = |what: &str, r: std::io::Result<()>| {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EINVAL), "{what}");
+    };
+    einval("create", File::create(&bad).map(|_| ()));
+    einval("mkdir", std::fs::create_dir(&bad));
+    einval("unlink", std::fs::remove_file(&bad));
+    einval("rmdir", std::fs::remove_dir(&bad));
+    einval("rename to", std::fs::rename(m.path("ok"), &bad));
+    einval("rename from", std::fs::rename(&bad, m.path("ok2")));
+    einval("rename dir", std::fs::rename(m.path("dir"), &bad));
+    einval("stat", std::fs::metadata(&bad).map(|_| ()));
+    assert_eq!(b.get("ok").unwrap(), b"x");
+    assert!(b.get("bad\u{FFFD}").is_none());
+    assert_eq!(names(&m.dir), vec!["dir".to_string(), "ok".to_string()]);
+}
+
 common::backend::on_backends!(
     write_and_read_back_1gib,
     file_operations,
@@ -267,7 +376,46 @@ common::backend::on_backends!(
     ml_save_patterns,
     safetensors_save,
     read_only_refuses_writes,
+    append_and_touch_after_another_client_wrote,
+    unlink_while_open_for_writing,
+    writer_follows_a_directory_rename,
+    names_that_are_not_utf8_are_refused,
 );
+
+/// Runs `script` with `sh -c`, which must succeed.
+fn sh(script: &str) {
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Closes `f` and returns what `close(2)` said (dropping a `File` ignores it).
+fn close(f: File) -> std::io::Result<()> {
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+    // SAFETY: closing the descriptor we own, once.
+    match unsafe { libc::close(fd) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Gives the kernel's `release` of descriptors just closed time to reach the daemon (it is
+/// sent after `close` returns).
+fn settle() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// Waits up to 30 s for `done`.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// Another client changes the object while this mount has it open for writing: the commit's
 /// precondition fails, close returns EIO, and the other client's version stays.
@@ -377,4 +525,187 @@ fn s3_full_staging_disk() {
     );
     assert!(b.get("big.bin").is_none(), "nothing partial committed");
     drop(m);
+}
+
+/// A shell redirect over an existing object (`O_TRUNC`, `dup2`, close of the first descriptor):
+/// it ends with the new bytes; killed mid-write (the daemon, `SIGKILL`), it leaves the previous
+/// version byte-exact, which it also is while the writer writes.
+#[test]
+fn s3_shell_redirect_keeps_the_old_version_until_the_writer_is_done() {
+    let b = Backend::s3();
+    b.put("ckpt.bin", pattern(3 << 20, 1));
+    let cache = tempfile::tempdir().unwrap();
+    let cache_arg = cache.path().to_str().unwrap();
+    let mut m = b.mount(&["--cache-dir", cache_arg, "--write-part-size", "5MiB"]);
+    let target = m.path("ckpt.bin");
+    let new = pattern(12 << 20, 2);
+    let src = cache.path().join("new.bin");
+    std::fs::write(&src, &new).unwrap();
+    sh(&format!(
+        "head -c {} '{}' > '{}'",
+        new.len(),
+        src.display(),
+        target.display()
+    ));
+    assert!(b.get("ckpt.bin").unwrap() == new, "the redirect's bytes");
+    assert!(std::fs::read(&target).unwrap() == new);
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 400000000 /dev/urandom > '{}'",
+            target.display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the redirect streams parts", || {
+        b.rt.block_on(open_uploads(&b.bucket)) > 0
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        b.get("ckpt.bin").unwrap() == new,
+        "the previous version stays while the redirect writes:\n{}",
+        m.log()
+    );
+    m.signal(libc::SIGKILL);
+    m.wait_exit(Duration::from_secs(10)).expect("killed");
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let _ = Command::new("umount").arg("-l").arg(&m.dir).status();
+    assert!(
+        b.get("ckpt.bin").unwrap() == new,
+        "the previous version, byte-exact, after the daemon was killed mid-write"
+    );
+}
+
+/// A child forked while its parent writes exits (closing its copies of the descriptors): with
+/// the daemon in a PID namespace of its own (every caller is pid 0 to it), nothing is
+/// published until the parent closes.
+#[test]
+fn s3_a_forked_child_exiting_publishes_nothing_early() {
+    let b = Backend::s3();
+    b.put("ckpt.bin", "old");
+    let cache = tempfile::tempdir().unwrap();
+    let m = b.mount_in_pid_namespace(&["--cache-dir", cache.path().to_str().unwrap()]);
+    let mut f = File::create(m.path("ckpt.bin")).unwrap();
+    let mut want = pattern(1 << 20, 3);
+    f.write_all(&want).unwrap();
+    // SAFETY: the child only calls _exit (async-signal-safe); its exit closes its descriptors.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child we just forked.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert_eq!(
+        b.get("ckpt.bin").unwrap(),
+        b"old",
+        "the child's exit published the half-written file:\n{}",
+        m.log()
+    );
+    let more = pattern(1 << 20, 4);
+    f.write_all(&more).unwrap();
+    close(f).unwrap();
+    want.extend_from_slice(&more);
+    assert!(
+        b.get("ckpt.bin").unwrap() == want,
+        "the parent's close commits"
+    );
+}
+
+/// Two writable mounts on one cache dir, each in its own PID namespace (two pods): the second
+/// starting leaves the first's upload alone, and once the first is killed mid-upload, the
+/// second's next start aborts the orphan.
+#[test]
+fn s3_mounts_sharing_a_cache_dir_across_pid_namespaces_keep_each_others_uploads() {
+    let b = Backend::s3();
+    let cache = tempfile::tempdir().unwrap();
+    let args = [
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--write-part-size",
+        "5MiB",
+    ];
+    let mut first = b.mount_in_pid_namespace(&args);
+    let data = pattern(24 << 20, 5);
+    let mut f = File::create(first.path("big.bin")).unwrap();
+    f.write_all(&data[..16 << 20]).unwrap();
+    wait_until("the first mount streams", || {
+        b.rt.block_on(open_uploads(&b.bucket)) == 1
+    });
+    let mut second = b.mount_in_pid_namespace(&args);
+    assert_eq!(
+        b.rt.block_on(open_uploads(&b.bucket)),
+        1,
+        "a live mount's upload is not aborted:\n{}",
+        second.log()
+    );
+    f.write_all(&data[16 << 20..]).unwrap();
+    close(f).expect("the upload commits");
+    assert!(b.get("big.bin").unwrap() == data);
+    let mut g = File::create(first.path("orphan.bin")).unwrap();
+    g.write_all(&pattern(12 << 20, 6)).unwrap();
+    wait_until("the orphan-to-be streams", || {
+        b.rt.block_on(open_uploads(&b.bucket)) == 1
+    });
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).expect("killed");
+    drop(g);
+    assert_eq!(b.rt.block_on(open_uploads(&b.bucket)), 1, "the orphan");
+    assert!(second.stop().success());
+    let restarted = b.mount_in_pid_namespace(&args);
+    assert_eq!(
+        b.rt.block_on(open_uploads(&b.bucket)),
+        0,
+        "the restarted mount aborts the dead one's upload:\n{}",
+        restarted.log()
+    );
+    assert!(b.get("orphan.bin").is_none());
+}
+
+/// `O_CREAT | O_EXCL` of one name from two mounts at once: exactly one wins (its empty file is
+/// in the bucket at once), the other gets `EEXIST`; and an object this mount thinks absent is
+/// found by the store.
+#[test]
+fn s3_exclusive_create_from_two_mounts_has_exactly_one_winner() {
+    let b = Backend::s3();
+    let (m1, m2) = (b.mount(&[]), b.mount(&[]));
+    for round in 0..5 {
+        let name = format!("lock-{round}");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let racers: Vec<_> = [m1.path(&name), m2.path(&name)]
+            .into_iter()
+            .map(|path| {
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    OpenOptions::new().write(true).create_new(true).open(path)
+                })
+            })
+            .collect();
+        let results: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        let winners = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(winners, 1, "round {round}: {results:?}");
+        for r in &results {
+            if let Err(e) = r {
+                assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "round {round}");
+            }
+        }
+        assert_eq!(
+            b.get(&name).unwrap(),
+            b"",
+            "the winner's file exists before its close"
+        );
+    }
+    let err = std::fs::metadata(m1.path("late")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    b.put("late", "theirs");
+    let err = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m1.path("late"))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+    assert_eq!(b.get("late").unwrap(), b"theirs");
 }

@@ -137,6 +137,7 @@ impl Fs {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{CREATE, OWNER};
     use super::super::{Fs, FsConfig, ROOT_INO};
     use crate::read::ReadConfig;
     use crate::store::ObjectStore;
@@ -174,8 +175,8 @@ mod tests {
     #[tokio::test]
     async fn shutdown_refuses_new_writes_and_commits_open_files() {
         let (mem, fs, _dir) = write_fs().await;
-        let (_, fh) = fs.create(ROOT_INO, "open.bin", 0).await.unwrap();
-        fs.write(fh, 0, Bytes::from_static(b"written so far"))
+        let (_, fh) = fs.create(ROOT_INO, "open.bin", CREATE).await.unwrap();
+        fs.write(fh, 0, Bytes::from_static(b"written so far"), Some(OWNER))
             .await
             .unwrap();
         let report = fs.shutdown(Duration::from_millis(200)).await;
@@ -184,9 +185,11 @@ mod tests {
         let stored = mem.get_range("open.bin", 0..100, None).await.unwrap();
         assert_eq!(&stored[..], b"written so far");
         // The sealed handle refuses more bytes; new files are refused.
-        let late = fs.write(fh, 14, Bytes::from_static(b"late")).await;
+        let late = fs
+            .write(fh, 14, Bytes::from_static(b"late"), Some(OWNER))
+            .await;
         assert_eq!(late.unwrap_err().errno(), libc::EROFS);
-        let new = fs.create(ROOT_INO, "new.bin", 0).await;
+        let new = fs.create(ROOT_INO, "new.bin", CREATE).await;
         assert_eq!(new.unwrap_err().errno(), libc::EROFS);
         fs.release(fh).await;
         let stored = mem.get_range("open.bin", 0..100, None).await.unwrap();
@@ -196,8 +199,8 @@ mod tests {
     #[tokio::test]
     async fn writers_that_close_during_the_grace_period_commit_themselves() {
         let (mem, fs, _dir) = write_fs().await;
-        let (_, fh) = fs.create(ROOT_INO, "closing.bin", 0).await.unwrap();
-        fs.write(fh, 0, Bytes::from_static(b"part one, "))
+        let (_, fh) = fs.create(ROOT_INO, "closing.bin", CREATE).await.unwrap();
+        fs.write(fh, 0, Bytes::from_static(b"part one, "), Some(OWNER))
             .await
             .unwrap();
         let shutdown = {
@@ -206,10 +209,10 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Still writable: the writer finishes and closes on its own.
-        fs.write(fh, 10, Bytes::from_static(b"part two"))
+        fs.write(fh, 10, Bytes::from_static(b"part two"), Some(OWNER))
             .await
             .unwrap();
-        fs.flush(fh, std::process::id()).await.unwrap();
+        fs.flush(fh, OWNER).await.unwrap();
         fs.release(fh).await;
         let report = tokio::time::timeout(Duration::from_secs(2), shutdown)
             .await
@@ -226,8 +229,10 @@ mod tests {
         use crate::store::StoreError;
         use crate::store::mem::{Fault, Op};
         let (mem, fs, _dir) = write_fs().await;
-        let (_, fh) = fs.create(ROOT_INO, "doomed.bin", 0).await.unwrap();
-        fs.write(fh, 0, Bytes::from_static(b"x")).await.unwrap();
+        let (_, fh) = fs.create(ROOT_INO, "doomed.bin", CREATE).await.unwrap();
+        fs.write(fh, 0, Bytes::from_static(b"x"), Some(OWNER))
+            .await
+            .unwrap();
         mem.inject(
             Op::Put,
             Fault::Error(StoreError::Unauthorized("no".into())),

@@ -67,6 +67,39 @@ pub struct Attr {
     pub gid: u32,
 }
 
+/// What an `open` or `create` asks for, from its flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenMode {
+    /// Open for writing (write access, `O_APPEND` or `O_TRUNC`).
+    pub write: bool,
+    /// `O_TRUNC`.
+    pub truncate: bool,
+    /// `O_APPEND`.
+    pub append: bool,
+    /// `O_EXCL` (meaningful with `create`).
+    pub exclusive: bool,
+}
+
+impl OpenMode {
+    pub const READ: OpenMode = OpenMode {
+        write: false,
+        truncate: false,
+        append: false,
+        exclusive: false,
+    };
+
+    pub fn from_flags(flags: i32) -> OpenMode {
+        let truncate = flags & libc::O_TRUNC != 0;
+        let append = flags & libc::O_APPEND != 0;
+        OpenMode {
+            write: flags & libc::O_ACCMODE != libc::O_RDONLY || truncate || append,
+            truncate,
+            append,
+            exclusive: flags & libc::O_EXCL != 0,
+        }
+    }
+}
+
 /// One entry of `readdir`.
 #[derive(Clone, Debug)]
 pub struct DirEntryOut {
@@ -123,8 +156,6 @@ pub struct Fs {
     write: Option<Arc<WriteContext>>,
     /// The open write handle of each inode being written, so `stat` shows the size being written.
     writing: Mutex<HashMap<u64, Arc<WriteHandle>>>,
-    /// The process that opened each write handle (see `flush`).
-    writer_process: Mutex<HashMap<u64, u32>>,
     cfg: FsConfig,
     inodes: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -189,7 +220,6 @@ impl Fs {
             read,
             write,
             writing: Mutex::new(HashMap::new()),
-            writer_process: Mutex::new(HashMap::new()),
             cfg,
             inodes: Mutex::new(table),
             handles: Mutex::new(HashMap::new()),
@@ -364,9 +394,9 @@ impl Fs {
     }
 
     /// Opens a file for reading, pinned to the version current now.
-    pub async fn open(&self, ino: u64, write: bool, truncate: bool, pid: u32) -> FsResult<Opened> {
-        if write || truncate {
-            return self.open_write(ino, truncate, pid).await;
+    pub async fn open(&self, ino: u64, mode: OpenMode) -> FsResult<Opened> {
+        if mode.write {
+            return self.open_write(ino, mode).await;
         }
         let (key, kind) = self.inode_key(ino)?;
         if kind == Kind::Dir {
@@ -476,17 +506,22 @@ impl Fs {
         matches!(tokio::time::timeout(limit, ask).await, Ok(Ok(_)))
     }
 
-    /// Closes a handle. A write handle still holding uncommitted changes (a `flush` failed or
-    /// never came) commits them now; the result can only be logged.
+    /// Closes a handle. A write handle still holding uncommitted changes (no `flush` was its
+    /// writer's, or none came) commits them now; the result can only be logged. A handle whose
+    /// commit failed before (`close` said `EIO`) commits nothing, ever.
     pub async fn release(&self, fh: u64) {
         let handle = self.handles.lock().unwrap().remove(&fh);
-        self.writer_process.lock().unwrap().remove(&fh);
         if let Some(Handle::Write(w, ino)) = handle {
-            if let Err(e) = self.commit_handle(&w, ino).await {
-                let key = w.key().await;
-                tracing::error!(%key, error = %e, "changes lost at close: the upload failed");
-                crate::metrics::upload_lost();
-                w.discard().await;
+            match self.commit_handle(&w, ino).await {
+                Ok(()) => {}
+                // Already reported, to the writer and in the log.
+                Err(FsError::Write(crate::write::WriteError::Failed)) => w.discard().await,
+                Err(e) => {
+                    let key = w.key().await;
+                    tracing::error!(%key, error = %e, "changes lost at close: the upload failed");
+                    crate::metrics::upload_lost();
+                    w.discard().await;
+                }
             }
             {
                 let mut writing = self.writing.lock().unwrap();
@@ -571,6 +606,20 @@ mod tests {
     use bytes::Bytes;
     use std::time::Duration;
 
+    /// The FUSE lock owner of the writing process in tests.
+    pub(super) const OWNER: u64 = 7;
+    /// `O_WRONLY | O_CREAT | O_TRUNC`, as `File::create` opens.
+    pub(super) const CREATE: OpenMode = OpenMode {
+        write: true,
+        truncate: true,
+        ..OpenMode::READ
+    };
+    pub(super) const TRUNCATE: OpenMode = CREATE;
+    pub(super) const WRITE: OpenMode = OpenMode {
+        write: true,
+        ..OpenMode::READ
+    };
+
     pub(super) fn cfg(ttl: Duration) -> FsConfig {
         FsConfig {
             prefix: String::new(),
@@ -654,19 +703,26 @@ mod tests {
         let f = fs.lookup(d.ino, "f").await.unwrap();
         assert_eq!((f.kind, f.size, f.perm), (Kind::File, 11, 0o644));
         assert_eq!(fs.getattr(f.ino).await.unwrap().size, 11);
-        let o = fs.open(f.ino, false, false, 0).await.unwrap();
+        let o = fs.open(f.ino, OpenMode::READ).await.unwrap();
         assert!(!o.keep_cache, "first open has nothing cached");
         assert_eq!(&fs.read(o.fh, 6, 100).await.unwrap()[..], b"world");
         assert_eq!(&fs.read(o.fh, 11, 10).await.unwrap()[..], b"");
         fs.release(o.fh).await;
-        let o = fs.open(f.ino, false, false, 0).await.unwrap();
+        let o = fs.open(f.ino, OpenMode::READ).await.unwrap();
         assert!(o.keep_cache, "same version: the page cache is still good");
         assert!(matches!(
-            fs.open(f.ino, true, false, 0).await,
+            fs.open(
+                f.ino,
+                OpenMode {
+                    write: true,
+                    ..OpenMode::READ
+                }
+            )
+            .await,
             Err(FsError::ReadOnly)
         ));
         assert!(matches!(
-            fs.open(d.ino, false, false, 0).await,
+            fs.open(d.ino, OpenMode::READ).await,
             Err(FsError::IsDir)
         ));
         assert!(matches!(fs.lookup(f.ino, "x").await, Err(FsError::NotDir)));
@@ -678,7 +734,7 @@ mod tests {
         let v1 = Bytes::from(vec![1u8; 3 << 20]);
         mem.put("f", v1, Precondition::None).await.unwrap();
         let f = fs.lookup(ROOT_INO, "f").await.unwrap();
-        let o = fs.open(f.ino, false, false, 0).await.unwrap();
+        let o = fs.open(f.ino, OpenMode::READ).await.unwrap();
         assert_eq!(&fs.read(o.fh, 0, 4).await.unwrap()[..], &[1, 1, 1, 1]);
         mem.put("f", Bytes::from(vec![2u8; 3 << 20]), Precondition::None)
             .await
@@ -695,7 +751,7 @@ mod tests {
         );
         // And a new open of the deleted file is ENOENT.
         assert!(matches!(
-            fs.open(f.ino, false, false, 0).await,
+            fs.open(f.ino, OpenMode::READ).await,
             Err(FsError::NotFound)
         ));
     }

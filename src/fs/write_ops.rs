@@ -19,11 +19,11 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
-use super::{Attr, Fs, FsError, FsResult, Handle, Opened};
-use crate::lock::Held;
+use super::{Attr, Fs, FsError, FsResult, Handle, OpenMode, Opened};
+use crate::lock::{Held, LockError};
 use crate::meta::{Kind, Stat, check_name};
 use crate::store::{Precondition, StoreError, Version};
-use crate::write::{WriteContext, WriteHandle};
+use crate::write::{Committed, Opening, WriteContext, WriteHandle};
 
 impl Fs {
     fn write_ctx(&self) -> FsResult<&Arc<WriteContext>> {
@@ -80,68 +80,104 @@ impl Fs {
         Some((w, ino))
     }
 
-    fn register_writer(&self, ino: u64, handle: Arc<WriteHandle>, pid: u32) -> u64 {
+    fn register_writer(&self, ino: u64, handle: Arc<WriteHandle>) -> u64 {
         self.writing.lock().unwrap().insert(ino, handle.clone());
-        let fh = self.add_handle(Handle::Write(handle, ino));
-        self.writer_process
-            .lock()
-            .unwrap()
-            .insert(fh, process_of(pid));
-        fh
+        self.add_handle(Handle::Write(handle, ino))
     }
 
-    /// Creates `name` in `parent` and opens it for writing. The object appears at the first
-    /// commit (close or fsync).
-    pub async fn create(&self, parent: u64, name: &str, pid: u32) -> FsResult<(Attr, u64)> {
-        let ctx = self.write_ctx()?.clone();
-        let path_key = self.child_path(parent, name)?;
-        let lock = self.lock_key(&path_key).await?;
-        if lock.is_some() {
-            // The previous holder may have committed since this mount last looked.
-            self.meta.invalidate(&path_key);
-        }
-        let base = match self.meta.resolve(&path_key).await? {
+    /// How a handle of `key` starts, from what the store holds now (a fresh `HEAD`, never a
+    /// cached negative entry): `O_CREAT` without `O_TRUNC` keeps an object that exists, and an
+    /// exclusive create is decided by an if-absent commit of the empty file.
+    async fn opening(&self, key: &str, mode: OpenMode) -> FsResult<(Opening, Option<Stat>)> {
+        let current = match self.meta.refresh_file(key).await? {
             Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
-            Some(s) => s.version,
+            Some(_) if mode.exclusive => return Err(FsError::Exists),
+            Some(s) => s.version.clone().map(|v| (v, s)),
             None => None,
         };
-        let handle = WriteHandle::open(ctx, path_key.clone(), base, None, lock).await?;
-        let handle = Arc::new(handle);
-        let stat = Stat {
+        let opening = match current {
+            Some((v, _)) if mode.truncate => Opening::Truncate(v),
+            Some((v, s)) => return Ok((Opening::Keep(v, s.size), Some(s))),
+            None if mode.exclusive => {
+                match self
+                    .store
+                    .put(key, Bytes::new(), Precondition::IfAbsent)
+                    .await
+                {
+                    Ok(v) => {
+                        self.meta.invalidate(key);
+                        Opening::Created(v)
+                    }
+                    Err(StoreError::PreconditionFailed(_)) => return Err(FsError::Exists),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            None => Opening::New,
+        };
+        Ok((opening, None))
+    }
+
+    /// Creates `name` in `parent` (or opens the object that is already there, as `O_CREAT`
+    /// without `O_EXCL` asks) and opens it for writing. A new file's object appears at its first
+    /// commit, except with `O_EXCL`, which commits the empty file at once: of several mounts
+    /// creating it exclusively, exactly one wins and the others get `EEXIST`.
+    pub async fn create(&self, parent: u64, name: &str, mode: OpenMode) -> FsResult<(Attr, u64)> {
+        let ctx = self.write_ctx()?.clone();
+        let path_key = self.child_path(parent, name)?;
+        let lock = match self.lock_key(&path_key).await {
+            // Another replica is creating or writing it: for an exclusive create, it exists.
+            Err(FsError::Lock(LockError::Busy { .. })) if mode.exclusive => {
+                return Err(FsError::Exists);
+            }
+            other => other?,
+        };
+        let (opening, kept) = match self.opening(&path_key, mode).await {
+            Ok(o) => o,
+            Err(e) => {
+                release(lock).await;
+                return Err(e);
+            }
+        };
+        let handle = WriteHandle::open(ctx, path_key.clone(), opening, mode.append, lock)?;
+        let stat = kept.unwrap_or(Stat {
             kind: Kind::File,
             size: 0,
             version: None,
             mtime: SystemTime::now(),
-        };
+        });
         let attr = self.remember(parent, name, path_key, stat);
-        let fh = self.register_writer(attr.ino, handle, pid);
+        let fh = self.register_writer(attr.ino, Arc::new(handle));
         Ok((attr, fh))
     }
 
-    /// Opens an existing file for writing: truncated, or with its content staged for changes.
-    pub(super) async fn open_write(&self, ino: u64, truncate: bool, pid: u32) -> FsResult<Opened> {
+    /// Opens an existing file for writing: truncated, or kept (staged on the first change).
+    pub(super) async fn open_write(&self, ino: u64, mode: OpenMode) -> FsResult<Opened> {
         let ctx = self.write_ctx()?.clone();
         let (key, kind) = self.inode_key(ino)?;
         if kind == Kind::Dir {
             return Err(FsError::IsDir);
         }
         let lock = self.lock_key(&key).await?;
-        // A file created here and not yet committed has no object: it starts empty.
-        let current = match self.meta.refresh_file(&key).await? {
-            Some(s) if s.kind == Kind::File => s.version.map(|v| (v, s.size)),
-            Some(_) => return Err(FsError::IsDir),
-            None => None,
+        // No object: created here and not committed yet (or deleted meanwhile): starts empty.
+        let mode = OpenMode {
+            exclusive: false,
+            ..mode
         };
-        let base = current.as_ref().map(|(v, _)| v.clone());
-        let existing = if truncate { None } else { current };
-        let handle = Arc::new(WriteHandle::open(ctx, key, base, existing, lock).await?);
-        if truncate {
+        let opening = match self.opening(&key, mode).await {
+            Ok((o, _)) => o,
+            Err(e) => {
+                release(lock).await;
+                return Err(e);
+            }
+        };
+        let handle = WriteHandle::open(ctx, key, opening, mode.append, lock)?;
+        if mode.truncate {
             self.update_inode(ino, |i| {
                 i.stat.size = 0;
                 i.cached_version = None;
             });
         }
-        let fh = self.register_writer(ino, handle, pid);
+        let fh = self.register_writer(ino, Arc::new(handle));
         Ok(Opened {
             fh,
             keep_cache: false,
@@ -150,44 +186,52 @@ impl Fs {
         })
     }
 
-    pub async fn write(&self, fh: u64, offset: u64, data: Bytes) -> FsResult<u32> {
-        let handle = match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::Write(w, _)) => w.clone(),
-            Some(_) => return Err(FsError::BadHandle),
-            None => return Err(FsError::BadHandle),
-        };
-        Ok(handle.write(offset, data).await?)
+    /// A write through `fh` by the file table `owner` (the FUSE lock owner, when the kernel
+    /// names one).
+    pub async fn write(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: Bytes,
+        owner: Option<u64>,
+    ) -> FsResult<u32> {
+        Ok(self.write_handle(fh)?.0.write(offset, data, owner).await?)
     }
 
-    /// `close` (flush): commit what the handle changed — unless the close comes from another
-    /// process. A fork duplicates every descriptor and its exec closes them again, and each of
-    /// those closes reaches us as a flush; committing then would publish a half-written file
-    /// under the writer's feet. Such flushes are ignored; the writer's own close commits (and
-    /// `release` commits whatever is left).
-    pub async fn flush(&self, fh: u64, pid: u32) -> FsResult<()> {
-        let opener = self.writer_process.lock().unwrap().get(&fh).copied();
-        if let Some(opener) = opener
-            && process_of(pid) != opener
-        {
-            return Ok(());
+    fn write_handle(&self, fh: u64) -> FsResult<(Arc<WriteHandle>, u64)> {
+        match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::Write(w, ino)) => Ok((w.clone(), *ino)),
+            _ => Err(FsError::BadHandle),
         }
-        self.fsync(fh).await
+    }
+
+    /// `close` of a descriptor (`FLUSH`) by the file table `owner`: commits what that table
+    /// wrote since the last commit, nothing else (see "When a handle commits" in `write/`).
+    pub async fn flush(&self, fh: u64, owner: u64) -> FsResult<()> {
+        let Ok((w, ino)) = self.write_handle(fh) else {
+            return Ok(());
+        };
+        let committed = w.flush(owner).await?;
+        self.committed(ino, committed);
+        Ok(())
     }
 
     /// `fsync`: commit what the handle changed.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        let handle = match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::Write(w, ino)) => Some((w.clone(), *ino)),
-            _ => None,
-        };
-        match handle {
-            Some((w, ino)) => self.commit_handle(&w, ino).await,
-            None => Ok(()),
+        match self.write_handle(fh) {
+            Ok((w, ino)) => self.commit_handle(&w, ino).await,
+            Err(_) => Ok(()),
         }
     }
 
     pub(super) async fn commit_handle(&self, w: &WriteHandle, ino: u64) -> FsResult<()> {
         let committed = w.commit().await?;
+        self.committed(ino, committed);
+        Ok(())
+    }
+
+    /// Shows a commit's result to this mount.
+    fn committed(&self, ino: u64, committed: Option<Committed>) {
         if let Some(c) = committed {
             self.meta.invalidate(&c.key);
             self.update_inode(ino, |i| {
@@ -202,7 +246,6 @@ impl Fs {
                 i.cached_version = None;
             });
         }
-        Ok(())
     }
 
     pub(super) fn update_inode(&self, ino: u64, f: impl FnOnce(&mut super::Inode)) {
@@ -225,11 +268,13 @@ impl Fs {
                 Some(w) => w.truncate(size).await?,
                 None => {
                     // truncate(2) on a path: stage, cut, commit at once.
-                    let opened = self.open_write(ino, size == 0, std::process::id()).await?;
-                    let w = match self.handles.lock().unwrap().get(&opened.fh) {
-                        Some(Handle::Write(w, _)) => w.clone(),
-                        _ => return Err(FsError::BadHandle),
+                    let mode = OpenMode {
+                        write: true,
+                        truncate: size == 0,
+                        ..OpenMode::READ
                     };
+                    let opened = self.open_write(ino, mode).await?;
+                    let (w, _) = self.write_handle(opened.fh)?;
                     let result = match w.truncate(size).await {
                         Ok(()) => self.commit_handle(&w, ino).await,
                         Err(e) => Err(e.into()),
@@ -244,18 +289,30 @@ impl Fs {
         self.getattr(ino).await
     }
 
+    /// Deletes a file. One still open for writing here is unlinked too: whatever it holds is
+    /// never committed (as on a local filesystem, its bytes go away with the last descriptor),
+    /// and a new file that has no object yet simply disappears.
     pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
         self.write_ctx()?;
         let path_key = self
             .child_path(parent, name)
             .map_err(|_| FsError::NotFound)?;
-        match self.meta.refresh_file(&path_key).await? {
-            None => return Err(FsError::NotFound),
+        let writer = self
+            .open_writer_of(parent, name)
+            .filter(|(_, ino)| self.inode_key(*ino).is_ok_and(|(k, _)| k == path_key));
+        let exists = match self.meta.refresh_file(&path_key).await? {
+            None if writer.is_none() => return Err(FsError::NotFound),
             Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
-            Some(_) => {}
-        }
+            found => found.is_some(),
+        };
         let lock = self.lock_key(&path_key).await?;
-        let deleted = self.store.delete(&path_key, Precondition::None).await;
+        if let Some((w, _)) = &writer {
+            w.unlink().await;
+        }
+        let deleted = match exists {
+            true => self.store.delete(&path_key, Precondition::None).await,
+            false => Ok(()),
+        };
         release(lock).await;
         deleted?;
         self.meta.invalidate(&path_key);
@@ -278,14 +335,7 @@ impl Fs {
             return Err(FsError::Exists);
         }
         let marker = format!("{path_key}/");
-        match self
-            .store
-            .put(&marker, Bytes::new(), Precondition::IfAbsent)
-            .await
-        {
-            Ok(_) | Err(StoreError::PreconditionFailed(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        put_marker(self, &marker).await?;
         self.meta.invalidate(&path_key);
         Ok(self.remember(parent, name, marker, Stat::dir()))
     }
@@ -393,8 +443,32 @@ impl Fs {
         result
     }
 
-    /// Moves every object under `src` (a prefix ending in `/`) to `dst`, one by one.
+    /// Files under the directory key `dir` (ending in `/`) open for writing here: (handle,
+    /// key).
+    fn open_writers_under(&self, dir: &str) -> Vec<(Arc<WriteHandle>, u64)> {
+        let writing: Vec<(u64, Arc<WriteHandle>)> = self
+            .writing
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(ino, w)| (*ino, w.clone()))
+            .collect();
+        let t = self.inodes.lock().unwrap();
+        writing
+            .into_iter()
+            .filter(|(ino, _)| t.by_ino.get(ino).is_some_and(|i| i.key.starts_with(dir)))
+            .map(|(ino, w)| (w, ino))
+            .collect()
+    }
+
+    /// Moves every object under `src` (a prefix ending in `/`) to `dst`, one by one. Files open
+    /// for writing under `src` are committed first, so that there is an object to move, and
+    /// then follow their new names, as a single file's rename does.
     async fn rename_dir(&self, src: &str, dst: &str) -> FsResult<()> {
+        let writers = self.open_writers_under(src);
+        for (w, ino) in &writers {
+            self.commit_handle(w, *ino).await?;
+        }
         let mut page = None;
         let mut keys = Vec::new();
         loop {
@@ -408,28 +482,41 @@ impl Fs {
         if keys.is_empty() {
             // An implicit directory with nothing in it cannot exist; a marker-less empty
             // directory only exists in this mount's memory.
-            self.store
-                .put(dst, Bytes::new(), Precondition::None)
-                .await?;
-            return Ok(());
+            return put_marker(self, dst).await;
         }
         let files = keys.iter().map(|(k, _)| k).filter(|k| !k.ends_with('/'));
         let locks = self
             .lock_keys(files.flat_map(|k| [k.clone(), format!("{dst}{}", &k[src.len()..])]))
             .await?;
-        let moved = self.move_objects(src, dst, keys).await;
+        let result = self.move_objects(src, dst, keys).await;
+        if let Ok(moved) = &result {
+            for (w, _) in &writers {
+                let key = w.key().await;
+                let new_key = format!("{dst}{}", &key[src.len()..]);
+                let Some(version) = moved.get(&new_key) else {
+                    continue;
+                };
+                let lock = locks.iter().find(|h| h.key() == new_key).map(Held::share);
+                let old = w.rekey(new_key, version.clone(), lock).await;
+                release(old).await;
+            }
+        }
         release(locks).await;
-        moved
+        result.map(|_| ())
     }
 
     /// The moves of `rename_dir`: every object of `keys` from `src` to `dst`, then the old
-    /// directory markers.
+    /// directory markers; returns the version of each file under its new name. A copy only
+    /// lands where there is nothing (the target directory was checked empty: an object that
+    /// appeared there meanwhile is another client's and is not overwritten), and a source is
+    /// deleted only if it is still the version that was copied.
     async fn move_objects(
         &self,
         src: &str,
         dst: &str,
         keys: Vec<(String, Version)>,
-    ) -> FsResult<()> {
+    ) -> FsResult<std::collections::HashMap<String, Version>> {
+        let mut moved = std::collections::HashMap::new();
         // Every directory level seen under `src`: their (possibly implicit) markers go last,
         // deepest first, so nothing of the old name is left behind.
         let mut dirs = std::collections::BTreeSet::new();
@@ -443,11 +530,15 @@ impl Fs {
             if key.ends_with('/') {
                 // A directory marker has no content: make a new one (some servers cannot copy
                 // their directory entries).
-                self.store
-                    .put(&target, Bytes::new(), Precondition::None)
-                    .await?;
+                put_marker(self, &target).await?;
             } else {
-                self.store.copy(&key, &target, Precondition::None).await?;
+                match self.store.copy(&key, &target, Precondition::IfAbsent).await {
+                    Ok(v) => {
+                        moved.insert(target, v);
+                    }
+                    Err(StoreError::PreconditionFailed(_)) => return Err(FsError::NotEmpty),
+                    Err(e) => return Err(e.into()),
+                }
             }
             self.store
                 .delete(&key, Precondition::IfVersion(version))
@@ -456,7 +547,7 @@ impl Fs {
         for dir in dirs.iter().rev() {
             self.store.delete(dir, Precondition::None).await?;
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// Re-points the inode of (parent, name) at its new place, and the keys of everything below
@@ -490,24 +581,23 @@ impl Fs {
     }
 }
 
+/// Makes the empty directory marker `marker` unless there is one already.
+async fn put_marker(fs: &Fs, marker: &str) -> FsResult<()> {
+    match fs
+        .store
+        .put(marker, Bytes::new(), Precondition::IfAbsent)
+        .await
+    {
+        Ok(_) | Err(StoreError::PreconditionFailed(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Gives write locks back (`Held`, `Option<Held>` or a `Vec` of them).
 async fn release(locks: impl IntoIterator<Item = Held>) {
     for held in locks {
         held.release().await;
     }
-}
-
-/// The process (thread group) of the thread `tid` that sent a request; FUSE reports thread ids,
-/// and a file opened by one thread is often closed by another of the same process.
-fn process_of(tid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(tid)
 }
 
 #[cfg(test)]
@@ -517,7 +607,8 @@ mod tests {
 
     use bytes::Bytes;
 
-    use super::super::{Fs, ROOT_INO};
+    use super::super::tests::{CREATE, OWNER, TRUNCATE, WRITE};
+    use super::super::{Fs, OpenMode, ROOT_INO};
     use crate::store::mem::{Fault, MemStore, Op};
     use crate::store::{ObjectStore, StoreError};
     use crate::write::WriteConfig;
@@ -546,25 +637,25 @@ mod tests {
         mem.put("g", bytes("g"), crate::store::Precondition::None)
             .await
             .unwrap();
-        let (_, fh) = a.create(ROOT_INO, "f", 0).await.unwrap();
-        a.write(fh, 0, bytes("one")).await.unwrap();
+        let (_, fh) = a.create(ROOT_INO, "f", CREATE).await.unwrap();
+        a.write(fh, 0, bytes("one"), Some(OWNER)).await.unwrap();
         let busy = |r: Result<_, super::FsError>| assert_eq!(r.unwrap_err().errno(), libc::EBUSY);
-        busy(b.create(ROOT_INO, "f", 0).await.map(|_| ()));
+        busy(b.create(ROOT_INO, "f", CREATE).await.map(|_| ()));
         // Committed once, the file exists for b, and is still a's to change.
         a.fsync(fh).await.unwrap();
         let f = b.lookup(ROOT_INO, "f").await.unwrap();
-        busy(b.open(f.ino, true, false, 0).await.map(|_| ()));
+        busy(b.open(f.ino, WRITE).await.map(|_| ()));
         busy(b.setattr(f.ino, Some(0), None).await.map(|_| ()));
         busy(b.unlink(ROOT_INO, "f").await);
         busy(b.rename(ROOT_INO, "f", ROOT_INO, "h", false).await);
         busy(b.rename(ROOT_INO, "g", ROOT_INO, "f", false).await);
         // Reading takes no lock.
-        let r = b.open(f.ino, false, false, 0).await.unwrap();
+        let r = b.open(f.ino, OpenMode::READ).await.unwrap();
         assert_eq!(&b.read(r.fh, 0, 10).await.unwrap()[..], b"one");
         b.release(r.fh).await;
         a.release(fh).await;
         // Released with the last handle: b may write now, a may not.
-        let w = b.open(f.ino, true, true, 0).await.unwrap();
+        let w = b.open(f.ino, TRUNCATE).await.unwrap();
         busy(a.unlink(ROOT_INO, "f").await);
         b.release(w.fh).await;
         a.unlink(ROOT_INO, "f").await.unwrap();
@@ -577,8 +668,8 @@ mod tests {
         let mem = Arc::new(MemStore::new("b"));
         let staging = tempfile::tempdir().unwrap();
         let a = replica(&mem, &staging, "a");
-        let (_, fh) = a.create(ROOT_INO, "f", 0).await.unwrap();
-        a.write(fh, 0, bytes("one")).await.unwrap();
+        let (_, fh) = a.create(ROOT_INO, "f", CREATE).await.unwrap();
+        a.write(fh, 0, bytes("one"), Some(OWNER)).await.unwrap();
         mem.inject(
             Op::Put,
             Fault::Error(StoreError::Transient("unreachable".into())),
@@ -586,7 +677,7 @@ mod tests {
         );
         tokio::time::sleep(crate::lock::DEFAULT_LEASE).await;
         mem.clear_faults();
-        let err = a.write(fh, 3, bytes("two")).await.unwrap_err();
+        let err = a.write(fh, 3, bytes("two"), Some(OWNER)).await.unwrap_err();
         assert_eq!(err.errno(), libc::EIO);
         assert_eq!(a.fsync(fh).await.unwrap_err().errno(), libc::EIO);
         a.release(fh).await;

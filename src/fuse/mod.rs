@@ -13,6 +13,12 @@
 //! - keep-cache: an open of an unchanged object version keeps the kernel page cache, so a file
 //!   read twice is served from memory the second time.
 //! - attribute and entry TTLs: the `--metadata-ttl`, the same promise as our metadata cache.
+//! - files open for writing are direct I/O (`FOPEN_DIRECT_IO`): only then does the kernel name
+//!   the lock owner (the writer's file table) in each write, which the commit policy needs to
+//!   tell the writer's `close` from a forked child's (see `write/`). Shared mappings of them
+//!   still work where the kernel offers `FUSE_DIRECT_IO_ALLOW_MMAP` (Linux 6.6).
+//! - names that are not UTF-8 are refused with `EINVAL` by every operation: an object key is
+//!   UTF-8, so no such file can exist or be made.
 //! - two threads read `/dev/fuse` (with cloned fds): enough to keep dispatch off the critical path
 //!   on small machines; the work itself runs on the tokio runtime.
 
@@ -24,12 +30,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    FopenFlags, Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, Fs, FsError, ROOT_INO};
+use crate::fs::{Attr, Fs, FsError, OpenMode, ROOT_INO};
 use crate::meta::Kind;
 use crate::metrics;
 
@@ -339,6 +345,14 @@ fn file_type(k: Kind) -> FileType {
     }
 }
 
+/// The name of a request, if it is UTF-8 (see the module docs).
+fn utf8_name(name: &OsStr) -> Result<String, Errno> {
+    name.to_str().map(str::to_string).ok_or(Errno::EINVAL)
+}
+
+/// How an open file for writing is handed to the kernel (see the module docs).
+const WRITE_OPEN: FopenFlags = FopenFlags::FOPEN_DIRECT_IO;
+
 /// Turns an fs error into the errno the application sees, logging the unexpected ones.
 fn errno(op: &'static str, e: FsError) -> Errno {
     metrics::fuse_error(op);
@@ -361,6 +375,8 @@ impl Filesystem for FuseAdapter {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_PARALLEL_DIROPS | fuser::InitFlags::FUSE_ATOMIC_O_TRUNC,
         );
+        // Lets applications map files open for writing (direct I/O) with MAP_SHARED.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         if self.passthrough.enabled.load(Ordering::Relaxed) {
             // Passthrough needs Linux >= 6.9 and CAP_SYS_ADMIN. Stack depth 2 lets the cache
             // file live on an overlay filesystem (a container's root).
@@ -377,9 +393,9 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let ttl = self.ttl;
-        let Some(name) = name.to_str().map(str::to_string) else {
-            reply.error(Errno::ENOENT);
-            return;
+        let name = match utf8_name(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
         self.spawn("lookup", |fs| async move {
             match fs.lookup(parent.0, &name).await {
@@ -403,12 +419,10 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let pid = req.pid();
-        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_APPEND != 0;
-        let truncate = flags.0 & libc::O_TRUNC != 0;
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mode = OpenMode::from_flags(flags.0);
         let passthrough = self.passthrough.clone();
-        if (write || truncate) && passthrough.write_is_stale(ino.0) {
+        if mode.write && passthrough.write_is_stale(ino.0) {
             // Rule 1 of the passthrough rules: a new inode for the writer.
             self.fs.detach_name(ino.0);
             metrics::open("stale");
@@ -416,10 +430,10 @@ impl Filesystem for FuseAdapter {
             return;
         }
         self.spawn("open", |fs| async move {
-            match fs.open(ino.0, write, truncate, pid).await {
-                Ok(o) if write || truncate => {
+            match fs.open(ino.0, mode).await {
+                Ok(o) if mode.write => {
                     passthrough.opened_for_write(ino.0, o.fh);
-                    reply.opened(FileHandle(o.fh), FopenFlags::empty())
+                    reply.opened(FileHandle(o.fh), WRITE_OPEN)
                 }
                 Ok(o) => {
                     let answer =
@@ -478,23 +492,26 @@ impl Filesystem for FuseAdapter {
 
     fn create(
         &self,
-        req: &Request,
+        _req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let ttl = self.ttl;
-        let pid = req.pid();
         let passthrough = self.passthrough.clone();
-        let Some(name) = name.to_str().map(str::to_string) else {
-            reply.error(Errno::EINVAL);
-            return;
+        let name = match utf8_name(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let mode = OpenMode {
+            write: true,
+            ..OpenMode::from_flags(flags)
         };
         self.spawn("create", |fs| async move {
-            match fs.create(parent.0, &name, pid).await {
+            match fs.create(parent.0, &name, mode).await {
                 Ok((a, fh)) => {
                     passthrough.opened_for_write(a.ino, fh);
                     reply.created(
@@ -502,7 +519,7 @@ impl Filesystem for FuseAdapter {
                         &file_attr(&a),
                         Generation(0),
                         FileHandle(fh),
-                        FopenFlags::empty(),
+                        WRITE_OPEN,
                     )
                 }
                 Err(e) => reply.error(errno("create", e)),
@@ -519,12 +536,13 @@ impl Filesystem for FuseAdapter {
         data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let data = bytes::Bytes::copy_from_slice(data);
+        let owner = lock_owner.map(|o| o.0);
         self.spawn("write", |fs| async move {
-            match fs.write(fh.0, offset, data).await {
+            match fs.write(fh.0, offset, data, owner).await {
                 Ok(n) => {
                     metrics::fuse_write(n as u64);
                     reply.written(n)
@@ -578,7 +596,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = name.to_string_lossy().into_owned();
+        let name = match utf8_name(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
         self.spawn("unlink", |fs| async move {
             match fs.unlink(parent.0, &name).await {
                 Ok(()) => reply.ok(),
@@ -597,7 +618,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let ttl = self.ttl;
-        let name = name.to_string_lossy().into_owned();
+        let name = match utf8_name(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
         self.spawn("mkdir", |fs| async move {
             match fs.mkdir(parent.0, &name).await {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
@@ -607,7 +631,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = name.to_string_lossy().into_owned();
+        let name = match utf8_name(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
         self.spawn("rmdir", |fs| async move {
             match fs.rmdir(parent.0, &name).await {
                 Ok(()) => reply.ok(),
@@ -631,8 +658,10 @@ impl Filesystem for FuseAdapter {
             return;
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        let name = name.to_string_lossy().into_owned();
-        let newname = newname.to_string_lossy().into_owned();
+        let (name, newname) = match (utf8_name(name), utf8_name(newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
         self.spawn("rename", |fs| async move {
             match fs
                 .rename(parent.0, &name, newparent.0, &newname, no_replace)
@@ -698,16 +727,16 @@ impl Filesystem for FuseAdapter {
 
     fn flush(
         &self,
-        req: &Request,
+        _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Every close(2): commit what was written, and tell the application if that failed.
-        let pid = req.pid();
+        // Every close(2): commit what this file table wrote, and tell the application if that
+        // failed.
         self.spawn("flush", |fs| async move {
-            match fs.flush(fh.0, pid).await {
+            match fs.flush(fh.0, lock_owner.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("flush", e)),
             }

@@ -47,6 +47,9 @@ pub enum Fault {
     Delay(Duration),
     /// Never answer (until the caller gives up).
     Hang,
+    /// The call takes effect, but its answer is lost: the caller gets this error (`put` and
+    /// `complete_upload` only; elsewhere the call just succeeds).
+    AnswerLost(StoreError),
 }
 
 #[derive(Clone, Debug)]
@@ -121,7 +124,8 @@ impl MemStore {
         self.state.lock().unwrap().uploads.len()
     }
 
-    async fn enter(&self, op: Op) -> StoreResult<()> {
+    /// Applies the next scripted fault of `op`; `Ok(Some(e))` means: do the call, answer `e`.
+    async fn enter(&self, op: Op) -> StoreResult<Option<StoreError>> {
         let fault = {
             let mut st = self.state.lock().unwrap();
             *st.calls.entry(op).or_default() += 1;
@@ -136,13 +140,14 @@ impl MemStore {
             fault
         };
         match fault {
-            None => Ok(()),
+            None => Ok(None),
             Some(Fault::Error(e)) => Err(e),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
-                Ok(())
+                Ok(None)
             }
             Some(Fault::Hang) => std::future::pending().await,
+            Some(Fault::AnswerLost(e)) => Ok(Some(e)),
         }
     }
 
@@ -273,11 +278,12 @@ impl ObjectStore for MemStore {
         pre: Precondition,
         meta: &UserMeta,
     ) -> StoreResult<Version> {
-        self.enter(Op::Put).await?;
+        let lost = self.enter(Op::Put).await?;
         Self::check_key(key)?;
         let mut st = self.state.lock().unwrap();
         Self::check(&st, key, &pre)?;
-        Ok(self.store(&mut st, key, body, meta.clone()))
+        let version = self.store(&mut st, key, body, meta.clone());
+        lost.map_or(Ok(version), Err)
     }
 
     async fn start_upload_with(&self, key: &str, meta: &UserMeta) -> StoreResult<Upload> {
@@ -314,7 +320,7 @@ impl ObjectStore for MemStore {
         parts: Vec<Part>,
         pre: Precondition,
     ) -> StoreResult<Version> {
-        self.enter(Op::CompleteUpload).await?;
+        let lost = self.enter(Op::CompleteUpload).await?;
         let mut st = self.state.lock().unwrap();
         Self::check(&st, &upload.key, &pre)?;
         let (_, stored) = st
@@ -328,7 +334,8 @@ impl ObjectStore for MemStore {
                 .ok_or_else(|| StoreError::Invalid(format!("part {} missing", p.number)))?;
             body.extend_from_slice(data);
         }
-        Ok(self.store(&mut st, &upload.key, body.freeze(), upload.meta.clone()))
+        let version = self.store(&mut st, &upload.key, body.freeze(), upload.meta.clone());
+        lost.map_or(Ok(version), Err)
     }
 
     async fn abort_upload(&self, upload: &Upload) -> StoreResult<()> {

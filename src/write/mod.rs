@@ -4,9 +4,10 @@
 //! ## Staging
 //! A handle open for writing owns an unlinked temporary file in the staging directory (under the
 //! cache dir). Every `write` goes there first, at its offset: the file is always the truth, so
-//! any pattern works — random writes, appends to an existing object (its bytes are copied into
-//! the staging file at open), overwrites, holes. Memory use is the budget's, not the file's: the
-//! bytes live in the page cache and on disk.
+//! any pattern works — random writes, appends to an existing object, overwrites, holes. The
+//! bytes of an existing object are copied in on the first change (or read), not at open, so an
+//! open for writing that changes nothing (`touch`) downloads nothing. Memory use is the
+//! budget's, not the file's: the bytes live in the page cache and on disk.
 //!
 //! ## Streaming
 //! A file written from scratch (`create`, `O_TRUNC`) whose writes arrive in order starts a
@@ -17,12 +18,35 @@
 //! completion. A write into a part already sent breaks the stream: the upload is aborted and the
 //! whole staging file is uploaded at commit.
 //!
-//! ## Commit
-//! `flush` (every `close`) and `fsync` commit if anything changed: upload what is left, then
-//! complete with a precondition — create-if-absent for a new file, the version seen at open for
-//! an existing one — so a concurrent writer elsewhere is detected rather than overwritten. Until
-//! then readers see the previous version. Any failure aborts the upload (no partial object, no
-//! orphan upload) and the writer gets `EIO` from `close`/`fsync`, with a log line naming the path.
+//! ## When a handle commits
+//! The old version of a file must stay in the bucket until its writer is done, and every
+//! `close(2)` of any descriptor of the open file reaches us as a `FLUSH`. So:
+//! - `fsync` commits at once.
+//! - A `FLUSH` commits only changes made *by the file table that closes*, since the handle's last
+//!   commit: data it wrote, identified by the FUSE lock owner the kernel attaches to each write
+//!   and flush (one per open file table: the threads of a process share it, a forked child has
+//!   its own; PIDs cannot tell them apart, they are 0 for callers in another PID namespace).
+//!   Changes the kernel sends without an owner (an `ftruncate`, pages of a shared mapping)
+//!   count for every flush. The bare effect of an open — `O_TRUNC`, or a new empty file — is
+//!   never committed by a `FLUSH`.
+//! - `release` (the last descriptor is gone) commits whatever is left, e.g. `: > f` or `touch
+//!   new`.
+//!
+//! Two cases this is for. A shell redirect `cmd > f` opens `f` with `O_TRUNC`, `dup2`s it to
+//! stdout and closes the first descriptor at once: that `FLUSH` carries no data, so the old `f`
+//! stays until `cmd` exits and its close commits the new bytes (a daemon killed meanwhile leaves
+//! the old version). A process that forks while writing (`subprocess`, a data loader) hands its
+//! descriptors to the child; the child's exit flushes from a file table that wrote nothing, so a
+//! half-written checkpoint is not published under the writer's feet.
+//!
+//! A commit publishes with a precondition — create-if-absent for a new file, the version seen
+//! at open for an existing one — so a concurrent writer elsewhere is detected rather than
+//! overwritten. If the request that makes the object appear fails in a way that leaves its fate
+//! unknown (an answer lost and retried into `412`, a timeout), the bucket is asked: when it holds
+//! exactly the staged bytes under a new version, the commit succeeded. Any other failure aborts
+//! the upload (no partial object, no orphan upload), the writer gets `EIO` from
+//! `close`/`fsync`, with a log line naming the path, and the handle never commits again: `EIO`
+//! means the bytes will not appear later from this handle.
 //!
 //! ## Write locks
 //! With locking on, a handle holds its path's write lock (see `lock/`) from open to release. Once
@@ -32,16 +56,21 @@
 //! if the lease is lost while it runs.
 //!
 //! ## Crashes
-//! Uploads in progress are listed in a journal file per process in the staging directory; a
-//! mount that starts finds the journals of dead processes and aborts their uploads.
+//! Each mount keeps a journal of its uploads in progress in the staging directory, named by a
+//! random mount id (never a PID: pods sharing a cache dir each have their own PID namespace, and
+//! PID 1 in all of them). The mount holds an OFD lock (`F_OFD_SETLK`) on its journal while it
+//! lives; the kernel drops it when the process dies, however it dies. A mount that starts aborts
+//! the uploads of every journal of its source whose lock it can take, and deletes the journal.
+//! Journals are opened with `O_NOFOLLOW` and the staging directory must be the mount's own
+//! (owner and mode checked) so that nobody else on the node can redirect them.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::task::JoinHandle;
@@ -95,6 +124,19 @@ impl WriteError {
     }
 }
 
+/// How a handle starts, relative to the object in the bucket.
+#[derive(Clone, Debug)]
+pub enum Opening {
+    /// A new file: there is no object; the commit creates it (if still absent).
+    New,
+    /// A new file whose empty object an exclusive create has already committed, as `version`.
+    Created(Version),
+    /// `O_TRUNC` over the object `version`: starts empty and replaces it.
+    Truncate(Version),
+    /// The object `version` of `size` bytes, kept: its bytes are staged on the first change.
+    Keep(Version, u64),
+}
+
 /// The upload of a stream of sequential writes.
 struct Stream {
     upload: Upload,
@@ -113,15 +155,26 @@ struct State {
     contiguous: u64,
     /// What the commit must find in the bucket: `None` = nothing (create), else that version.
     base: Option<Version>,
-    /// Changed since the last commit.
+    /// Changed since the last commit (a new or truncated file counts, even with no write).
     dirty: bool,
+    /// FUSE lock owners (file tables) that wrote since the last commit (see "When a handle
+    /// commits").
+    writers: HashSet<u64>,
+    /// A change the kernel sent without a lock owner since the last commit.
+    ownerless: bool,
+    /// The kept object (`base`) whose bytes are not in the staging file yet, and its size.
+    unstaged: Option<(Version, u64)>,
+    /// `O_APPEND`: every write goes to the end of the file as it is here.
+    append: bool,
     stream: Option<Stream>,
     /// A write into data already sent: commit uploads the whole file.
     stream_broken: bool,
-    /// A staging write failed: the handle never commits.
+    /// A write or a commit failed: the handle never commits.
     failed: bool,
     /// The mount is shutting down and committed this handle: it takes no more changes.
     sealed: bool,
+    /// The file was unlinked while open: its bytes go nowhere.
+    unlinked: bool,
     /// The path's write lock (`None` with locking off).
     lock: Option<Held>,
 }
@@ -153,23 +206,27 @@ pub struct Committed {
 }
 
 impl WriteHandle {
-    /// A handle for `key`. `existing` is the current object (its version and size) when the file
-    /// is opened without truncation: its bytes are copied into the staging file first. `lock`
-    /// is the path's write lock, held until [`WriteHandle::release_lock`].
-    pub async fn open(
+    /// A handle for `key`, starting as `opening` says; `append` for `O_APPEND`. `lock` is the
+    /// path's write lock, held until [`WriteHandle::release_lock`].
+    pub fn open(
         ctx: Arc<WriteContext>,
         key: String,
-        base: Option<Version>,
-        existing: Option<(Version, u64)>,
+        opening: Opening,
+        append: bool,
         lock: Option<Held>,
     ) -> Result<WriteHandle, WriteError> {
         let file = Arc::new(staging_file(&ctx.cfg.staging_dir)?);
-        let mut size = 0;
-        if let Some((version, len)) = existing {
-            copy_object_into(&ctx, &key, &version, len, &file).await?;
-            size = len;
-        }
-        let fresh = size == 0;
+        let (base, size, unstaged, dirty) = match opening {
+            Opening::New => (None, 0, None, true),
+            Opening::Created(v) => (Some(v), 0, None, false),
+            Opening::Truncate(v) => (Some(v), 0, None, true),
+            Opening::Keep(v, size) => (
+                Some(v.clone()),
+                size,
+                (size > 0).then_some((v, size)),
+                false,
+            ),
+        };
         Ok(WriteHandle {
             ctx,
             file,
@@ -178,12 +235,17 @@ impl WriteHandle {
                 size,
                 contiguous: 0,
                 base,
-                // A new or truncated file is a change even if nothing is written.
-                dirty: fresh,
+                dirty,
+                writers: HashSet::new(),
+                ownerless: false,
+                unstaged,
+                append,
                 stream: None,
-                stream_broken: !fresh,
+                // Only a file written from its first byte can stream.
+                stream_broken: size > 0,
                 failed: false,
                 sealed: false,
+                unlinked: false,
                 lock,
             }),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_PART_UPLOADS)),
@@ -192,12 +254,29 @@ impl WriteHandle {
 
     /// Reads back what was written (a handle open read-write).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, WriteError> {
-        let size = self.state.lock().await.size;
+        let size = {
+            let mut st = self.state.lock().await;
+            self.stage(&mut st).await?;
+            st.size
+        };
         let end = offset.saturating_add(len).min(size);
         if offset >= end {
             return Ok(Bytes::new());
         }
         Ok(read_staging(self.file.clone(), offset, end - offset).await?)
+    }
+
+    /// Copies the kept object's bytes into the staging file, once, before the first change.
+    async fn stage(&self, st: &mut State) -> Result<(), WriteError> {
+        let Some((version, len)) = st.unstaged.take() else {
+            return Ok(());
+        };
+        if let Err(e) = copy_object_into(&self.ctx, &st.key, &version, len, &self.file).await {
+            st.failed = true;
+            tracing::error!(key = %st.key, error = %e, "cannot stage the file's content; it will not be committed");
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The key the handle publishes to.
@@ -210,8 +289,19 @@ impl WriteHandle {
     pub async fn rekey(&self, key: String, base: Version, lock: Option<Held>) -> Option<Held> {
         let mut st = self.state.lock().await;
         st.key = key;
+        // The bytes not staged yet are the same under the new name.
+        if let Some((_, len)) = st.unstaged {
+            st.unstaged = Some((base.clone(), len));
+        }
         st.base = Some(base);
         std::mem::replace(&mut st.lock, lock)
+    }
+
+    /// The file was unlinked while open: what it holds or will hold is never committed.
+    pub async fn unlink(&self) {
+        let mut st = self.state.lock().await;
+        st.unlinked = true;
+        self.abort_stream(&mut st).await;
     }
 
     /// Gives the path's write lock back (the handle is closed).
@@ -233,20 +323,46 @@ impl WriteHandle {
         Err(e.into())
     }
 
-    /// Current logical size (what `stat` shows to this mount while writing).
-    pub async fn size(&self) -> u64 {
-        self.state.lock().await.size
-    }
-
-    pub async fn write(&self, offset: u64, data: Bytes) -> Result<u32, WriteError> {
-        let mut st = self.state.lock().await;
+    /// Whether the handle takes changes now; stages the kept bytes before the first one.
+    async fn changeable(&self, st: &mut State) -> Result<(), WriteError> {
         if st.failed {
             return Err(WriteError::Failed);
         }
         if st.sealed {
             return Err(WriteError::Sealed);
         }
-        self.check_lease(&mut st).await?;
+        self.check_lease(st).await?;
+        self.stage(st).await
+    }
+
+    /// Records a change by `owner` (a FUSE lock owner, or `None`).
+    fn changed_by(st: &mut State, owner: Option<u64>) {
+        st.dirty = true;
+        match owner {
+            Some(o) => {
+                st.writers.insert(o);
+            }
+            None => st.ownerless = true,
+        }
+    }
+
+    /// Current logical size (what `stat` shows to this mount while writing).
+    pub async fn size(&self) -> u64 {
+        self.state.lock().await.size
+    }
+
+    /// Writes `data` at `offset` (at the end with `O_APPEND`), on behalf of the lock owner
+    /// `owner`.
+    pub async fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        owner: Option<u64>,
+    ) -> Result<u32, WriteError> {
+        let mut st = self.state.lock().await;
+        self.changeable(&mut st).await?;
+        // The kernel's idea of the end may be older than what this handle holds.
+        let offset = if st.append { st.size } else { offset };
         let len = data.len() as u64;
         let file = self.file.clone();
         let res = tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
@@ -258,7 +374,7 @@ impl WriteHandle {
             tracing::error!(key = %st.key, error = %e, "write to the staging file failed; the file will not be committed");
             return Err(e.into());
         }
-        st.dirty = true;
+        Self::changed_by(&mut st, owner);
         st.size = st.size.max(offset + len);
         if let Some(stream) = &st.stream
             && offset < stream.sent
@@ -341,13 +457,10 @@ impl WriteHandle {
         })
     }
 
-    /// Sets the logical size (`ftruncate`).
+    /// Sets the logical size (`ftruncate`; the kernel names no lock owner for it).
     pub async fn truncate(&self, size: u64) -> Result<(), WriteError> {
         let mut st = self.state.lock().await;
-        if st.sealed {
-            return Err(WriteError::Sealed);
-        }
-        self.check_lease(&mut st).await?;
+        self.changeable(&mut st).await?;
         self.file.set_len(size)?;
         if let Some(s) = &st.stream
             && size < s.sent
@@ -356,7 +469,7 @@ impl WriteHandle {
         }
         st.size = size;
         st.contiguous = st.contiguous.min(size);
-        st.dirty = true;
+        Self::changed_by(&mut st, None);
         Ok(())
     }
 
@@ -366,11 +479,32 @@ impl WriteHandle {
         self.state.lock().await.sealed = true;
     }
 
-    /// Publishes the staged content if it changed since the last commit.
+    /// `close(2)` of a descriptor by the file table `owner`: commits only that table's changes
+    /// since the last commit (see "When a handle commits").
+    pub async fn flush(&self, owner: u64) -> Result<Option<Committed>, WriteError> {
+        let mut st = self.state.lock().await;
+        if st.failed && !st.unlinked {
+            return Err(WriteError::Failed);
+        }
+        if !(st.ownerless || st.writers.contains(&owner)) {
+            return Ok(None);
+        }
+        self.commit_locked(&mut st).await
+    }
+
+    /// Publishes the staged content if it changed since the last commit (`fsync`, `release`).
     pub async fn commit(&self) -> Result<Option<Committed>, WriteError> {
         let mut st = self.state.lock().await;
+        self.commit_locked(&mut st).await
+    }
+
+    async fn commit_locked(&self, st: &mut State) -> Result<Option<Committed>, WriteError> {
+        if st.unlinked {
+            self.abort_stream(st).await;
+            return Ok(None);
+        }
         if st.failed {
-            self.abort_stream(&mut st).await;
+            self.abort_stream(st).await;
             return Err(WriteError::Failed);
         }
         if !st.dirty {
@@ -380,14 +514,26 @@ impl WriteHandle {
             None => Precondition::IfAbsent,
             Some(v) => Precondition::IfVersion(v.clone()),
         };
-        let result = self.publish(&mut st, pre).await;
+        let result = match self.publish(st, pre).await {
+            Err(e) if outcome_unknown(&e) => match self.landed(st).await {
+                Some(version) => {
+                    tracing::info!(key = %st.key, error = %e, "the commit's answer was lost, but the bucket holds exactly these bytes: committed");
+                    self.forget_stream(st);
+                    Ok(version)
+                }
+                None => Err(e),
+            },
+            other => other,
+        };
         crate::metrics::commit(result.is_ok());
         match result {
             Ok(version) => {
                 st.dirty = false;
+                st.writers.clear();
+                st.ownerless = false;
                 st.base = Some(version.clone());
                 // Later writes to this handle publish the whole file again.
-                st.stream_broken = true;
+                st.stream_broken = st.size > 0;
                 Ok(Some(Committed {
                     key: st.key.clone(),
                     version,
@@ -395,11 +541,42 @@ impl WriteHandle {
                 }))
             }
             Err(e) => {
-                self.abort_stream(&mut st).await;
+                // `EIO` now means: never from this handle.
+                st.failed = true;
+                self.abort_stream(st).await;
                 tracing::error!(key = %st.key, error = %e, "upload failed; the object was not changed");
                 Err(e)
             }
         }
+    }
+
+    /// After a publishing request whose outcome is unknown: the version the bucket now holds,
+    /// if it is a new one with exactly the staged bytes (so the request did land).
+    async fn landed(&self, st: &State) -> Option<Version> {
+        let meta = self.ctx.store.head(&st.key).await.ok()?;
+        if Some(&meta.version) == st.base.as_ref() || meta.size != st.size {
+            return None;
+        }
+        let part = self.ctx.cfg.part_size;
+        let mut offset = 0;
+        while offset < st.size {
+            let end = (offset + part).min(st.size);
+            let _lease = self.ctx.budget.demand(end - offset).await;
+            let stored = self
+                .ctx
+                .store
+                .get_range(&st.key, offset..end, Some(&meta.version))
+                .await
+                .ok()?;
+            let staged = read_staging(self.file.clone(), offset, end - offset)
+                .await
+                .ok()?;
+            if stored != staged {
+                return None;
+            }
+            offset = end;
+        }
+        Some(meta.version)
     }
 
     async fn publish(&self, st: &mut State, pre: Precondition) -> Result<Version, WriteError> {
@@ -430,9 +607,15 @@ impl WriteHandle {
         let upload = stream.upload.clone();
         let complete = self.ctx.store.complete_upload(&upload, parts, pre);
         let version = fenced(st.lock.as_ref(), complete).await?;
-        self.ctx.journal.remove(&upload);
-        st.stream = None;
+        self.forget_stream(st);
         Ok(version)
+    }
+
+    /// The stream's upload is complete: nothing to abort any more.
+    fn forget_stream(&self, st: &mut State) {
+        if let Some(stream) = st.stream.take() {
+            self.ctx.journal.remove(&stream.upload);
+        }
     }
 
     async fn abort_stream(&self, st: &mut State) {
@@ -453,6 +636,21 @@ impl WriteHandle {
         let mut st = self.state.lock().await;
         self.abort_stream(&mut st).await;
     }
+}
+
+/// Whether a failed publish may have landed after all: an answer lost on the way (a timeout, a
+/// dropped connection), or the symptoms of a retry of a request that had landed (`412` for the
+/// precondition it then met itself, `404` for an upload it had completed).
+fn outcome_unknown(e: &WriteError) -> bool {
+    matches!(
+        e,
+        WriteError::Store(
+            StoreError::PreconditionFailed(_)
+                | StoreError::NotFound(_)
+                | StoreError::Transient(_)
+                | StoreError::Throttled(_)
+        )
+    )
 }
 
 /// Runs `publish`, the request that makes an object appear, under the write lock `lock`: the
@@ -491,10 +689,61 @@ async fn read_staging(file: Arc<File>, offset: u64, len: u64) -> io::Result<Byte
     .map_err(|e| io::Error::other(e.to_string()))?
 }
 
-/// An unlinked temporary file in `dir`: it disappears with its last descriptor, even on a crash.
+/// An unlinked temporary file in `dir` (see [`prepare_staging_dir`]): it disappears with its
+/// last descriptor, even on a crash.
 fn staging_file(dir: &Path) -> io::Result<File> {
-    std::fs::create_dir_all(dir)?;
     tempfile::tempfile_in(dir)
+}
+
+/// Makes `dir` ready for staging files and journals: created (mode `0700`) if missing, and
+/// refused unless it is a real directory (not a symlink) owned by this user and writable by
+/// nobody else, and its parent is not open to others either (owned by this user or root, and
+/// not writable by others unless sticky, like `/tmp`). So a default path that someone else
+/// created first, or swapped for a symlink, is an error rather than a place our journals follow.
+pub fn prepare_staging_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let refuse = |why: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+    let m = std::fs::symlink_metadata(dir)?;
+    if !m.file_type().is_dir() {
+        return refuse(format!("{} is not a directory (a symlink?)", dir.display()));
+    }
+    if m.uid() != me {
+        return refuse(format!(
+            "{} belongs to uid {}, not to this user ({me})",
+            dir.display(),
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "{} is writable by others (mode {:o}); make it 0700",
+            dir.display(),
+            m.mode() & 0o7777
+        ));
+    }
+    if let Some(parent) = dir.parent() {
+        let p = std::fs::metadata(parent)?;
+        let open = p.mode() & 0o002 != 0 && p.mode() & 0o1000 == 0;
+        if (p.uid() != me && p.uid() != 0) || open {
+            return refuse(format!(
+                "{} is not safe for staging: its owner (uid {}) or mode ({:o}) lets others replace {}",
+                parent.display(),
+                p.uid(),
+                p.mode() & 0o7777,
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Copies `len` bytes of the object's `version` into `file`, part by part.
@@ -520,37 +769,54 @@ async fn copy_object_into(
     Ok(())
 }
 
-/// The uploads this process has in progress, on disk, so that a later process can abort them
-/// if this one dies.
+/// The uploads this mount has in progress, on disk, so that a later mount can abort them if
+/// this one dies (see "Crashes" in the module docs).
+///
+/// File format: the mount's SOURCE on the first line, then one line per event, `+ ID KEY` when an
+/// upload starts and `- ID` when it is done, tab-separated, with `\`, tab and newline escaped.
+/// Lines are appended, so a crash mid-write loses at most the last (unfinished) line; the file is
+/// cut back to its first line whenever no upload is left.
 pub struct Journal {
     path: PathBuf,
     source: String,
+    /// The open journal, under its final name, holding the OFD lock that says "alive"; `None` if
+    /// it could not be created (logged: crash cleanup is then off for this mount).
+    file: Option<File>,
+    /// Uploads in progress: (key, id).
     entries: std::sync::Mutex<Vec<(String, String)>>,
 }
 
-static JOURNAL_WRITES: AtomicU64 = AtomicU64::new(0);
-
 impl Journal {
-    /// This process's journal in `dir`, for uploads to `source`.
+    /// A new journal in `dir`, for uploads to `source`, named by a random mount id and locked
+    /// from the moment it has its name.
     pub fn new(dir: &Path, source: &str) -> Journal {
+        let id = format!("{:016x}", rand::random::<u64>());
+        let path = dir.join(format!("uploads-{id}.journal"));
+        let file = match create_locked(&path, source) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot create the upload journal; uploads of a crashed daemon will not be cleaned up");
+                None
+            }
+        };
         Journal {
-            path: dir.join(format!("uploads-{}.journal", std::process::id())),
+            path,
             source: source.to_string(),
+            file,
             entries: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    fn save(&self, entries: &[(String, String)]) {
-        let mut text = format!("{}\n", self.source);
-        for (key, id) in entries {
-            text.push_str(&format!("{id}\t{key}\n"));
-        }
-        let n = JOURNAL_WRITES.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.path.with_extension(format!("tmp{n}"));
-        let result = std::fs::create_dir_all(self.path.parent().unwrap_or(Path::new(".")))
-            .and_then(|_| std::fs::write(&tmp, text))
-            .and_then(|_| std::fs::rename(&tmp, &self.path));
-        if let Err(e) = result {
+    /// The journal file (for tests and logs).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn append(&self, line: &str) {
+        let Some(mut f) = self.file.as_ref() else {
+            return;
+        };
+        if let Err(e) = io::Write::write_all(&mut f, line.as_bytes()) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write the upload journal");
         }
     }
@@ -558,38 +824,48 @@ impl Journal {
     pub fn add(&self, upload: &Upload) {
         let mut e = self.entries.lock().unwrap();
         e.push((upload.key.clone(), upload.id.clone()));
-        self.save(&e);
+        self.append(&format!(
+            "+\t{}\t{}\n",
+            escape(&upload.id),
+            escape(&upload.key)
+        ));
     }
 
     pub fn remove(&self, upload: &Upload) {
         let mut e = self.entries.lock().unwrap();
         e.retain(|(_, id)| *id != upload.id);
-        if e.is_empty() {
-            let _ = std::fs::remove_file(&self.path);
-        } else {
-            self.save(&e);
+        if !e.is_empty() {
+            self.append(&format!("-\t{}\n", escape(&upload.id)));
+            return;
+        }
+        // Nothing in progress: back to the header alone (O_APPEND writes go to the new end).
+        if let Some(f) = &self.file
+            && let Err(err) = f.set_len(self.source.len() as u64 + 1)
+        {
+            tracing::warn!(path = %self.path.display(), error = %err, "cannot compact the upload journal");
+            self.append(&format!("-\t{}\n", escape(&upload.id)));
         }
     }
 
-    /// Aborts the uploads of dead processes' journals for the same source; returns how many.
+    /// Aborts the uploads listed in the journals in `dir` of mounts of `source` that are not
+    /// alive (their lock can be taken), then deletes those journals; returns how many uploads
+    /// were aborted. Journals of live mounts, and of other sources, are left alone.
     pub async fn recover(dir: &Path, source: &str, store: &DynStore) -> usize {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return 0;
         };
         let mut aborted = 0;
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name
-                .strip_prefix("uploads-")
-                .and_then(|n| n.strip_suffix(".journal"))
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
                 continue;
             };
-            if process_alive(pid) {
+            if !(name.starts_with("uploads-") && name.ends_with(".journal")) {
                 continue;
             }
-            let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            let path = entry.path();
+            // Holding the lock (while `orphan` lives) keeps other mounts from recovering it too.
+            let Some((orphan, text)) = take_orphan(&path) else {
                 continue;
             };
             let mut lines = text.lines();
@@ -597,36 +873,157 @@ impl Journal {
                 continue;
             }
             let mut all_done = true;
-            for line in lines {
-                let Some((id, key)) = line.split_once('\t') else {
-                    continue;
-                };
+            for (id, key) in replay(lines) {
                 let upload = Upload {
-                    key: key.to_string(),
-                    id: id.to_string(),
+                    key,
+                    id,
                     ..Default::default()
                 };
                 match store.abort_upload(&upload).await {
-                    Ok(()) => {
+                    Ok(()) | Err(StoreError::NotFound(_)) => {
                         aborted += 1;
-                        tracing::info!(key, "aborted the upload of a process that died");
+                        tracing::info!(key = %upload.key, "aborted the upload of a mount that died");
                     }
                     Err(e) => {
                         all_done = false;
-                        tracing::warn!(key, error = %e, "cannot abort a dead process's upload");
+                        tracing::warn!(key = %upload.key, error = %e, "cannot abort the upload of a mount that died");
                     }
                 }
             }
             if all_done {
-                let _ = std::fs::remove_file(entry.path());
+                let _ = std::fs::remove_file(&path);
             }
+            drop(orphan);
         }
         aborted
     }
 }
 
-fn process_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+impl Drop for Journal {
+    /// A mount that ends with no upload in progress leaves no journal behind.
+    fn drop(&mut self) {
+        if self.file.is_some() && self.entries.lock().unwrap().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
+
+/// Creates the journal `path` (mode `0600`, never through a symlink), locked before it appears
+/// under its name: a mount starting at that moment cannot take a new journal for an orphan.
+fn create_locked(path: &Path, source: &str) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("new");
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .read(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    let named = (|| {
+        if !ofd_lock(&file)? {
+            return Err(io::Error::other(
+                "the new journal is locked by someone else",
+            ));
+        }
+        io::Write::write_all(&mut &file, format!("{source}\n").as_bytes())?;
+        // The lock is the inode's: it keeps holding under the final name.
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = named {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(file)
+}
+
+/// Opens the journal `path` and takes its lock if its mount is gone: the open journal (holding
+/// the lock) and its text, or `None` if its mount is alive (or it is not a journal we can use).
+fn take_orphan(path: &Path) -> Option<(File, String)> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.file_type().is_file() || !ofd_lock(&file).ok()? {
+        return None;
+    }
+    // Another mount may have recovered and deleted it between our open and our lock.
+    let now = std::fs::symlink_metadata(path).ok()?;
+    if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+        return None;
+    }
+    let mut text = String::new();
+    io::Read::read_to_string(&mut &file, &mut text).ok()?;
+    Some((file, text))
+}
+
+/// Takes an exclusive OFD lock on all of `file` without waiting: `Ok(false)` if another open
+/// file (another mount, in any PID namespace or container on this kernel) holds it. OFD locks
+/// belong to the open file, not to a process: they survive `fork`, are not dropped by closing
+/// another descriptor of the same file, and end when the process dies.
+fn ofd_lock(file: &File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed flock is a valid value; the fields set below describe the whole file.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as _;
+    lock.l_whence = libc::SEEK_SET as _;
+    // SAFETY: F_OFD_SETLK reads the flock we pass on a descriptor we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// The uploads still in progress after the events `lines`: (id, key), in start order.
+fn replay<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<(String, String)> {
+    let mut open: Vec<(String, String)> = Vec::new();
+    for line in lines {
+        let mut fields = line.split('\t');
+        match (fields.next(), fields.next(), fields.next()) {
+            (Some("+"), Some(id), Some(key)) => open.push((unescape(id), unescape(key))),
+            (Some("-"), Some(id), None) => {
+                let id = unescape(id);
+                open.retain(|(i, _)| *i != id);
+            }
+            // An unfinished last line, or garbage: nothing to act on.
+            _ => {}
+        }
+    }
+    open
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('\t', "\\t")
+        .replace('\n', "\\n")
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

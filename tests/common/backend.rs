@@ -138,6 +138,11 @@ impl Backend {
     pub fn mount_source(&self, source: &str, args: &[&str]) -> Mounted {
         Mounted::start_with_env(source, args, &self.env)
     }
+
+    /// A mount whose daemon runs in a PID namespace of its own, as a sidecar in a pod does.
+    pub fn mount_in_pid_namespace(&self, args: &[&str]) -> Mounted {
+        Mounted::start_in_pid_namespace(&self.source, args, &self.env)
+    }
 }
 
 /// Instantiates each `case(Backend)` as the tests `local::case`, `s3::case` and `gcs::case`.

@@ -176,6 +176,8 @@ pub struct Mounted {
     pub dir: PathBuf,
     _tmp: tempfile::TempDir,
     log: PathBuf,
+    /// The daemon runs under `unshare` (see [`Mounted::start_in_pid_namespace`]).
+    wrapped: bool,
 }
 
 impl Mounted {
@@ -195,11 +197,43 @@ impl Mounted {
 
     /// Starts `bucketfs mount` like [`Mounted::start_with_env`] without waiting for the mount.
     pub fn spawn(source: &str, args: &[&str], env: &[(String, String)]) -> Mounted {
+        Mounted::spawn_under(&[], source, args, env)
+    }
+
+    /// Starts `bucketfs mount` like [`Mounted::start_with_env`], in a PID namespace of its own
+    /// (`unshare -p -f`; no mount namespace, so the mount is seen here), as in a pod of its own:
+    /// it sees every caller from here as pid 0. [`Mounted::signal`] and [`Mounted::stop`] reach
+    /// the daemon itself.
+    pub fn start_in_pid_namespace(
+        source: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Mounted {
+        let mut m = Mounted::spawn_under(&["unshare", "-p", "-f"], source, args, env);
+        m.wait_until_mounted();
+        m
+    }
+
+    /// Starts `WRAPPER... bucketfs mount SOURCE <tmp dir> ARGS...`.
+    fn spawn_under(
+        wrapper: &[&str],
+        source: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Mounted {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("mnt");
         std::fs::create_dir(&dir).unwrap();
         let log = tmp.path().join("bucketfs.log");
-        let child = Command::new(bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
             .arg("mount")
             .arg(source)
             .arg(&dir)
@@ -220,6 +254,28 @@ impl Mounted {
             dir,
             _tmp: tmp,
             log,
+            wrapped: !wrapper.is_empty(),
+        }
+    }
+
+    /// The daemon's pid here: the child's, or for a wrapped daemon the wrapper's only child.
+    pub fn daemon_pid(&self) -> i32 {
+        let pid = self.child.id();
+        if !self.wrapped {
+            return pid as i32;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            if let Some(first) = children.split_whitespace().next() {
+                return first.parse().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the wrapped daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -244,8 +300,8 @@ impl Mounted {
 
     /// Sends `signal` to the daemon.
     pub fn signal(&self, signal: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
+        // SAFETY: signalling our own child (or the daemon a wrapper of ours started).
+        unsafe { libc::kill(self.daemon_pid(), signal) };
     }
 
     /// The exit status, if the daemon exits within `timeout`.
