@@ -683,4 +683,32 @@ mod tests {
         a.release(fh).await;
         assert!(mem.head("f").await.is_err(), "nothing committed");
     }
+
+    /// A file that appears in the target directory while a directory rename runs is another
+    /// client's: the move's copy onto it fails (`ENOTEMPTY`) instead of overwriting it.
+    #[tokio::test]
+    async fn a_directory_rename_never_copies_over_an_object_that_appeared() {
+        let mem = Arc::new(MemStore::new("b"));
+        let staging = tempfile::tempdir().unwrap();
+        let a = replica(&mem, &staging, "a");
+        mem.put("d1/f", bytes("mine"), crate::store::Precondition::None)
+            .await
+            .unwrap();
+        a.lookup(ROOT_INO, "d1").await.unwrap();
+        mem.inject(Op::Copy, Fault::Delay(Duration::from_millis(300)), 1);
+        let rename = {
+            let a = a.clone();
+            tokio::spawn(async move { a.rename(ROOT_INO, "d1", ROOT_INO, "d2", false).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        mem.put("d2/f", bytes("theirs"), crate::store::Precondition::None)
+            .await
+            .unwrap();
+        let err = rename.await.unwrap().unwrap_err();
+        assert_eq!(err.errno(), libc::ENOTEMPTY);
+        let kept = mem.get_range("d2/f", 0..10, None).await.unwrap();
+        assert_eq!(&kept[..], b"theirs");
+        let source = mem.get_range("d1/f", 0..10, None).await.unwrap();
+        assert_eq!(&source[..], b"mine", "nothing lost");
+    }
 }
