@@ -709,3 +709,39 @@ fn s3_exclusive_create_from_two_mounts_has_exactly_one_winner() {
     assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
     assert_eq!(b.get("late").unwrap(), b"theirs");
 }
+
+/// A staging directory someone else could redirect (a symlink, or writable by others) is refused
+/// at start, with exit code 4 and a message naming it.
+#[test]
+fn local_unsafe_staging_dir_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Backend::local();
+    for setup in ["symlink", "mode 0777"] {
+        let cache = tempfile::tempdir().unwrap();
+        let elsewhere = cache.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let staging = cache.path().join("staging");
+        match setup {
+            "symlink" => std::os::unix::fs::symlink(&elsewhere, &staging).unwrap(),
+            _ => {
+                std::fs::create_dir(&staging).unwrap();
+                std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o777)).unwrap();
+            }
+        }
+        let mut m = common::Mounted::spawn(
+            &b.source,
+            &["--cache-dir", cache.path().to_str().unwrap()],
+            &b.env,
+        );
+        let status = m
+            .wait_exit(Duration::from_secs(30))
+            .expect("refused at start");
+        assert_eq!(status.code(), Some(4), "{setup}: {}", m.log());
+        assert!(
+            m.log().contains("cannot use the staging directory"),
+            "{setup}: {}",
+            m.log()
+        );
+        assert!(!common::is_mounted(&m.dir));
+    }
+}

@@ -849,7 +849,8 @@ impl Journal {
 
     /// Aborts the uploads listed in the journals in `dir` of mounts of `source` that are not
     /// alive (their lock can be taken), then deletes those journals; returns how many uploads
-    /// were aborted. Journals of live mounts, and of other sources, are left alone.
+    /// were aborted. Journals of live mounts are left alone, and so are those of dead mounts of
+    /// other sources that still list uploads.
     pub async fn recover(dir: &Path, source: &str, store: &DynStore) -> usize {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return 0;
@@ -869,11 +870,18 @@ impl Journal {
                 continue;
             };
             let mut lines = text.lines();
-            if lines.next() != Some(source) {
+            let ours = lines.next() == Some(source);
+            let left = replay(lines);
+            if !ours {
+                // A dead mount of another source: its mount cleans its uploads, but a journal
+                // with none left is litter anyone may sweep.
+                if left.is_empty() {
+                    let _ = std::fs::remove_file(&path);
+                }
                 continue;
             }
             let mut all_done = true;
-            for (id, key) in replay(lines) {
+            for (id, key) in left {
                 let upload = Upload {
                     key,
                     id,

@@ -230,6 +230,15 @@ async fn journals_of_live_mounts_are_left_alone_and_dead_ones_are_recovered() {
     assert!(path.exists());
     assert_eq!(Journal::recover(dir.path(), "mem://b", &store).await, 1);
     assert_eq!(mem.open_uploads(), 2);
+    // A dead journal of another source with nothing left is swept by anyone; one that still
+    // lists uploads is left for its own source.
+    let swept = dir.path().join("uploads-0000000000000001.journal");
+    std::fs::write(&swept, "mem://third\n+\tu1\tk\n-\tu1\n").unwrap();
+    let kept = dir.path().join("uploads-0000000000000002.journal");
+    std::fs::write(&kept, "mem://third\n+\tu2\tk\n").unwrap();
+    assert_eq!(Journal::recover(dir.path(), "mem://b", &store).await, 0);
+    assert!(!swept.exists());
+    assert!(kept.exists());
 }
 
 #[test]
