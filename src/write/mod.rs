@@ -60,7 +60,9 @@
 //! random mount id (never a PID: pods sharing a cache dir each have their own PID namespace, and
 //! PID 1 in all of them). The mount holds an OFD lock (`F_OFD_SETLK`) on its journal while it
 //! lives; the kernel drops it when the process dies, however it dies. A mount that starts aborts
-//! the uploads of every journal of its source whose lock it can take, and deletes the journal.
+//! the uploads of every journal of its source whose lock it can take, and deletes the journal; a
+//! running mount does the same when it starts an upload, at most once a minute, so the pod next
+//! to one that died cleans up without a restart.
 //! Journals are opened with `O_NOFOLLOW` and the staging directory must be the mount's own
 //! (owner and mode checked) so that nobody else on the node can redirect them.
 
@@ -419,6 +421,7 @@ impl WriteHandle {
         if st.stream.is_none() {
             let upload = self.ctx.store.start_upload(&st.key).await?;
             self.ctx.journal.add(&upload);
+            self.ctx.journal.sweep(&self.ctx.store);
             st.stream = Some(Stream {
                 upload,
                 parts: Vec::new(),
@@ -784,7 +787,14 @@ pub struct Journal {
     file: Option<File>,
     /// Uploads in progress: (key, id).
     entries: std::sync::Mutex<Vec<(String, String)>>,
+    /// When this mount last looked for dead mounts' journals (see [`Journal::sweep_due`]).
+    last_sweep: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How often a running mount looks for the journals of mounts that died (at most once per
+/// interval, when it starts an upload): an orphan upload costs storage until aborted, a look
+/// costs a directory read and one lock attempt per journal.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Journal {
     /// A new journal in `dir`, for uploads to `source`, named by a random mount id and locked
@@ -804,7 +814,37 @@ impl Journal {
             source: source.to_string(),
             file,
             entries: std::sync::Mutex::new(Vec::new()),
+            last_sweep: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether it is time to look for dead mounts' journals again; the first call says yes (a
+    /// pod next to this one may have died since this mount started).
+    fn sweep_due(&self) -> bool {
+        let mut last = self.last_sweep.lock().unwrap();
+        if last.is_some_and(|t| t.elapsed() < SWEEP_INTERVAL) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        true
+    }
+
+    /// Aborts, in the background, the uploads of mounts of the same source that died while
+    /// this one runs (see [`Journal::recover`]), at most once per [`SWEEP_INTERVAL`].
+    fn sweep(&self, store: &DynStore) {
+        let Some(dir) = self.path.parent() else {
+            return;
+        };
+        if !self.sweep_due() {
+            return;
+        }
+        let (dir, source, store) = (dir.to_path_buf(), self.source.clone(), store.clone());
+        tokio::spawn(async move {
+            let aborted = Journal::recover(&dir, &source, &store).await;
+            if aborted > 0 {
+                tracing::info!(aborted, "cleaned up uploads left by mounts that died");
+            }
+        });
     }
 
     /// The journal file (for tests and logs).
@@ -861,7 +901,12 @@ impl Journal {
             let Some(name) = name.to_str() else {
                 continue;
             };
-            if !(name.starts_with("uploads-") && name.ends_with(".journal")) {
+            // Only journals named by a mount id: one named otherwise (a PID, from an older
+            // bucketfs) says nothing by its lock, so its mount may well be alive.
+            let id = name
+                .strip_prefix("uploads-")
+                .and_then(|n| n.strip_suffix(".journal"));
+            if !id.is_some_and(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())) {
                 continue;
             }
             let path = entry.path();

@@ -236,9 +236,13 @@ async fn journals_of_live_mounts_are_left_alone_and_dead_ones_are_recovered() {
     std::fs::write(&swept, "mem://third\n+\tu1\tk\n-\tu1\n").unwrap();
     let kept = dir.path().join("uploads-0000000000000002.journal");
     std::fs::write(&kept, "mem://third\n+\tu2\tk\n").unwrap();
+    // A journal of an older bucketfs, named by its PID and unlocked, may be a live mount's.
+    let by_pid = dir.path().join("uploads-1.journal");
+    std::fs::write(&by_pid, format!("mem://b\n{}\tk\n", live_upload.id)).unwrap();
     assert_eq!(Journal::recover(dir.path(), "mem://b", &store).await, 0);
     assert!(!swept.exists());
     assert!(kept.exists());
+    assert!(by_pid.exists());
 }
 
 #[test]
