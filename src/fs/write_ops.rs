@@ -87,11 +87,17 @@ impl Fs {
 
     /// How a handle of `key` starts, from what the store holds now (a fresh `HEAD`, never a
     /// cached negative entry): `O_CREAT` without `O_TRUNC` keeps an object that exists, and an
-    /// exclusive create is decided by an if-absent commit of the empty file.
-    async fn opening(&self, key: &str, mode: OpenMode) -> FsResult<(Opening, Option<Stat>)> {
+    /// exclusive create is decided by an if-absent commit of the empty file. `locked`: this
+    /// mount holds the path's write lock.
+    async fn opening(
+        &self,
+        key: &str,
+        mode: OpenMode,
+        locked: bool,
+    ) -> FsResult<(Opening, Option<Stat>)> {
         let current = match self.meta.refresh_file(key).await? {
-            Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
             Some(_) if mode.exclusive => return Err(FsError::Exists),
+            Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
             Some(s) => s.version.clone().map(|v| (v, s)),
             None => None,
         };
@@ -107,6 +113,14 @@ impl Fs {
                     Ok(v) => {
                         self.meta.invalidate(key);
                         Opening::Created(v)
+                    }
+                    Err(StoreError::PreconditionFailed(_)) if locked => {
+                        // Under our lock nobody else could create it since the HEAD: an empty
+                        // object now is our own put, retried after its answer was lost.
+                        match self.store.head(key).await {
+                            Ok(m) if m.size == 0 => Opening::Created(m.version),
+                            _ => return Err(FsError::Exists),
+                        }
                     }
                     Err(StoreError::PreconditionFailed(_)) => return Err(FsError::Exists),
                     Err(e) => return Err(e.into()),
@@ -131,7 +145,7 @@ impl Fs {
             }
             other => other?,
         };
-        let (opening, kept) = match self.opening(&path_key, mode).await {
+        let (opening, kept) = match self.opening(&path_key, mode, lock.is_some()).await {
             Ok(o) => o,
             Err(e) => {
                 release(lock).await;
@@ -163,7 +177,7 @@ impl Fs {
             exclusive: false,
             ..mode
         };
-        let opening = match self.opening(&key, mode).await {
+        let opening = match self.opening(&key, mode, lock.is_some()).await {
             Ok((o, _)) => o,
             Err(e) => {
                 release(lock).await;
@@ -710,5 +724,30 @@ mod tests {
         assert_eq!(&kept[..], b"theirs");
         let source = mem.get_range("d1/f", 0..10, None).await.unwrap();
         assert_eq!(&source[..], b"mine", "nothing lost");
+    }
+
+    /// An exclusive create whose put landed but whose answer was lost, retried into `412`: under
+    /// the path's lock that object is our own, so the create wins instead of failing `EEXIST`.
+    #[tokio::test]
+    async fn an_exclusive_create_whose_answer_was_lost_still_wins() {
+        let mem = Arc::new(MemStore::new("b"));
+        let staging = tempfile::tempdir().unwrap();
+        let a = replica(&mem, &staging, "a");
+        let exclusive = OpenMode {
+            exclusive: true,
+            ..CREATE
+        };
+        // The first put is the lock object's; the answer of the second, the file's, is lost.
+        mem.inject(Op::Put, Fault::Delay(Duration::ZERO), 1);
+        mem.inject(
+            Op::Put,
+            Fault::AnswerLost(StoreError::PreconditionFailed("y".into())),
+            1,
+        );
+        let (_, fh) = a.create(ROOT_INO, "y", exclusive).await.unwrap();
+        a.release(fh).await;
+        assert_eq!(mem.head("y").await.unwrap().size, 0);
+        let err = a.create(ROOT_INO, "y", exclusive).await.unwrap_err();
+        assert_eq!(err.errno(), libc::EEXIST, "and then it exists");
     }
 }
