@@ -120,11 +120,26 @@ bucketfs_install_fuse() {
     return 0
 }
 
+# Installs the tools the POSIX tests drive the mount with (rsync) and compare it
+# against (s3fs). Idempotent.
+bucketfs_install_posix_tools() {
+    local -a missing=()
+    command -v rsync >/dev/null 2>&1 || missing+=(rsync)
+    command -v s3fs >/dev/null 2>&1 || missing+=(s3fs)
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    _bucketfs_log "installing ${missing[*]}"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null || return 1
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || return 1
+    fi
+}
+
 bucketfs_install_deps() {
     local apt_updated=0 need_pip=0 py
     local -a pip_extra=()
 
     bucketfs_install_fuse || return 1
+    bucketfs_install_posix_tools || return 1
 
     # --- Python packages the tests drive the mount with (a real ML client) ----
     if ! python3 -c 'import safetensors, numpy' >/dev/null 2>&1; then

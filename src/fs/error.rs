@@ -27,6 +27,10 @@ pub enum FsError {
     NotEmpty,
     #[error("not a valid name here")]
     InvalidName,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("not permitted: {0}")]
+    NotPermitted(&'static str),
     #[error("{0}")]
     Write(#[from] crate::write::WriteError),
     #[error("{0}")]
@@ -48,6 +52,8 @@ impl FsError {
             FsError::Exists => libc::EEXIST,
             FsError::NotEmpty => libc::ENOTEMPTY,
             FsError::InvalidName => libc::EINVAL,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NotPermitted(_) => libc::EPERM,
             FsError::Write(e) => e.errno(),
             // Another replica writes this path.
             FsError::Lock(LockError::Busy { .. }) => libc::EBUSY,

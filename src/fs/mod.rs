@@ -7,6 +7,7 @@
 //! LOCK ORDERING: `inodes` and `handles` are never held at the same time, and never across an
 //! `.await`.
 
+mod attr_ops;
 mod error;
 mod lifecycle;
 mod write_ops;
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+pub use attr_ops::{AttrChange, Caller};
 pub use error::{FsError, FsResult};
 pub use lifecycle::ShutdownReport;
 
@@ -62,9 +64,14 @@ pub struct Attr {
     pub kind: Kind,
     pub size: u64,
     pub mtime: SystemTime,
+    pub atime: SystemTime,
+    pub ctime: SystemTime,
+    /// Permission bits (with set-user-ID, set-group-ID and sticky).
     pub perm: u16,
     pub uid: u32,
     pub gid: u32,
+    /// Device number of a device node.
+    pub rdev: u32,
 }
 
 /// What an `open` or `create` asks for, from its flags.
@@ -238,21 +245,32 @@ impl Fs {
         self.store.health().and_then(|h| h.unreachable_since())
     }
 
+    /// What the kernel sees: the attributes the object's metadata records, and the mount's
+    /// defaults for the ones it does not (`--file-mode`, `--dir-mode`, `--uid`, `--gid`; the
+    /// store's modification time, or the mount time for a directory without a marker).
     fn attr(&self, ino: u64, stat: &Stat) -> Attr {
+        let a = stat.attrs();
+        let stored = match stat.kind {
+            Kind::Dir if stat.mtime == SystemTime::UNIX_EPOCH => self.mounted_at,
+            _ => stat.mtime,
+        };
+        let mtime = a.mtime.unwrap_or(stored);
+        let default_perm = match stat.kind {
+            Kind::Dir => self.cfg.dir_mode,
+            Kind::Symlink => 0o777,
+            _ => self.cfg.file_mode,
+        };
         Attr {
             ino,
             kind: stat.kind,
             size: stat.size,
-            mtime: match stat.kind {
-                Kind::File => stat.mtime,
-                Kind::Dir => self.mounted_at,
-            },
-            perm: match stat.kind {
-                Kind::File => self.cfg.file_mode,
-                Kind::Dir => self.cfg.dir_mode,
-            },
-            uid: self.cfg.uid,
-            gid: self.cfg.gid,
+            mtime,
+            atime: a.atime.unwrap_or(mtime),
+            ctime: a.ctime.unwrap_or(stored.max(mtime)),
+            perm: a.mode.map_or(default_perm, |m| (m & 0o7777) as u16),
+            uid: a.uid.unwrap_or(self.cfg.uid),
+            gid: a.gid.unwrap_or(self.cfg.gid),
+            rdev: a.rdev.unwrap_or(0),
         }
     }
 
@@ -306,10 +324,16 @@ impl Fs {
 
     pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
         let dir_key = self.dir_key(parent)?;
-        if crate::meta::check_name(name).is_err() || self.meta.is_reserved(&dir_key, name) {
-            return Err(FsError::NotFound);
+        match crate::meta::check_name(name) {
+            Err(crate::meta::Skip::TooLong) => return Err(FsError::NameTooLong),
+            Err(_) => return Err(FsError::NotFound),
+            Ok(_) if self.meta.is_reserved(&dir_key, name) => return Err(FsError::NotFound),
+            Ok(_) => {}
         }
         let path_key = format!("{dir_key}{name}");
+        if path_key.len() + 1 > crate::store::MAX_KEY_LEN {
+            return Err(FsError::NameTooLong);
+        }
         let stat = self
             .meta
             .resolve(&path_key)
@@ -317,7 +341,7 @@ impl Fs {
             .ok_or(FsError::NotFound)?;
         let key = match stat.kind {
             Kind::Dir => format!("{path_key}/"),
-            Kind::File => path_key,
+            _ => path_key,
         };
         Ok(self.remember(parent, name, key, stat))
     }
@@ -372,11 +396,15 @@ impl Fs {
                 i.checked.elapsed() < self.cfg.metadata_ttl,
             )
         };
-        if stat.kind == Kind::Dir || fresh {
+        // The bucket root has no key of its own to ask about.
+        if fresh
+            || (stat.kind == Kind::Dir
+                && key.trim_end_matches('/') == self.cfg.prefix.trim_end_matches('/'))
+        {
             return Ok(self.attr(ino, &stat));
         }
-        let stat = match self.meta.resolve(&key).await? {
-            Some(s) if s.kind == Kind::File => s,
+        let stat = match self.meta.resolve(key.trim_end_matches('/')).await? {
+            Some(s) if s.kind == stat.kind || (s.kind != Kind::Dir && stat.kind != Kind::Dir) => s,
             _ => return Err(FsError::NotFound),
         };
         let mut t = self.inodes.lock().unwrap();
@@ -530,6 +558,19 @@ impl Fs {
                 }
             }
             w.release_lock().await;
+        }
+    }
+
+    /// The entries of the directory `ino` changed: its attributes (a real directory's times)
+    /// are asked for again at the next `getattr`.
+    pub(super) fn expire_dir(&self, ino: u64) {
+        let ttl = self.cfg.metadata_ttl + std::time::Duration::from_millis(1);
+        let mut t = self.inodes.lock().unwrap();
+        if let Some(i) = t.by_ino.get_mut(&ino)
+            && let Some(old) = Instant::now().checked_sub(ttl)
+        {
+            i.checked = old;
+            self.meta.invalidate(i.key.trim_end_matches('/'));
         }
     }
 

@@ -26,7 +26,7 @@ use crate::store::{Precondition, StoreError, Version};
 use crate::write::{Committed, Opening, WriteContext, WriteHandle};
 
 impl Fs {
-    fn write_ctx(&self) -> FsResult<&Arc<WriteContext>> {
+    pub(super) fn write_ctx(&self) -> FsResult<&Arc<WriteContext>> {
         if self.is_closing() {
             return Err(FsError::ShuttingDown);
         }
@@ -34,7 +34,7 @@ impl Fs {
     }
 
     /// Holds the write lock of the object `key`; `None` with locking off.
-    async fn lock_key(&self, key: &str) -> FsResult<Option<Held>> {
+    pub(super) async fn lock_key(&self, key: &str) -> FsResult<Option<Held>> {
         match self.write_ctx()?.locks.clone() {
             Some(locks) => Ok(Some(locks.acquire(key).await?)),
             None => Ok(None),
@@ -60,10 +60,17 @@ impl Fs {
 
     /// The key a new entry `name` in directory `parent` would have, refusing names the bucket
     /// could not list back.
-    fn child_path(&self, parent: u64, name: &str) -> FsResult<String> {
+    pub(super) fn child_path(&self, parent: u64, name: &str) -> FsResult<String> {
         let dir_key = self.dir_key(parent)?;
-        if check_name(name).is_err() || self.meta.is_reserved(&dir_key, name) {
-            return Err(FsError::InvalidName);
+        match check_name(name) {
+            Err(crate::meta::Skip::TooLong) => return Err(FsError::NameTooLong),
+            Err(_) => return Err(FsError::InvalidName),
+            Ok(_) if self.meta.is_reserved(&dir_key, name) => return Err(FsError::InvalidName),
+            Ok(_) => {}
+        }
+        // Room for a directory marker's `/` too.
+        if dir_key.len() + name.len() + 1 > crate::store::MAX_KEY_LEN {
+            return Err(FsError::NameTooLong);
         }
         Ok(format!("{dir_key}{name}"))
     }
@@ -158,6 +165,7 @@ impl Fs {
             size: 0,
             version: None,
             mtime: SystemTime::now(),
+            user: Some(Default::default()),
         });
         let attr = self.remember(parent, name, path_key, stat);
         let fh = self.register_writer(attr.ino, Arc::new(handle));
@@ -184,7 +192,12 @@ impl Fs {
                 return Err(e);
             }
         };
-        let handle = WriteHandle::open(ctx, key, opening, mode.append, lock)?;
+        let handle = WriteHandle::open(ctx, key.clone(), opening, mode.append, lock)?;
+        // The new content keeps the file's attributes.
+        let stat = self.meta.resolve(&key).await?;
+        handle
+            .set_user_meta(self.full_user_meta(ino, stat.as_ref()), false)
+            .await;
         if mode.truncate {
             self.update_inode(ino, |i| {
                 i.stat.size = 0;
@@ -254,6 +267,7 @@ impl Fs {
                     size: c.size,
                     version: Some(c.version.clone()),
                     mtime: SystemTime::now(),
+                    user: Some(c.user.clone()),
                 };
                 i.checked = Instant::now();
                 // The kernel's pages may hold what was written; the next open starts clean.
@@ -337,11 +351,21 @@ impl Fs {
     /// Drops the (parent, name) -> inode link after the name went away; the inode itself lives
     /// until the kernel forgets it.
     fn forget_name(&self, parent: u64, name: &str) {
-        let mut t = self.inodes.lock().unwrap();
-        t.by_name.remove(&(parent, name.to_string()));
+        self.inodes
+            .lock()
+            .unwrap()
+            .by_name
+            .remove(&(parent, name.to_string()));
+        self.expire_dir(parent);
     }
 
-    pub async fn mkdir(&self, parent: u64, name: &str) -> FsResult<Attr> {
+    /// Creates the directory `name` in `parent`; its marker object carries `user` (attributes).
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &str,
+        user: &crate::store::UserMeta,
+    ) -> FsResult<Attr> {
         self.write_ctx()?;
         let path_key = self.child_path(parent, name)?;
         self.meta.invalidate(&path_key);
@@ -349,9 +373,14 @@ impl Fs {
             return Err(FsError::Exists);
         }
         let marker = format!("{path_key}/");
-        put_marker(self, &marker).await?;
+        put_marker(self, &marker, user).await?;
         self.meta.invalidate(&path_key);
-        Ok(self.remember(parent, name, marker, Stat::dir()))
+        let stat = Stat {
+            mtime: SystemTime::now(),
+            user: Some(user.clone()),
+            ..Stat::dir()
+        };
+        Ok(self.remember(parent, name, marker, stat))
     }
 
     pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
@@ -362,7 +391,7 @@ impl Fs {
         self.meta.invalidate(&path_key);
         match self.meta.resolve(&path_key).await? {
             None => return Err(FsError::NotFound),
-            Some(s) if s.kind == Kind::File => return Err(FsError::NotDir),
+            Some(s) if s.kind != Kind::Dir => return Err(FsError::NotDir),
             Some(_) => {}
         }
         let marker = format!("{path_key}/");
@@ -414,7 +443,12 @@ impl Fs {
                 return Err(FsError::Exists);
             }
             match src_stat.kind {
-                Kind::File => {
+                Kind::File
+                | Kind::Symlink
+                | Kind::Fifo
+                | Kind::Socket
+                | Kind::CharDevice
+                | Kind::BlockDevice => {
                     let pre = match &dst_stat {
                         None => Precondition::IfAbsent,
                         Some(s) if s.kind == Kind::Dir => return Err(FsError::IsDir),
@@ -435,7 +469,7 @@ impl Fs {
                 }
                 Kind::Dir => {
                     if let Some(d) = &dst_stat {
-                        if d.kind == Kind::File {
+                        if d.kind != Kind::Dir {
                             return Err(FsError::NotDir);
                         }
                         let probe = self.store.list(&format!("{dst}/"), None, None, 2).await?;
@@ -450,6 +484,8 @@ impl Fs {
             self.meta.invalidate(&src);
             self.meta.invalidate(&dst);
             self.move_inode(parent, name, new_parent, new_name, &src, &dst);
+            self.expire_dir(parent);
+            self.expire_dir(new_parent);
             Ok(())
         }
         .await;
@@ -496,7 +532,7 @@ impl Fs {
         if keys.is_empty() {
             // An implicit directory with nothing in it cannot exist; a marker-less empty
             // directory only exists in this mount's memory.
-            return put_marker(self, dst).await;
+            return put_marker(self, dst, &Default::default()).await;
         }
         let files = keys.iter().map(|(k, _)| k).filter(|k| !k.ends_with('/'));
         let locks = self
@@ -543,8 +579,12 @@ impl Fs {
             let target = format!("{dst}{rest}");
             if key.ends_with('/') {
                 // A directory marker has no content: make a new one (some servers cannot copy
-                // their directory entries).
-                put_marker(self, &target).await?;
+                // their directory entries), with the old one's attributes.
+                let user = match self.store.head(&key).await {
+                    Ok(m) => m.user.unwrap_or_default(),
+                    Err(_) => Default::default(),
+                };
+                put_marker(self, &target, &user).await?;
             } else {
                 match self.store.copy(&key, &target, Precondition::IfAbsent).await {
                     Ok(v) => {
@@ -596,10 +636,10 @@ impl Fs {
 }
 
 /// Makes the empty directory marker `marker` unless there is one already.
-async fn put_marker(fs: &Fs, marker: &str) -> FsResult<()> {
+async fn put_marker(fs: &Fs, marker: &str, user: &crate::store::UserMeta) -> FsResult<()> {
     match fs
         .store
-        .put(marker, Bytes::new(), Precondition::IfAbsent)
+        .put_with(marker, Bytes::new(), Precondition::IfAbsent, user)
         .await
     {
         Ok(_) | Err(StoreError::PreconditionFailed(_)) => Ok(()),

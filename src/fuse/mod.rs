@@ -35,7 +35,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, Fs, FsError, OpenMode, ROOT_INO};
+use crate::fs::{Attr, AttrChange, Caller, Fs, FsError, OpenMode, ROOT_INO};
 use crate::meta::Kind;
 use crate::metrics;
 
@@ -323,16 +323,16 @@ fn file_attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
-        ctime: a.mtime,
+        ctime: a.ctime,
         crtime: a.mtime,
         kind: file_type(a.kind),
         perm: a.perm,
         nlink: if a.kind == Kind::Dir { 2 } else { 1 },
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: 1 << 20,
         flags: 0,
     }
@@ -342,6 +342,25 @@ fn file_type(k: Kind) -> FileType {
     match k {
         Kind::File => FileType::RegularFile,
         Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
     }
 }
 
@@ -492,15 +511,16 @@ impl Filesystem for FuseAdapter {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        perm: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let ttl = self.ttl;
+        let who = caller(req);
         let passthrough = self.passthrough.clone();
         let name = match utf8_name(name) {
             Ok(n) => n,
@@ -511,7 +531,7 @@ impl Filesystem for FuseAdapter {
             ..OpenMode::from_flags(flags)
         };
         self.spawn("create", |fs| async move {
-            match fs.create(parent.0, &name, mode).await {
+            match fs.create_as(parent.0, &name, mode, perm & !umask, who).await {
                 Ok((a, fh)) => {
                     passthrough.opened_for_write(a.ino, fh);
                     reply.created(
@@ -572,12 +592,12 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -587,8 +607,16 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         let ttl = self.ttl;
+        let change = AttrChange {
+            size,
+            mode,
+            uid,
+            gid,
+            atime: atime.map(time),
+            mtime: mtime.map(time),
+        };
         self.spawn("setattr", |fs| async move {
-            match fs.setattr(ino.0, size, fh.map(|f| f.0)).await {
+            match fs.set_attrs(ino.0, change, fh.map(|f| f.0)).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno("setattr", e)),
             }
@@ -610,24 +638,96 @@ impl Filesystem for FuseAdapter {
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        mode: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let ttl = self.ttl;
+        let who = caller(req);
         let name = match utf8_name(name) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
         self.spawn("mkdir", |fs| async move {
-            match fs.mkdir(parent.0, &name).await {
+            match fs.mkdir_as(parent.0, &name, mode & !umask, who).await {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("mkdir", e)),
             }
         });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let ttl = self.ttl;
+        let who = caller(req);
+        let name = match utf8_name(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
+        self.spawn("mknod", |fs| async move {
+            match fs.mknod(parent.0, &name, mode, rdev, who).await {
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno("mknod", e)),
+            }
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        use std::os::unix::ffi::OsStrExt;
+        let ttl = self.ttl;
+        let who = caller(req);
+        let name = match utf8_name(link_name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let target = target.as_os_str().as_bytes().to_vec();
+        self.spawn("symlink", |fs| async move {
+            match fs.symlink(parent.0, &name, &target, who).await {
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno("symlink", e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn("readlink", |fs| async move {
+            match fs.readlink(ino.0).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno("readlink", e)),
+            }
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        if let Err(e) = self.fs.link() {
+            reply.error(errno("link", e));
+        }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {

@@ -38,7 +38,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use crate::store::{DynStore, StoreError, StoreResult, Version};
+use crate::store::attrs::FileAttrs;
+use crate::store::{DynStore, ObjectMeta, StoreError, StoreResult, UserMeta, Version};
 
 /// Cap of the attribute cache, in bytes of keys and answers: 32 MiB holds about 200k paths.
 pub const META_CACHE_BYTES: u64 = 32 << 20;
@@ -56,7 +57,10 @@ fn weight(name: &str, stat: Option<&Stat>) -> u64 {
     let version = stat
         .and_then(|s| s.version.as_ref())
         .map_or(0, |v| v.0.len());
-    (name.len() + version + std::mem::size_of::<Known>() + 32) as u64
+    let user: usize = stat
+        .and_then(|s| s.user.as_ref())
+        .map_or(0, |u| u.iter().map(|(k, v)| k.len() + v.len() + 16).sum());
+    (name.len() + version + user + std::mem::size_of::<Known>() + 32) as u64
 }
 
 /// What the store last said about a path, and when.
@@ -72,10 +76,44 @@ pub const RESERVED_ROOT_NAME: &str = ".bucketfs";
 /// Longest file name the kernel accepts.
 const NAME_MAX: usize = 255;
 
+/// What a path is. Everything but `Dir` is one object at the path's key; which kind of file it
+/// is comes from the `mode` its metadata records (s3fs's convention, see `store::attrs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     File,
     Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl Kind {
+    /// The kind of an object whose metadata records `mode` (a plain file without one).
+    pub fn of_object(mode: Option<u32>) -> Kind {
+        match mode.map(|m| m & libc::S_IFMT) {
+            Some(libc::S_IFLNK) => Kind::Symlink,
+            Some(libc::S_IFIFO) => Kind::Fifo,
+            Some(libc::S_IFSOCK) => Kind::Socket,
+            Some(libc::S_IFCHR) => Kind::CharDevice,
+            Some(libc::S_IFBLK) => Kind::BlockDevice,
+            _ => Kind::File,
+        }
+    }
+
+    /// The `S_IFMT` bits of this kind.
+    pub fn type_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::CharDevice => libc::S_IFCHR,
+            Kind::BlockDevice => libc::S_IFBLK,
+        }
+    }
 }
 
 /// What a path is, as last seen in the store.
@@ -83,19 +121,59 @@ pub enum Kind {
 pub struct Stat {
     pub kind: Kind,
     pub size: u64,
-    /// Object version, for files.
+    /// Object version, for objects (not directories).
     pub version: Option<Version>,
+    /// The object's last modification in the store.
     pub mtime: SystemTime,
+    /// The user metadata of the object (of a directory: of its marker; empty for an implicit
+    /// directory). `None` when not known yet (an S3 listing does not say): such a stat is never
+    /// cached, so the next lookup asks the store.
+    pub user: Option<UserMeta>,
 }
 
 impl Stat {
+    /// A directory with no metadata of its own.
     pub fn dir() -> Stat {
         Stat {
             kind: Kind::Dir,
             size: 0,
             version: None,
             mtime: SystemTime::UNIX_EPOCH,
+            user: Some(UserMeta::new()),
         }
+    }
+
+    /// A directory whose marker object is `marker`.
+    pub fn dir_of(marker: &ObjectMeta) -> Stat {
+        Stat {
+            mtime: marker.last_modified,
+            user: marker.user.clone(),
+            ..Stat::dir()
+        }
+    }
+
+    /// An object (file, symlink, FIFO, ...).
+    pub fn object(m: ObjectMeta) -> Stat {
+        let attrs = m
+            .user
+            .as_ref()
+            .map(FileAttrs::from_meta)
+            .unwrap_or_default();
+        Stat {
+            kind: Kind::of_object(attrs.mode),
+            size: m.size,
+            version: Some(m.version),
+            mtime: m.last_modified,
+            user: m.user,
+        }
+    }
+
+    /// The file attributes the metadata records.
+    pub fn attrs(&self) -> FileAttrs {
+        self.user
+            .as_ref()
+            .map(FileAttrs::from_meta)
+            .unwrap_or_default()
     }
 }
 
@@ -289,15 +367,21 @@ impl Meta {
             if head.is_ok() {
                 self.warn_once(path_key, "a directory of the same name shadows it");
             }
-            return Ok(Some(Stat::dir()));
+            // The marker, if any, holds the directory's own metadata; a listing shows it first
+            // but may not carry its metadata (S3), or not show it (a local directory with
+            // entries), so only a listed marker with metadata saves asking.
+            let marker = match list.objects.first() {
+                Some(m) if m.key == dir_prefix && m.user.is_some() => Some(m.clone()),
+                _ => match self.store.head(&dir_prefix).await {
+                    Ok(m) => Some(m),
+                    Err(StoreError::NotFound(_)) => None,
+                    Err(e) => return Err(e),
+                },
+            };
+            return Ok(Some(marker.as_ref().map_or_else(Stat::dir, Stat::dir_of)));
         }
         match head {
-            Ok(m) => Ok(Some(Stat {
-                kind: Kind::File,
-                size: m.size,
-                version: Some(m.version),
-                mtime: m.last_modified,
-            })),
+            Ok(m) => Ok(Some(Stat::object(m))),
             Err(StoreError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
         }
@@ -343,12 +427,7 @@ impl Meta {
                 match check_name(rest) {
                     Ok(name) if !self.is_reserved(dir_key, name) => files.push(DirEntry {
                         name: name.to_string(),
-                        stat: Stat {
-                            kind: Kind::File,
-                            size: o.size,
-                            version: Some(o.version),
-                            mtime: o.last_modified,
-                        },
+                        stat: Stat::object(o),
                     }),
                     Ok(_) => {}
                     Err(why) => self.warn_once(&o.key, &format!("not a valid file name ({why:?})")),
@@ -385,10 +464,15 @@ impl Meta {
         }
         entries.extend(dirs.into_iter().map(|name| DirEntry {
             name,
-            stat: Stat::dir(),
+            // A directory's own metadata is its marker's, which a listing of its parent does
+            // not show.
+            stat: Stat {
+                user: None,
+                ..Stat::dir()
+            },
         }));
         entries.sort_by(|a, b| a.name.cmp(&b.name));
-        for e in &entries {
+        for e in entries.iter().filter(|e| e.stat.user.is_some()) {
             self.remember(format!("{dir_key}{}", e.name), Some(e.stat.clone()));
         }
         Ok(entries)

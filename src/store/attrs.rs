@@ -78,6 +78,15 @@ impl FileAttrs {
     }
 }
 
+/// Records a change of the content at `now` (modification and change time), in metadata that
+/// records attributes at all.
+pub fn touch(meta: &mut UserMeta, now: SystemTime) {
+    if !meta.is_empty() {
+        meta.insert(MTIME.to_string(), format_time(now));
+        meta.insert(CTIME.to_string(), format_time(now));
+    }
+}
+
 /// Seconds since the epoch, with `.nanoseconds` (nine digits) when there are any.
 pub fn format_time(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -79,7 +79,9 @@ use tokio::task::JoinHandle;
 
 use crate::lock::{Held, LockError, Locks};
 use crate::read::budget::MemoryBudget;
-use crate::store::{DynStore, Part, Precondition, StoreError, StoreResult, Upload, Version};
+use crate::store::{
+    DynStore, Part, Precondition, StoreError, StoreResult, Upload, UserMeta, Version,
+};
 
 /// Part uploads in flight per handle: enough to overlap upload with writing; more only raises
 /// memory (each holds one part).
@@ -179,6 +181,11 @@ struct State {
     unlinked: bool,
     /// The path's write lock (`None` with locking off).
     lock: Option<Held>,
+    /// The user metadata (file attributes) the commit publishes; see `set_user_meta`.
+    user: UserMeta,
+    /// The times in `user` were set explicitly (`utimensat`) after the last write: the commit
+    /// keeps them instead of stamping its own time.
+    times_set: bool,
 }
 
 /// Everything write handles share.
@@ -205,6 +212,8 @@ pub struct Committed {
     pub key: String,
     pub version: Version,
     pub size: u64,
+    /// The user metadata published with it.
+    pub user: UserMeta,
 }
 
 impl WriteHandle {
@@ -249,6 +258,8 @@ impl WriteHandle {
                 sealed: false,
                 unlinked: false,
                 lock,
+                user: UserMeta::new(),
+                times_set: false,
             }),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_PART_UPLOADS)),
         })
@@ -304,6 +315,32 @@ impl WriteHandle {
         let mut st = self.state.lock().await;
         st.unlinked = true;
         self.abort_stream(&mut st).await;
+    }
+
+    /// Sets the user metadata (file attributes) the next commit publishes; unless `times_set`,
+    /// the commit stamps its own time as the modification time. Returns whether the handle has
+    /// changes to commit (then the metadata goes with them).
+    pub async fn set_user_meta(&self, user: UserMeta, times_set: bool) -> bool {
+        let mut st = self.state.lock().await;
+        st.user = user;
+        // Times set since the last write stay set (a `chmod` after `utimensat` keeps them).
+        st.times_set |= times_set;
+        st.dirty
+    }
+
+    /// The object's metadata was changed in place (the bytes are the same): later commits
+    /// replace `version`.
+    pub async fn rebase(&self, version: Version) {
+        self.state.lock().await.base = Some(version);
+    }
+
+    /// What a commit publishes as user metadata now.
+    fn user_meta_now(st: &State) -> UserMeta {
+        let mut user = st.user.clone();
+        if !st.times_set {
+            crate::store::attrs::touch(&mut user, std::time::SystemTime::now());
+        }
+        user
     }
 
     /// Gives the path's write lock back (the handle is closed).
@@ -377,6 +414,7 @@ impl WriteHandle {
             return Err(e.into());
         }
         Self::changed_by(&mut st, owner);
+        st.times_set = false;
         st.size = st.size.max(offset + len);
         if let Some(stream) = &st.stream
             && offset < stream.sent
@@ -419,7 +457,8 @@ impl WriteHandle {
     /// The handle's multipart upload, started (and journaled) if there is none yet.
     async fn stream_of<'a>(&self, st: &'a mut State) -> Result<&'a mut Stream, WriteError> {
         if st.stream.is_none() {
-            let upload = self.ctx.store.start_upload(&st.key).await?;
+            let user = Self::user_meta_now(st);
+            let upload = self.ctx.store.start_upload_with(&st.key, &user).await?;
             self.ctx.journal.add(&upload);
             self.ctx.journal.sweep(&self.ctx.store);
             st.stream = Some(Stream {
@@ -473,6 +512,7 @@ impl WriteHandle {
         st.size = size;
         st.contiguous = st.contiguous.min(size);
         Self::changed_by(&mut st, None);
+        st.times_set = false;
         Ok(())
     }
 
@@ -522,7 +562,7 @@ impl WriteHandle {
                 Some(version) => {
                     tracing::info!(key = %st.key, error = %e, "the commit's answer was lost, but the bucket holds exactly these bytes: committed");
                     self.forget_stream(st);
-                    Ok(version)
+                    Ok((version, st.user.clone()))
                 }
                 None => Err(e),
             },
@@ -530,7 +570,7 @@ impl WriteHandle {
         };
         crate::metrics::commit(result.is_ok());
         match result {
-            Ok(version) => {
+            Ok((version, user)) => {
                 st.dirty = false;
                 st.writers.clear();
                 st.ownerless = false;
@@ -541,6 +581,7 @@ impl WriteHandle {
                     key: st.key.clone(),
                     version,
                     size: st.size,
+                    user,
                 }))
             }
             Err(e) => {
@@ -582,7 +623,12 @@ impl WriteHandle {
         Some(meta.version)
     }
 
-    async fn publish(&self, st: &mut State, pre: Precondition) -> Result<Version, WriteError> {
+    /// Publishes the staged content; returns its version and the user metadata it carries.
+    async fn publish(
+        &self,
+        st: &mut State,
+        pre: Precondition,
+    ) -> Result<(Version, UserMeta), WriteError> {
         let part = self.ctx.cfg.part_size;
         let size = st.size;
         if st.stream_broken {
@@ -591,8 +637,9 @@ impl WriteHandle {
         if st.stream.is_none() && size <= part {
             let file = self.file.clone();
             let body = read_staging(file, 0, size).await?;
-            let put = self.ctx.store.put(&st.key, body, pre);
-            return fenced(st.lock.as_ref(), put).await;
+            let user = Self::user_meta_now(st);
+            let put = self.ctx.store.put_with(&st.key, body, pre, &user);
+            return Ok((fenced(st.lock.as_ref(), put).await?, user));
         }
         let stream = self.stream_of(st).await?;
         while stream.sent < size {
@@ -611,7 +658,7 @@ impl WriteHandle {
         let complete = self.ctx.store.complete_upload(&upload, parts, pre);
         let version = fenced(st.lock.as_ref(), complete).await?;
         self.forget_stream(st);
-        Ok(version)
+        Ok((version, upload.meta))
     }
 
     /// The stream's upload is complete: nothing to abort any more.
