@@ -175,11 +175,14 @@ impl Fs {
             if stat.is_none() && writer.is_none() {
                 return Err(FsError::NotFound);
             }
-            let user = ch.apply(
-                self.full_user_meta(ino, stat.as_ref()),
-                kind,
-                SystemTime::now(),
-            );
+            // While a handle is open for writing, this mount's view (which follows the handle's
+            // pending attributes) is newer than the store's.
+            let known = if writer.is_some() {
+                None
+            } else {
+                stat.as_ref()
+            };
+            let user = ch.apply(self.full_user_meta(ino, known), kind, SystemTime::now());
             let pending = match &writer {
                 Some(w) => w.set_user_meta(user.clone(), times_set).await,
                 None => false,

@@ -531,7 +531,10 @@ impl Filesystem for FuseAdapter {
             ..OpenMode::from_flags(flags)
         };
         self.spawn("create", |fs| async move {
-            match fs.create_as(parent.0, &name, mode, perm & !umask, who).await {
+            match fs
+                .create_as(parent.0, &name, mode, perm & !umask, who)
+                .await
+            {
                 Ok((a, fh)) => {
                     passthrough.opened_for_write(a.ino, fh);
                     reply.created(
