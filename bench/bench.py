@@ -204,7 +204,7 @@ class Mount:
         region = os.environ.get("AWS_REGION", "us-east-1")
         if kind == "bucketfs":
             self.argv = [os.path.join(a.bin_dir, "bucketfs"), "mount", f"s3://{bucket}", self.mnt,
-                         *([] if writable else ["--read-only"]),
+                         "--foreground", *([] if writable else ["--read-only"]),
                          "--endpoint-url", endpoint, "--force-path-style",
                          *(["--cache-dir", cache_dir] if cache_dir else []),
                          *extra, *a.bucketfs_args]

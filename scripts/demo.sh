@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: build bucketfs, make a sample "bucket"
-# (a local directory), mount it read-only, list and read it, unmount.
+# (a local directory), mount it read-only in the background, list and read it, unmount.
 # Needs no cloud account. Run as root on Debian (or as a user with fuse3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,11 +16,21 @@ cargo build --release --locked
 bin=target/release/bucketfs
 
 work="$(mktemp -d)"
-pid=""
+# Unmounting ends the daemon: root uses umount, other users the fuse3 helper.
+unmount() {
+    if [[ $EUID -eq 0 ]]; then umount "$1"; else fusermount3 -u "$1"; fi
+}
+# Whether a bucketfs daemon serving $1 still runs (no procps needed).
+daemon_runs() {
+    local f
+    for f in /proc/[0-9]*/cmdline; do
+        tr '\0' ' ' 2>/dev/null <"$f" | grep -qF -- "mount file://$1 " && return 0
+    done
+    return 1
+}
 cleanup() {
-    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid"
-        wait "$pid" || true
+    if mountpoint -q "$work/mnt" 2>/dev/null; then
+        unmount "$work/mnt" || umount -l "$work/mnt" || true
     fi
     rm -rf "$work"
 }
@@ -36,13 +46,9 @@ for i in 0 1 2; do
 done
 
 echo "== bucketfs mount file://$bucket $mnt --read-only"
-"$bin" mount "file://$bucket" "$mnt" --read-only --log-level warn &
-pid=$!
-for _ in $(seq 100); do
-    mountpoint -q "$mnt" && break
-    sleep 0.1
-done
-mountpoint -q "$mnt" || { echo "mount did not come up" >&2; exit 1; }
+# Returns once the mount answers; the daemon serves it from the background.
+"$bin" mount "file://$bucket" "$mnt" --read-only --log-level warn --log-file "$work/bucketfs.log"
+mountpoint -q "$mnt" || { echo "not mounted" >&2; exit 1; }
 
 echo "== ls -lR"
 ls -lR "$mnt"
@@ -55,9 +61,12 @@ echo "mount:  $a"
 echo "source: $b"
 [[ "$a" == "$b" ]] || { echo "MISMATCH" >&2; exit 1; }
 
-echo "== unmount (SIGTERM)"
-kill -TERM "$pid"
-wait "$pid"
-pid=""
+echo "== umount (the daemon finishes its uploads and exits)"
+unmount "$mnt"
 mountpoint -q "$mnt" && { echo "still mounted" >&2; exit 1; }
+for _ in $(seq 100); do
+    daemon_runs "$bucket" || break
+    sleep 0.1
+done
+daemon_runs "$bucket" && { echo "the daemon did not exit" >&2; exit 1; }
 echo "ok: mounted, listed, read byte-exact, unmounted"

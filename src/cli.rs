@@ -1,28 +1,34 @@
 //! Command line: subcommands, options (each also read from a `BUCKETFS_*` variable), exit codes.
 //!
 //! Exit codes, so scripts and init containers can tell failures apart:
-//! - 0: success (for `mount`: unmounted cleanly after SIGTERM / Ctrl-C or an external unmount);
+//! - 0: success (for `mount`: mounted and answering, the daemon serving it from the background;
+//!   with `--foreground`, unmounted cleanly after SIGTERM / Ctrl-C or an external unmount);
 //! - 1: a failure while running;
 //! - 2: bad arguments (a bad URL, an unparsable option);
 //! - 3: the store refused or could not be reached (unknown bucket, credentials, endpoint);
 //! - 4: the mount point is unusable (missing, not a directory, already mounted).
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::config::{Source, parse_duration, parse_lock_prefix, parse_mode, parse_size};
+use crate::config::{
+    DEFAULT_NEGATIVE_METADATA_TTL, Profile, Source, parse_duration, parse_lock_prefix, parse_mode,
+    parse_size,
+};
 use crate::fs::{Fs, FsConfig};
 use crate::lock::{CheckError, LockConfig};
 use crate::logging::LogFormat;
+use crate::mount_helper::HelperCall;
 use crate::read::ReadConfig;
 use crate::store::gcs::GcsOptions;
 use crate::store::metered::Metered;
-use crate::store::retry::{RetryPolicy, Retrying};
+use crate::store::retry::{RetryPolicy, Retrying, Timeouts};
 use crate::store::s3::S3Options;
 use crate::store::{self, DynStore, StoreError};
 use crate::write::{Journal, WriteConfig};
@@ -40,8 +46,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Mount SOURCE at MOUNTPOINT and serve it until SIGTERM / Ctrl-C (runs in the foreground).
-    Mount(MountArgs),
+    /// Mount SOURCE at MOUNTPOINT: returns once the mount answers and serves it from the
+    /// background until it is unmounted (umount / fusermount3 -u) or sent SIGTERM; with
+    /// --foreground, serves it from this process.
+    Mount(Box<MountArgs>),
     /// Fill the disk cache with objects of SOURCE ahead of time (e.g. in an init container).
     Warm(WarmArgs),
     /// Inspect or empty the disk cache.
@@ -95,6 +103,7 @@ pub struct LockPrefixArg {
 
 /// The write-lock options of `mount` (see `lock/`).
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Writes and locks")]
 pub struct LockArgs {
     /// How long a write waits for a path that another replica is writing before it fails with
     /// EBUSY (0: fail at once).
@@ -184,6 +193,7 @@ pub enum CacheCommand {
 
 /// How to reach the store (shared by every subcommand that talks to a bucket).
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Store")]
 pub struct StoreArgs {
     /// Endpoint URL: an S3-compatible server for s3:// (default: AWS, or AWS_ENDPOINT_URL), a
     /// GCS JSON API server such as an emulator for gs:// (default: storage.googleapis.com).
@@ -205,6 +215,8 @@ pub struct StoreArgs {
     pub read_timeout: Duration,
 }
 
+// The options of `mount`, by topic: each field's `help_heading` groups `--help` as the README's
+// option tables do. A new option goes with its topic and takes its heading.
 #[derive(Args, Debug)]
 pub struct MountArgs {
     /// What to mount: s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or file:///PATH (a local
@@ -214,73 +226,121 @@ pub struct MountArgs {
     /// An existing, empty directory to mount on.
     #[arg(env = "BUCKETFS_MOUNTPOINT")]
     pub mountpoint: PathBuf,
+    /// Stay in the foreground and log to stderr until SIGTERM / Ctrl-C or an unmount (what a
+    /// sidecar or a systemd service wants). Without it, bucketfs returns once the mount answers
+    /// and serves it from the background, logging to --log-file.
+    #[arg(short = 'f', long, env = "BUCKETFS_FOREGROUND", help_heading = "Mount")]
+    pub foreground: bool,
+    /// Mount only the keys under this prefix of SOURCE, joined with the URL's path
+    /// (s3://b/models with --prefix llama/ mounts s3://b/models/llama/).
+    #[arg(long, env = "BUCKETFS_PREFIX", help_heading = "Mount")]
+    pub prefix: Option<String>,
     /// Refuse every write with EROFS.
-    #[arg(long, env = "BUCKETFS_READ_ONLY")]
+    #[arg(long, env = "BUCKETFS_READ_ONLY", help_heading = "Mount")]
     pub read_only: bool,
-    #[command(flatten)]
-    pub store: StoreArgs,
+    /// Set the options suited to a kind of job (options given explicitly still win).
+    #[arg(long, env = "BUCKETFS_PROFILE", value_enum, help_heading = "Mount")]
+    pub profile: Option<Profile>,
     /// Owner of every file and directory (default: the user running bucketfs).
-    #[arg(long, env = "BUCKETFS_UID")]
+    #[arg(long, env = "BUCKETFS_UID", help_heading = "Mount")]
     pub uid: Option<u32>,
     /// Group of every file and directory (default: the group running bucketfs).
-    #[arg(long, env = "BUCKETFS_GID")]
+    #[arg(long, env = "BUCKETFS_GID", help_heading = "Mount")]
     pub gid: Option<u32>,
     /// Permission bits of files, in octal.
-    #[arg(long, env = "BUCKETFS_FILE_MODE", default_value = "0644", value_parser = parse_mode)]
+    #[arg(long, env = "BUCKETFS_FILE_MODE", default_value = "0644", value_parser = parse_mode, help_heading = "Mount")]
     pub file_mode: u16,
     /// Permission bits of directories, in octal.
-    #[arg(long, env = "BUCKETFS_DIR_MODE", default_value = "0755", value_parser = parse_mode)]
+    #[arg(long, env = "BUCKETFS_DIR_MODE", default_value = "0755", value_parser = parse_mode, help_heading = "Mount")]
     pub dir_mode: u16,
     /// Let other users (and containers sharing the mount) access it; permission bits then apply.
-    #[arg(long, env = "BUCKETFS_ALLOW_OTHER")]
+    #[arg(long, env = "BUCKETFS_ALLOW_OTHER", help_heading = "Mount")]
     pub allow_other: bool,
     /// How long file and directory metadata is reused before asking the store again. Changes made
     /// by others become visible after at most this long; 0 asks every time.
-    #[arg(long, env = "BUCKETFS_METADATA_TTL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "BUCKETFS_METADATA_TTL", default_value = "5s", value_parser = parse_duration, help_heading = "Mount")]
     pub metadata_ttl: Duration,
+    /// How long "no such file" is reused: a file created elsewhere shows after at most this long
+    /// (default: 1s, or --metadata-ttl if that is shorter).
+    #[arg(long, env = "BUCKETFS_NEGATIVE_METADATA_TTL", value_parser = parse_duration, help_heading = "Mount")]
+    pub negative_metadata_ttl: Option<Duration>,
+
     /// Global memory budget for read and upload buffers and the in-memory block cache, held
     /// whatever the number of open files; when it is used up, reads slow down but never fail.
     /// Default: 160MiB, or in a container with a memory limit, half of (limit - 64MiB).
-    #[arg(long, env = "BUCKETFS_MAX_MEMORY", value_parser = parse_size)]
+    #[arg(long, env = "BUCKETFS_MAX_MEMORY", value_parser = parse_size, help_heading = "Reading")]
     pub max_memory: Option<u64>,
     /// Bytes per ranged GET when reading ahead (a multiple of 1MiB).
-    #[arg(long, env = "BUCKETFS_READ_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
+    #[arg(long, env = "BUCKETFS_READ_PART_SIZE", default_value = "8MiB", value_parser = parse_size, help_heading = "Reading")]
     pub read_part_size: u64,
     /// Most ranged GETs in flight ahead of one sequential reader.
-    #[arg(long, env = "BUCKETFS_READ_CONCURRENCY", default_value = "8")]
+    #[arg(
+        long,
+        env = "BUCKETFS_READ_CONCURRENCY",
+        default_value = "8",
+        help_heading = "Reading"
+    )]
     pub read_concurrency: usize,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
     /// Directory for bucketfs' local files: staging files of writes and the upload journal
     /// (default: a bucketfs directory under the system temp dir).
-    #[arg(long, env = "BUCKETFS_CACHE_DIR")]
+    #[arg(long, env = "BUCKETFS_CACHE_DIR", help_heading = "Cache")]
     pub cache_dir: Option<PathBuf>,
     /// Size cap of the disk cache under --cache-dir: bytes (e.g. 20GiB) or a percentage of the
     /// filesystem holding it (e.g. 50%). The disk cache is used only when --cache-dir is given.
-    #[arg(long, env = "BUCKETFS_CACHE_MAX_SIZE", default_value = "50%")]
+    #[arg(
+        long,
+        env = "BUCKETFS_CACHE_MAX_SIZE",
+        default_value = "50%",
+        help_heading = "Cache"
+    )]
     pub cache_max_size: String,
     /// Never hand fully cached files to the kernel (FUSE passthrough); read them through the
     /// daemon instead. Passthrough needs Linux >= 6.9 and CAP_SYS_ADMIN and is used when possible.
-    #[arg(long, env = "BUCKETFS_NO_PASSTHROUGH")]
+    #[arg(long, env = "BUCKETFS_NO_PASSTHROUGH", help_heading = "Cache")]
     pub no_passthrough: bool,
+
     /// Bytes per uploaded part when writing (at least 5MiB; S3 allows 10,000 parts per object).
-    #[arg(long, env = "BUCKETFS_WRITE_PART_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    #[arg(long, env = "BUCKETFS_WRITE_PART_SIZE", default_value = "16MiB", value_parser = parse_size, help_heading = "Writes and locks")]
     pub write_part_size: u64,
     #[command(flatten)]
     pub locks: LockArgs,
-    /// Log level or filter (error, warn, info, debug, trace, or e.g. "bucketfs=debug"). The
-    /// cloud SDK and HTTP crates stay at warn unless named (their debug logs hold signatures).
-    #[arg(long, env = "BUCKETFS_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
-    /// Log lines as human-readable text or as JSON objects (one per line, for clusters).
-    #[arg(long, env = "BUCKETFS_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+
     /// Serve /healthz, /readyz and /metrics on this address, e.g. 0.0.0.0:9180 (default: off;
     /// the container image turns it on).
-    #[arg(long, env = "BUCKETFS_HTTP_ADDR")]
+    #[arg(long, env = "BUCKETFS_HTTP_ADDR", help_heading = "Sidecar")]
     pub http_addr: Option<SocketAddr>,
     /// On SIGTERM, how long writers get to finish and uploads to complete before the process
     /// unmounts and exits (keep it below the pod's terminationGracePeriodSeconds).
-    #[arg(long, env = "BUCKETFS_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "BUCKETFS_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration, help_heading = "Sidecar")]
     pub shutdown_timeout: Duration,
+
+    /// Log level or filter (error, warn, info, debug, trace, or e.g. "bucketfs=debug"). The
+    /// cloud SDK and HTTP crates stay at warn unless named (their debug logs hold signatures).
+    #[arg(
+        long,
+        env = "BUCKETFS_LOG_LEVEL",
+        default_value = "info",
+        help_heading = "Logging"
+    )]
+    pub log_level: String,
+    /// Log lines as human-readable text or as JSON objects (one per line, for clusters).
+    #[arg(
+        long,
+        env = "BUCKETFS_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        help_heading = "Logging"
+    )]
+    pub log_format: LogFormat,
+    /// Append the log to this file (default: stderr in the foreground; in the background
+    /// logs/MOUNT.log under --cache-dir, else under $XDG_STATE_HOME/bucketfs or
+    /// ~/.local/state/bucketfs, MOUNT being the mount point's path with '/' turned into '-').
+    #[arg(long, env = "BUCKETFS_LOG_FILE", help_heading = "Logging")]
+    pub log_file: Option<PathBuf>,
 }
 
 /// A failure with the exit code it deserves and a one-line message that says what to do.
@@ -300,24 +360,96 @@ impl Failure {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Mount(args) => run_mount(args),
-        Command::Warm(args) => run_warm(args),
-        Command::Cache { command } => run_cache(command),
-        Command::Locks { command } => run_locks(command),
-    };
+    // In a background daemon, stdout is the readiness pipe: take it before anything can print.
+    crate::daemon::adopt_ready_pipe();
+    let result = run(std::env::args_os().collect());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             eprintln!("bucketfs: {}", f.message);
+            crate::daemon::report_failure(f.code, &f.message);
             ExitCode::from(f.code)
         }
     }
 }
 
-fn init_logging(level: &str, format: LogFormat) -> Result<(), Failure> {
-    crate::logging::init(level, format)
+/// Parses `argv` (the `mount(8)` helper forms included) and runs the subcommand.
+fn run(argv: Vec<OsString>) -> Result<(), Failure> {
+    let argv = match crate::mount_helper::translate(argv).map_err(|m| Failure::new(2, m))? {
+        HelperCall::NotHelper(argv) | HelperCall::Mount(argv) => argv,
+        HelperCall::Fake => return Ok(()),
+    };
+    let (cli, argv) = parse(argv);
+    match cli.command {
+        Command::Mount(args) if !args.foreground => {
+            let log_file = args.log_file.clone().unwrap_or_else(|| {
+                crate::daemon::default_log_file(args.cache_dir.as_deref(), &args.mountpoint)
+            });
+            crate::daemon::spawn(&argv[1..], &log_file).map_err(|(code, m)| Failure::new(code, m))
+        }
+        Command::Mount(args) => run_mount(*args),
+        Command::Warm(args) => run_warm(args),
+        Command::Cache { command } => run_cache(command),
+        Command::Locks { command } => run_locks(command),
+    }
+}
+
+/// Parses the command line (exiting on `--help` or bad arguments, as clap does) and applies a
+/// `--profile`: its settings are inserted as options right after `mount`, except those the user
+/// gave (on the command line or in the environment). Returns the parsed command and the command
+/// line it was parsed from.
+fn parse(argv: Vec<OsString>) -> (Cli, Vec<OsString>) {
+    use clap::parser::ValueSource;
+    let matches = Cli::command().get_matches_from(&argv);
+    let Some(("mount", mount)) = matches.subcommand() else {
+        return (cli_from(&matches), argv);
+    };
+    let Some(profile) = mount.get_one::<Profile>("profile").copied() else {
+        return (cli_from(&matches), argv);
+    };
+    let given = |option: &str| {
+        matches!(
+            mount.value_source(&option.replace('-', "_")),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let extra = profile
+        .settings()
+        .iter()
+        .filter(|(option, _)| !given(option))
+        .map(|(option, value)| OsString::from(format!("--{option}={value}")));
+    let at = argv
+        .iter()
+        .position(|a| a == "mount")
+        .map_or(argv.len(), |i| i + 1);
+    let mut expanded: Vec<OsString> = argv[..at].to_vec();
+    expanded.extend(extra);
+    expanded.extend_from_slice(&argv[at..]);
+    let matches = Cli::command().get_matches_from(&expanded);
+    (cli_from(&matches), expanded)
+}
+
+fn cli_from(matches: &clap::ArgMatches) -> Cli {
+    Cli::from_arg_matches(matches).unwrap_or_else(|e| e.exit())
+}
+
+fn init_logging(level: &str, format: LogFormat, file: Option<&Path>) -> Result<(), Failure> {
+    let file = match file {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    Failure::new(
+                        2,
+                        format!("--log-file {}: cannot open it: {e}", path.display()),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    crate::logging::init(level, format, file)
         .map_err(|e| Failure::new(2, format!("--log-level {level:?}: {e}")))
 }
 
@@ -345,7 +477,7 @@ pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, F
         }
         Source::S3 { bucket, .. } => {
             let opts = S3Options {
-                endpoint_url: args.endpoint_url.clone(),
+                endpoint_url: s3_endpoint(args),
                 region: args.region.clone(),
                 force_path_style: args.force_path_style,
                 timeouts: policy.timeouts(),
@@ -357,15 +489,11 @@ pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, F
             )
         }
         Source::Gcs { bucket, .. } => {
-            let opts = GcsOptions {
-                endpoint_url: args.endpoint_url.clone(),
-                anonymous: args.anonymous,
-                timeouts: policy.timeouts(),
-            };
+            let opts = gcs_options(args, policy.timeouts());
             Arc::new(
                 store::gcs::GcsStore::new(bucket, &opts)
                     .await
-                    .map_err(store_failure)?,
+                    .map_err(|e| gcs_failure(e, &opts))?,
             )
         }
         Source::Local { root } => {
@@ -396,6 +524,59 @@ pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, F
     Ok(Arc::new(Retrying::new(metered, policy)))
 }
 
+/// The S3 endpoint: `--endpoint-url`, else the AWS SDKs' standard variables, the S3-specific
+/// `AWS_ENDPOINT_URL_S3` before `AWS_ENDPOINT_URL` (else AWS itself).
+fn s3_endpoint(args: &StoreArgs) -> Option<String> {
+    args.endpoint_url.clone().or_else(|| {
+        ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+            .iter()
+            .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
+    })
+}
+
+/// How to reach GCS: `--endpoint-url` and `--anonymous`, else `STORAGE_EMULATOR_HOST` as the
+/// Google client libraries read it: the emulator's `host:port` (or URL), reached without
+/// credentials.
+fn gcs_options(args: &StoreArgs, timeouts: Timeouts) -> GcsOptions {
+    let emulator = std::env::var("STORAGE_EMULATOR_HOST")
+        .ok()
+        .filter(|h| !h.is_empty());
+    let (endpoint_url, anonymous) = match (&args.endpoint_url, emulator) {
+        (None, Some(host)) => {
+            let url = if host.contains("://") {
+                host
+            } else {
+                format!("http://{host}")
+            };
+            tracing::info!(endpoint = %url, "STORAGE_EMULATOR_HOST: using the emulator, without credentials");
+            (Some(url), true)
+        }
+        (endpoint, _) => (endpoint.clone(), args.anonymous),
+    };
+    GcsOptions {
+        endpoint_url,
+        anonymous,
+        timeouts,
+    }
+}
+
+/// A GCS store that would not open, with a hint when credentials were looked for on the way to
+/// an emulator (which wants none).
+fn gcs_failure(e: StoreError, opts: &GcsOptions) -> Failure {
+    let emulator = opts
+        .endpoint_url
+        .as_deref()
+        .is_some_and(|u| !u.contains("googleapis.com"));
+    let mut f = store_failure(e);
+    if f.code == 3 && emulator && !opts.anonymous && f.message.contains("credentials") {
+        f.message.push_str(
+            "; --endpoint-url names a server other than Google's: an emulator wants no \
+             credentials, so add --anonymous (or set STORAGE_EMULATOR_HOST instead)",
+        );
+    }
+    f
+}
+
 fn store_failure(e: StoreError) -> Failure {
     let hint = match &e {
         StoreError::Unauthorized(_) => " (check the credentials and their permissions)",
@@ -408,7 +589,7 @@ fn store_failure(e: StoreError) -> Failure {
 }
 
 fn run_warm(args: WarmArgs) -> Result<(), Failure> {
-    init_logging(&args.log_level, args.log_format)?;
+    init_logging(&args.log_level, args.log_format, None)?;
     let source = Source::parse(&args.source).map_err(|m| Failure::new(2, m))?;
     let rt = runtime()?;
     let disk = open_disk_cache(Some(&args.cache_dir), &args.cache_max_size)?.ok_or_else(|| {
@@ -621,8 +802,16 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 fn run_mount(args: MountArgs) -> Result<(), Failure> {
-    init_logging(&args.log_level, args.log_format)?;
-    let source = Source::parse(&args.source).map_err(|m| Failure::new(2, m))?;
+    init_logging(&args.log_level, args.log_format, args.log_file.as_deref())?;
+    tracing::info!(configuration = ?args, "effective configuration");
+    let mut source = Source::parse(&args.source).map_err(|m| Failure::new(2, m))?;
+    // The URL that names this mount (in the upload journal, `mount`, logs): SOURCE as given,
+    // unless --prefix narrows it.
+    let mut source_url = args.source.clone();
+    if let Some(sub) = &args.prefix {
+        source = source.with_prefix(sub).map_err(|m| Failure::new(2, m))?;
+        source_url = source.url();
+    }
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     let rt = runtime()?;
     // Up before the store is checked: /healthz answers and /readyz says "not yet" meanwhile.
@@ -661,7 +850,7 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
                 ),
             )
         })?;
-        let aborted = rt.block_on(Journal::recover(&staging_dir, &args.source, &store));
+        let aborted = rt.block_on(Journal::recover(&staging_dir, &source_url, &store));
         if aborted > 0 {
             tracing::info!(aborted, "cleaned up uploads left by processes that died");
         }
@@ -677,6 +866,9 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
             file_mode: args.file_mode,
             dir_mode: args.dir_mode,
             metadata_ttl: args.metadata_ttl,
+            negative_metadata_ttl: args
+                .negative_metadata_ttl
+                .unwrap_or(DEFAULT_NEGATIVE_METADATA_TTL.min(args.metadata_ttl)),
             read_only: args.read_only,
             read: ReadConfig {
                 part_size: args.read_part_size,
@@ -687,7 +879,7 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
                 part_size: args.write_part_size,
                 staging_dir: staging_dir.clone(),
             }),
-            source: args.source.clone(),
+            source: source_url.clone(),
             disk_cache: open_disk_cache(args.cache_dir.as_deref(), &args.cache_max_size)?,
             passthrough: !args.no_passthrough,
             locks,
@@ -700,11 +892,12 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
         &rt,
         &mountpoint,
         &crate::mount::MountOptions {
-            fs_name: format!("bucketfs:{}", args.source),
+            fs_name: format!("bucketfs:{source_url}"),
             read_only: args.read_only,
             allow_other: args.allow_other,
             shutdown_timeout: args.shutdown_timeout,
             health: Some(health),
+            on_ready: Some(crate::daemon::report_ready),
         },
     )
     .map_err(|e| Failure::new(1, e));
@@ -842,6 +1035,42 @@ mod tests {
                 arg.get_id()
             );
             assert!(arg.get_help().is_some(), "{} has no help", arg.get_id());
+            assert!(
+                arg.is_positional() || arg.get_help_heading().is_some(),
+                "--{} has no help_heading: give it its topic's (Mount, Reading, Store, Cache, \
+                 Writes and locks, Sidecar, Logging), as the README's option tables group them",
+                arg.get_id()
+            );
         }
+    }
+
+    fn parse_mount(extra: &[&str]) -> MountArgs {
+        let mut argv: Vec<OsString> = ["bucketfs", "mount", "s3://b", "/mnt/x"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        argv.extend(extra.iter().map(OsString::from));
+        match parse(argv).0.command {
+            Command::Mount(args) => *args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn profiles_set_what_they_say_unless_given() {
+        let serving = parse_mount(&["--profile", "serving"]);
+        assert_eq!(serving.metadata_ttl, Duration::from_secs(3600));
+        assert_eq!(serving.negative_metadata_ttl, Some(Duration::from_secs(60)));
+        assert_eq!(serving.read_concurrency, 16);
+        let given = parse_mount(&["--profile=serving", "--metadata-ttl", "2s"]);
+        assert_eq!(given.metadata_ttl, Duration::from_secs(2));
+        assert_eq!(given.read_concurrency, 16);
+        let ckpt = parse_mount(&["--profile", "checkpointing"]);
+        assert_eq!(ckpt.write_part_size, 64 << 20);
+        assert_eq!(ckpt.locks.lock_wait, Duration::from_secs(35));
+        assert_eq!(ckpt.negative_metadata_ttl, Some(Duration::ZERO));
+        let training = parse_mount(&["--profile", "training"]);
+        assert_eq!(training.cache_max_size, "80%");
+        assert_eq!(parse_mount(&[]).metadata_ttl, Duration::from_secs(5));
     }
 }

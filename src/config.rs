@@ -49,6 +49,39 @@ impl Source {
         }
     }
 
+    /// This source narrowed to `sub` (`--prefix`), joined with the URL's own path as mount-s3
+    /// joins its `--prefix`: `s3://b/models` with `llama/` is `s3://b/models/llama/`; for
+    /// `file://` it is a subdirectory.
+    pub fn with_prefix(&self, sub: &str) -> Result<Source, String> {
+        let sub = normalize_prefix(sub.trim_start_matches('/'))
+            .map_err(|e| format!("--prefix {sub:?}: {e}"))?;
+        if sub.is_empty() {
+            return Ok(self.clone());
+        }
+        Ok(match self {
+            Source::S3 { bucket, prefix } => Source::S3 {
+                bucket: bucket.clone(),
+                prefix: format!("{prefix}{sub}"),
+            },
+            Source::Gcs { bucket, prefix } => Source::Gcs {
+                bucket: bucket.clone(),
+                prefix: format!("{prefix}{sub}"),
+            },
+            Source::Local { root } => Source::Local {
+                root: root.join(sub.trim_end_matches('/')),
+            },
+        })
+    }
+
+    /// The URL of this source, as `parse` reads it back.
+    pub fn url(&self) -> String {
+        match self {
+            Source::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+            Source::Gcs { bucket, prefix } => format!("gs://{bucket}/{prefix}"),
+            Source::Local { root } => format!("file://{}", root.display()),
+        }
+    }
+
     /// The key prefix every path of the mount lives under (`""` or ending with `/`).
     pub fn prefix(&self) -> &str {
         match self {
@@ -95,6 +128,100 @@ fn normalize_prefix(prefix: &str) -> Result<String, String> {
         ));
     }
     Ok(format!("{trimmed}/"))
+}
+
+/// Default `--negative-metadata-ttl` (or `--metadata-ttl` if shorter). Short, because a
+/// remembered "no such file" is what a user notices (a file just written by another machine is
+/// missing here), yet long enough to absorb the bursts of lookups of absent names that program
+/// start-ups make (module search paths, optional config files).
+pub const DEFAULT_NEGATIVE_METADATA_TTL: Duration = Duration::from_secs(1);
+
+/// `--profile`: one word that sets the options suited to a kind of job. Each setting is an
+/// option of `bucketfs mount`, applied unless that option is given (on the command line or in
+/// its `BUCKETFS_*` variable), so a profile is a set of defaults, never a constraint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    Serving,
+    Training,
+    Checkpointing,
+}
+
+impl Profile {
+    pub const ALL: [Profile; 3] = [Profile::Serving, Profile::Training, Profile::Checkpointing];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Serving => "serving",
+            Profile::Training => "training",
+            Profile::Checkpointing => "checkpointing",
+        }
+    }
+
+    /// The options this profile sets, as `(long option, value)`.
+    pub fn settings(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            // A published model version never changes, so its metadata is kept for an hour;
+            // model loaders probe for optional files (tokenizer extras, adapters) that mostly do
+            // not exist, so "no such file" is kept for a minute; weights are read start to end,
+            // so more ranged GETs in flight fill a fast network.
+            Profile::Serving => &[
+                ("metadata-ttl", "1h"),
+                ("negative-metadata-ttl", "1m"),
+                ("read-concurrency", "16"),
+            ],
+            // A dataset is fixed for the length of a job and is read again every epoch: its
+            // metadata and listings are kept for an hour, and the disk cache may take most of
+            // its disk so later epochs read locally.
+            Profile::Training => &[
+                ("metadata-ttl", "1h"),
+                ("negative-metadata-ttl", "1h"),
+                ("cache-max-size", "80%"),
+            ],
+            // A resumed job must see the checkpoint another replica has just written, so
+            // metadata is re-checked after a second and absence is never cached; checkpoints
+            // are large, so parts are 64MiB (objects up to 640GiB in 10,000 parts); a job
+            // restarted after a crash finds its predecessor's write lock alive until the lease
+            // (30s by default) runs out, so writes wait 35s for it instead of failing with
+            // EBUSY.
+            Profile::Checkpointing => &[
+                ("metadata-ttl", "1s"),
+                ("negative-metadata-ttl", "0s"),
+                ("write-part-size", "64MiB"),
+                ("lock-wait", "35s"),
+            ],
+        }
+    }
+
+    /// What the profile is for, in a few words (for `--help`).
+    pub fn purpose(self) -> &'static str {
+        match self {
+            Profile::Serving => "loading a model that does not change, by many replicas",
+            Profile::Training => "reading a dataset again every epoch",
+            Profile::Checkpointing => "writing large checkpoints and resuming from the latest",
+        }
+    }
+
+    /// The settings as the command line spells them, e.g. `--metadata-ttl=1h ...`.
+    pub fn flags(self) -> Vec<String> {
+        self.settings()
+            .iter()
+            .map(|(opt, value)| format!("--{opt}={value}"))
+            .collect()
+    }
+}
+
+impl clap::ValueEnum for Profile {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Profile::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()).help(format!(
+            "{}: {}",
+            self.purpose(),
+            self.flags().join(" ")
+        )))
+    }
 }
 
 /// Parses `--lock-prefix`: a key prefix from the bucket root, not empty, normalised to end with
@@ -217,6 +344,44 @@ mod tests {
                 .unwrap_err()
                 .contains("gs://BUCKET")
         );
+    }
+
+    #[test]
+    fn joins_prefixes_with_the_url_path() {
+        let s = Source::parse("s3://b/models").unwrap();
+        let joined = s.with_prefix("llama/").unwrap();
+        assert_eq!(joined.prefix(), "models/llama/");
+        assert_eq!(joined.url(), "s3://b/models/llama/");
+        assert_eq!(Source::parse(&joined.url()).unwrap(), joined);
+        assert_eq!(
+            Source::parse("gs://b")
+                .unwrap()
+                .with_prefix("a/b")
+                .unwrap()
+                .prefix(),
+            "a/b/"
+        );
+        assert_eq!(
+            Source::parse("file:///srv/data")
+                .unwrap()
+                .with_prefix("sub/")
+                .unwrap(),
+            Source::Local {
+                root: "/srv/data/sub".into()
+            }
+        );
+        assert!(s.with_prefix("a//b").is_err());
+        assert!(s.with_prefix("../x").is_err());
+    }
+
+    #[test]
+    fn profiles_set_mount_options() {
+        for p in Profile::ALL {
+            assert!(!p.settings().is_empty(), "{p:?}");
+            for flag in p.flags() {
+                assert!(flag.starts_with("--") && flag.contains('='), "{flag}");
+            }
+        }
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //!   +------------------------+
 //! ```
 //! - [`cli`] parses arguments and maps failures to exit codes; [`config`] validates input.
-//! - [`mount`] mounts, serves until a signal, and unmounts cleanly.
+//! - [`mount`] mounts, serves until a signal, and unmounts cleanly; [`daemon`] runs it in the
+//!   background; [`mount_helper`] reads `mount -t fuse.bucketfs` and `/etc/fstab` options.
 //! - [`fuse`] is the only module that knows `fuser`.
 //! - [`fs`] holds the semantics; [`meta`] decides what a key is and which keys can be names.
 //! - [`read`] reads object versions; [`write`] stages and commits writes; [`cache`] keeps blocks.
@@ -33,6 +34,7 @@ pub mod cache;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod http;
@@ -41,6 +43,7 @@ pub mod logging;
 pub mod meta;
 pub mod metrics;
 pub mod mount;
+pub mod mount_helper;
 pub mod read;
 pub mod store;
 pub mod warm;

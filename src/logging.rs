@@ -1,5 +1,5 @@
 //! Logging through `tracing`: human-readable text (colored on a terminal) or one JSON object per
-//! line (`--log-format json`) for cluster log pipelines. Both go to stderr.
+//! line (`--log-format json`) for cluster log pipelines. Both go to stderr, or to `--log-file`.
 //!
 //! ## No credentials in the log
 //! bucketfs' own log lines name buckets, keys and errors, never credentials or request URLs. The
@@ -56,17 +56,22 @@ fn filter_spec(level: &str) -> String {
     spec
 }
 
-/// Installs the global subscriber. Fails on a filter that does not parse.
-pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
+/// Installs the global subscriber, writing to `file` if given, else to stderr. Fails on a filter
+/// that does not parse.
+pub fn init(level: &str, format: LogFormat, file: Option<std::fs::File>) -> Result<(), String> {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = EnvFilter::try_new(filter_spec(level)).map_err(|e| e.to_string())?;
+    let ansi = file.is_none() && std::io::stderr().is_terminal();
+    let writer = match file {
+        Some(f) => BoxMakeWriter::new(std::sync::Arc::new(f)),
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     // A second init (tests, or a subcommand calling it twice) keeps the first subscriber.
     let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+        LogFormat::Text => builder.with_ansi(ansi).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     Ok(())

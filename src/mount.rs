@@ -14,6 +14,7 @@
 //! detaches the mount lazily and exits at once with an error: uploads not finished then are
 //! lost (the next mount aborts their multipart uploads).
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,9 @@ pub struct MountOptions {
     pub shutdown_timeout: Duration,
     /// Told when the mount exists and when it goes away (`/readyz`), if served.
     pub health: Option<Arc<Health>>,
+    /// Called once the mount answers a `stat` of its root (a background mount's parent then
+    /// returns).
+    pub on_ready: Option<fn()>,
 }
 
 /// How long files still open after the unmount keep being served before the process exits: a
@@ -94,13 +98,44 @@ pub fn serve(
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(|e| e.to_string())?;
         let mut done_rx = done_rx;
-        let ended_externally = tokio::select! {
-            r = &mut done_rx => {
-                tracing::info!("unmounted externally; finishing uploads");
-                Some(r)
+        // The mount is ready once the kernel hands a stat of its root to this daemon.
+        let root = mountpoint.to_path_buf();
+        let mut answered = Some(tokio::task::spawn_blocking(move || {
+            std::fs::metadata(root).map(|m| m.ino())
+        }));
+        let mut unanswered = None;
+        let ended_externally = loop {
+            tokio::select! {
+                r = async { answered.as_mut().expect("checked by the guard").await },
+                    if answered.is_some() =>
+                {
+                    answered = None;
+                    match r {
+                        Ok(Ok(ino)) if ino == crate::fs::ROOT_INO => {
+                            tracing::info!("the mount answers");
+                            if let Some(ready) = opts.on_ready {
+                                ready();
+                            }
+                        }
+                        other => {
+                            let why = match other {
+                                Ok(Ok(ino)) => format!("its root has inode {ino}, not the mount's"),
+                                Ok(Err(e)) => e.to_string(),
+                                Err(e) => e.to_string(),
+                            };
+                            tracing::error!(error = %why, "the mount does not answer a stat of its root");
+                            unanswered = Some(why);
+                            break None;
+                        }
+                    }
+                }
+                r = &mut done_rx => {
+                    tracing::info!("unmounted externally; finishing uploads");
+                    break Some(r);
+                }
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break None; }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break None; }
             }
-            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); None }
-            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); None }
         };
         if let Some(h) = &opts.health {
             h.set_mounted(false);
@@ -112,6 +147,11 @@ pub fn serve(
             _ = int.recv() => return exit_now(mountpoint),
         };
         let lost = match report.lost.len() {
+            0 if unanswered.is_some() => Err(format!(
+                "the mount at {} does not answer: {}",
+                mountpoint.display(),
+                unanswered.unwrap_or_default()
+            )),
             0 => Ok(()),
             n => Err(format!(
                 "the changes to {n} file(s) were lost at shutdown (see the log): {}",

@@ -218,8 +218,34 @@ fn help_documents_every_option() {
         "--lock-prefix",
         "--no-locks",
         "BUCKETFS_LEASE",
+        "--foreground",
+        "BUCKETFS_FOREGROUND",
+        "--log-file",
+        "--prefix",
+        "--negative-metadata-ttl",
+        "--profile",
     ] {
         assert!(out.contains(opt), "--help lacks {opt}:\n{out}");
+    }
+    // Grouped by topic, as the README's option tables are.
+    for heading in [
+        "Mount:",
+        "Reading:",
+        "Store:",
+        "Cache:",
+        "Writes and locks:",
+        "Sidecar:",
+        "Logging:",
+    ] {
+        assert!(out.contains(heading), "--help lacks {heading}:\n{out}");
+    }
+    // Each profile's settings are printed, as the README lists them.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for profile in bucketfs::config::Profile::ALL {
+        let flags = profile.flags().join(" ");
+        assert!(out.contains(&flags), "--help lacks {flags}:\n{out}");
+        assert!(readme.contains(&flags), "the README lacks {flags}");
     }
 }
 
@@ -313,6 +339,10 @@ fn gcs_no_credentials_at_all() {
     let o = mount_gcs("gs://some-bucket", mp.path(), &common::gcs_endpoint(), &[]);
     expect_failure(&o, 3, "no Google credentials found");
     assert!(stderr(&o).contains("--anonymous"), "says what to do");
+    assert!(
+        stderr(&o).contains("STORAGE_EMULATOR_HOST"),
+        "says that an emulator wants no credentials"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "took {:?}",

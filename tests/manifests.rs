@@ -81,6 +81,8 @@ fn check_pod(rel: &str, kind: &str) -> (Value, Vec<Vec<String>>) {
         if let Err(e) = bucketfs::cli::Cli::try_parse_from(argv) {
             panic!("{what}: bucketfs refuses its arguments: {e}");
         }
+        // The container's process is the daemon: it serves in the foreground.
+        assert!(has(&args, "foreground"), "{what}: no --foreground");
         // A native sidecar: started before the apps, stopped after them.
         assert_eq!(c["restartPolicy"], "Always", "{what}: not a native sidecar");
         // FUSE and Bidirectional propagation need a privileged container.
@@ -271,8 +273,9 @@ fn the_dockerfile_builds_like_the_scripts_and_runs_bucketfs() {
     }
     assert!(runtime.contains("COPY --from=build /src/target/release/bucketfs"));
     assert!(lines.contains(&r#"ENTRYPOINT ["bucketfs"]"#), "{text}");
-    // The endpoints are on in the container.
+    // The endpoints are on in the container, and `mount` serves from the container's process.
     assert!(runtime.contains("BUCKETFS_HTTP_ADDR=0.0.0.0:9180"));
+    assert!(runtime.contains("BUCKETFS_FOREGROUND=true"));
     // The build context leaves out the (large) build output.
     assert!(repo(".dockerignore").lines().any(|l| l.trim() == "target/"));
 }

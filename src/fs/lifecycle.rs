@@ -157,6 +157,7 @@ mod tests {
             file_mode: 0o644,
             dir_mode: 0o755,
             metadata_ttl: Duration::ZERO,
+            negative_metadata_ttl: Duration::ZERO,
             read_only: false,
             read: ReadConfig::default(),
             write: Some(WriteConfig {

@@ -42,6 +42,8 @@ pub struct FsConfig {
     pub dir_mode: u16,
     /// How long metadata (and the kernel's attribute and entry caches) may be reused.
     pub metadata_ttl: std::time::Duration,
+    /// How long a path found absent is remembered as absent (`--negative-metadata-ttl`).
+    pub negative_metadata_ttl: std::time::Duration,
     pub read_only: bool,
     pub read: ReadConfig,
     /// Staging and upload settings; `None` on a read-only mount.
@@ -199,9 +201,10 @@ impl Fs {
             })),
             _ => None,
         };
-        let meta = Meta::new(
+        let meta = Meta::with_ttls(
             store.clone(),
             cfg.metadata_ttl,
+            cfg.negative_metadata_ttl,
             cfg.prefix.is_empty(),
             &cfg.locks.prefix,
         );
@@ -669,6 +672,7 @@ mod tests {
             file_mode: 0o644,
             dir_mode: 0o755,
             metadata_ttl: ttl,
+            negative_metadata_ttl: ttl,
             read_only: true,
             read: ReadConfig::default(),
             write: None,

@@ -20,7 +20,8 @@
 //!
 //! ## Cache
 //! `lookup` asks the store (a HEAD of `key` and a one-key LIST of `key/`, at once) and keeps the
-//! answer, positive or negative, for `--metadata-ttl`. A directory listing refreshes the entries of
+//! answer: a positive one for `--metadata-ttl`, a negative one ("nothing there") for the
+//! shorter `--negative-metadata-ttl`, since that is the answer a user notices when it is stale. A directory listing refreshes the entries of
 //! every child it saw, so `ls -l` costs one LIST, not one HEAD per file.
 //!
 //! ## During an outage
@@ -213,6 +214,8 @@ pub struct Meta {
     store: DynStore,
     /// How long an answer is used without asking again.
     ttl: Duration,
+    /// The same for "nothing there" (`--negative-metadata-ttl`).
+    negative_ttl: Duration,
     /// Full path key (no trailing slash) -> what it is; `None` is a negative entry. Kept past the
     /// TTL, for outages.
     cache: moka::sync::Cache<String, Known>,
@@ -235,6 +238,18 @@ impl Meta {
         at_bucket_root: bool,
         lock_prefix: &str,
     ) -> Arc<Meta> {
+        Meta::with_ttls(store, ttl, ttl, at_bucket_root, lock_prefix)
+    }
+
+    /// `ttl` bounds how long what a path is (file or directory) is used without asking again,
+    /// `negative_ttl` how long "nothing there" is.
+    pub fn with_ttls(
+        store: DynStore,
+        ttl: Duration,
+        negative_ttl: Duration,
+        at_bucket_root: bool,
+        lock_prefix: &str,
+    ) -> Arc<Meta> {
         let cache = moka::sync::Cache::builder()
             .max_capacity(META_CACHE_BYTES)
             .weigher(|k: &String, v: &Known| {
@@ -251,6 +266,7 @@ impl Meta {
         Arc::new(Meta {
             store,
             ttl,
+            negative_ttl,
             cache,
             listings,
             warned: moka::sync::Cache::new(10_000),
@@ -337,7 +353,11 @@ impl Meta {
     pub async fn resolve(&self, path_key: &str) -> StoreResult<Option<Stat>> {
         let known = self.cache.get(path_key);
         if let Some(k) = &known
-            && k.seen.elapsed() < self.ttl
+            && k.seen.elapsed()
+                < match k.stat {
+                    Some(_) => self.ttl,
+                    None => self.negative_ttl,
+                }
         {
             return Ok(k.stat.clone());
         }
@@ -594,6 +614,31 @@ mod tests {
             .unwrap();
         meta.invalidate("missing");
         assert_eq!(meta.resolve("missing").await.unwrap().unwrap().size, 3);
+    }
+
+    #[tokio::test]
+    async fn negative_answers_have_their_own_ttl() {
+        let s = store_with(&["f"]).await;
+        let meta = Meta::with_ttls(
+            s.clone(),
+            Duration::from_secs(60),
+            Duration::ZERO,
+            true,
+            LOCKS,
+        );
+        assert_eq!(meta.resolve("missing").await.unwrap(), None);
+        s.put("missing", Bytes::from_static(b"now"), Precondition::None)
+            .await
+            .unwrap();
+        // Absence is not remembered: the file written meanwhile is found, no invalidation.
+        assert_eq!(meta.resolve("missing").await.unwrap().unwrap().size, 3);
+        let heads = s.calls(Op::Head);
+        meta.resolve("missing").await.unwrap();
+        assert_eq!(
+            s.calls(Op::Head),
+            heads,
+            "positive answers are still cached"
+        );
     }
 
     #[tokio::test]

@@ -244,6 +244,8 @@ impl Mounted {
             )
             .env("BUCKETFS_FORCE_PATH_STYLE", "true")
             .env("BUCKETFS_LOG_LEVEL", "info")
+            // This handle is the daemon itself: the test signals it and waits for its exit.
+            .env("BUCKETFS_FOREGROUND", "true")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
