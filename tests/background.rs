@@ -38,27 +38,38 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// The bucketfs processes whose command line names `dir`.
+/// The bucketfs daemons serving `dir`: children of this process (daemons are reparented to it,
+/// see [`become_subreaper`]) whose command line names `dir`. Only children are looked at:
+/// reading another process's command line waits for its memory map, which a process stuck on
+/// some other test's hung mount holds.
 fn daemons_of(dir: &Path) -> Vec<i32> {
     let wanted = dir.to_string_lossy().into_owned();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let names_dir = cmdline.split(|b| *b == 0).any(|a| a == wanted.as_bytes());
-        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = state
-            .rsplit(')')
-            .next()
-            .is_some_and(|s| s.trim_start().starts_with('Z'));
-        if comm.trim() == "bucketfs" && names_dir && !zombie {
-            pids.push(pid);
-        }
+    let mut children = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        children.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
     }
-    pids
+    children
+        .into_iter()
+        .filter(|pid| {
+            let proc = PathBuf::from(format!("/proc/{pid}"));
+            let comm = std::fs::read_to_string(proc.join("comm")).unwrap_or_default();
+            let state = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
+            let zombie = state
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z'));
+            comm.trim() == "bucketfs"
+                && !zombie
+                && std::fs::read(proc.join("cmdline"))
+                    .unwrap_or_default()
+                    .split(|b| *b == 0)
+                    .any(|a| a == wanted.as_bytes())
+        })
+        .collect()
 }
 
 /// The one daemon serving `dir`.
