@@ -1053,6 +1053,20 @@ mod tests {
     }
 
     #[test]
+    fn another_descriptions_lock_is_seen_by_a_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        fs::write(&p, vec![0u8; 8192]).unwrap();
+        let rw = || OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let (holder, probe) = (rw(), rw());
+        assert!(ofd_lock(&holder, libc::F_WRLCK, libc::F_OFD_SETLK, 0, 4096).unwrap());
+        assert!(!ofd_lock(&probe, libc::F_WRLCK, libc::F_OFD_GETLK, 0, 4096).unwrap());
+        assert!(ofd_lock(&probe, libc::F_WRLCK, libc::F_OFD_GETLK, 4096, 4096).unwrap());
+        assert!(ofd_lock(&holder, libc::F_UNLCK, libc::F_OFD_SETLK, 0, 4096).unwrap());
+        assert!(ofd_lock(&probe, libc::F_WRLCK, libc::F_OFD_GETLK, 0, 4096).unwrap());
+    }
+
+    #[test]
     fn a_stalled_claim_is_waited_for_boundedly_then_taken_over() {
         let dir = tempfile::tempdir().unwrap();
         let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
