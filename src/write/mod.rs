@@ -166,8 +166,10 @@ struct State {
     writers: HashSet<u64>,
     /// A change the kernel sent without a lock owner since the last commit.
     ownerless: bool,
-    /// The kept object (`base`) whose bytes are not in the staging file yet, and its size.
-    unstaged: Option<(Version, u64)>,
+    /// The size of the kept object whose bytes are not in the staging file yet. They are those
+    /// of `key` at `base`: whatever moves `base` without a commit (a rename, a change of
+    /// metadata in place) keeps the bytes.
+    unstaged: Option<u64>,
     /// `O_APPEND`: every write goes to the end of the file as it is here.
     append: bool,
     stream: Option<Stream>,
@@ -231,12 +233,7 @@ impl WriteHandle {
             Opening::New => (None, 0, None, true),
             Opening::Created(v) => (Some(v), 0, None, false),
             Opening::Truncate(v) => (Some(v), 0, None, true),
-            Opening::Keep(v, size) => (
-                Some(v.clone()),
-                size,
-                (size > 0).then_some((v, size)),
-                false,
-            ),
+            Opening::Keep(v, size) => (Some(v), size, (size > 0).then_some(size), false),
         };
         Ok(WriteHandle {
             ctx,
@@ -281,9 +278,10 @@ impl WriteHandle {
 
     /// Copies the kept object's bytes into the staging file, once, before the first change.
     async fn stage(&self, st: &mut State) -> Result<(), WriteError> {
-        let Some((version, len)) = st.unstaged.take() else {
+        let (Some(len), Some(version)) = (st.unstaged, st.base.clone()) else {
             return Ok(());
         };
+        st.unstaged = None;
         if let Err(e) = copy_object_into(&self.ctx, &st.key, &version, len, &self.file).await {
             st.failed = true;
             tracing::error!(key = %st.key, error = %e, "cannot stage the file's content; it will not be committed");
@@ -302,10 +300,6 @@ impl WriteHandle {
     pub async fn rekey(&self, key: String, base: Version, lock: Option<Held>) -> Option<Held> {
         let mut st = self.state.lock().await;
         st.key = key;
-        // The bytes not staged yet are the same under the new name.
-        if let Some((_, len)) = st.unstaged {
-            st.unstaged = Some((base.clone(), len));
-        }
         st.base = Some(base);
         std::mem::replace(&mut st.lock, lock)
     }
