@@ -801,8 +801,16 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn run_mount(args: MountArgs) -> Result<(), Failure> {
+fn run_mount(mut args: MountArgs) -> Result<(), Failure> {
     init_logging(&args.log_level, args.log_format, args.log_file.as_deref())?;
+    // Local paths are used for as long as the mount lives: absolute, so that a background daemon
+    // can leave the directory it was started from (and not keep it busy).
+    if let Some(dir) = &args.cache_dir {
+        args.cache_dir = Some(
+            std::path::absolute(dir)
+                .map_err(|e| Failure::new(2, format!("--cache-dir {}: {e}", dir.display())))?,
+        );
+    }
     tracing::info!(configuration = ?args, "effective configuration");
     let mut source = Source::parse(&args.source).map_err(|m| Failure::new(2, m))?;
     // The URL that names this mount (in the upload journal, `mount`, logs): SOURCE as given,
@@ -813,6 +821,7 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
         source_url = source.url();
     }
     let mountpoint = check_mountpoint(&args.mountpoint)?;
+    crate::daemon::leave_working_directory();
     let rt = runtime()?;
     // Up before the store is checked: /healthz answers and /readyz says "not yet" meanwhile.
     let health = crate::http::Health::new(mountpoint.clone());

@@ -129,6 +129,15 @@ pub fn adopt_ready_pipe() {
     *READY_PIPE.lock().unwrap() = Some(pipe);
 }
 
+/// In a daemon, moves to `/`, so that the directory it was started from is not kept busy (it
+/// could not be unmounted). Every path the daemon uses is absolute by then. A no-op outside a
+/// daemon.
+pub fn leave_working_directory() {
+    if READY_PIPE.lock().unwrap().is_some() {
+        let _ = std::env::set_current_dir("/");
+    }
+}
+
 /// Tells the waiting command that the mount answers.
 pub fn report_ready() {
     report("ready");

@@ -199,15 +199,23 @@ fn mount_returns_once_the_mount_answers_and_umount_ends_the_daemon_after_its_upl
     let place = Place::new();
     let cache = place.path("cache");
     let source = format!("s3://{bucket}");
-    let mut args = vec!["mount", &source, place.mnt(), "--cache-dir"];
-    args.push(cache.to_str().unwrap());
+    // Started from the temp dir, with the cache dir given relative to it.
+    let mut args = vec!["mount", &source, place.mnt(), "--cache-dir", "cache"];
     let flags = s3_flags();
     args.extend(flags.iter().map(String::as_str));
-    let out = bucketfs(&args).output().unwrap();
+    let out = bucketfs(&args)
+        .current_dir(place.tmp.path())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "mount: {}", stderr(&out));
     // Answering already, with nothing to wait for: the root is the mount's.
     assert_eq!(std::fs::metadata(&place.mnt).unwrap().ino(), 1);
     let pid = daemon_of(&place.mnt);
+    // The daemon keeps no directory of the caller's busy.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        Path::new("/")
+    );
     // The daemon logs to the cache dir by default.
     let log_name = format!(
         "{}.log",
