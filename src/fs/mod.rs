@@ -334,7 +334,7 @@ impl Fs {
             Ok(_) => {}
         }
         let path_key = format!("{dir_key}{name}");
-        if path_key.len() + 1 > crate::store::MAX_KEY_LEN {
+        if path_key.len() + 1 > self.store.max_key_len() {
             return Err(FsError::NameTooLong);
         }
         let stat = self

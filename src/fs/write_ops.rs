@@ -69,7 +69,7 @@ impl Fs {
             Ok(_) => {}
         }
         // Room for a directory marker's `/` too.
-        if dir_key.len() + name.len() + 1 > crate::store::MAX_KEY_LEN {
+        if dir_key.len() + name.len() + 1 > self.store.max_key_len() {
             return Err(FsError::NameTooLong);
         }
         Ok(format!("{dir_key}{name}"))

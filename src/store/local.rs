@@ -592,6 +592,11 @@ impl ObjectStore for LocalStore {
         format!("file://{}", self.inner.root.display())
     }
 
+    /// A path under the root must fit in `PATH_MAX` (4,096 bytes with its NUL).
+    fn max_key_len(&self) -> usize {
+        (libc::PATH_MAX as usize).saturating_sub(self.inner.root.as_os_str().len() + 2)
+    }
+
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         let key = key.to_string();
         self.blocking(move |s| s.head(&key)).await

@@ -52,6 +52,10 @@ impl ObjectStore for Metered {
         self.inner.describe()
     }
 
+    fn max_key_len(&self) -> usize {
+        self.inner.max_key_len()
+    }
+
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         measure("head", self.inner.head(key)).await
     }

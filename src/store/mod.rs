@@ -141,6 +141,11 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// A short human description for logs and errors, e.g. `s3://bucket`.
     fn describe(&self) -> String;
 
+    /// Longest key the store takes, in bytes ([`MAX_KEY_LEN`] on S3 and GCS).
+    fn max_key_len(&self) -> usize {
+        MAX_KEY_LEN
+    }
+
     /// Whether the store answers, for stores that watch it ([`retry::Retrying`]).
     fn health(&self) -> Option<&retry::StoreHealth> {
         None

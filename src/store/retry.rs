@@ -340,6 +340,10 @@ impl ObjectStore for Retrying {
         self.inner.describe()
     }
 
+    fn max_key_len(&self) -> usize {
+        self.inner.max_key_len()
+    }
+
     fn health(&self) -> Option<&StoreHealth> {
         Some(&self.health)
     }
