@@ -260,3 +260,99 @@ on_backends!(
     chmod_x_then_execute_from_a_second_mount,
     special_files_and_errnos,
 );
+
+/// An s3fs mount of `bucket` on the S3 test server, unmounted when dropped.
+struct S3fs {
+    dir: tempfile::TempDir,
+}
+
+impl S3fs {
+    fn mount(bucket: &str) -> S3fs {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("passwd");
+        let key = std::env::var("AWS_ACCESS_KEY_ID").unwrap();
+        let secret = std::env::var("AWS_SECRET_ACCESS_KEY").unwrap();
+        std::fs::write(&pw, format!("{key}:{secret}\n")).unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        run(
+            "s3fs",
+            &[
+                bucket,
+                mnt.to_str().unwrap(),
+                "-o",
+                &format!("passwd_file={}", pw.display()),
+                "-o",
+                &format!("url={}", common::s3_endpoint()),
+                "-o",
+                "use_path_request_style",
+            ],
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !common::is_mounted(&mnt) {
+            assert!(std::time::Instant::now() < deadline, "s3fs did not mount");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        S3fs { dir }
+    }
+
+    fn path(&self, rel: &str) -> std::path::PathBuf {
+        self.dir.path().join("mnt").join(rel)
+    }
+}
+
+impl Drop for S3fs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg(self.dir.path().join("mnt"))
+            .status();
+    }
+}
+
+fn mode_of(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().mode()
+}
+
+/// A bucket written by s3fs (a mode, a symlink) reads the same through bucketfs, and one
+/// written by bucketfs reads the same through s3fs: both keep attributes in the same metadata.
+#[test]
+fn s3fs_and_bucketfs_read_each_others_files() {
+    let b = Backend::s3();
+    let s3fs = S3fs::mount(&b.bucket);
+    std::fs::write(s3fs.path("by-s3fs.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(
+        s3fs.path("by-s3fs.sh"),
+        std::fs::Permissions::from_mode(0o751),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("by-s3fs.sh", s3fs.path("s3fs-link")).unwrap();
+
+    let m = b.mount(&[]);
+    assert_eq!(mode_of(&m.path("by-s3fs.sh")), libc::S_IFREG | 0o751);
+    assert_eq!(
+        std::fs::read_link(m.path("s3fs-link")).unwrap().to_str(),
+        Some("by-s3fs.sh")
+    );
+    assert_eq!(run(m.path("s3fs-link").to_str().unwrap(), &[]), "hi\n");
+
+    std::fs::write(m.path("by-bucketfs.txt"), "data").unwrap();
+    std::fs::set_permissions(
+        m.path("by-bucketfs.txt"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("by-bucketfs.txt", m.path("bucketfs-link")).unwrap();
+    let fresh = S3fs::mount(&b.bucket);
+    assert_eq!(
+        mode_of(&fresh.path("by-bucketfs.txt")),
+        libc::S_IFREG | 0o640
+    );
+    assert_eq!(
+        std::fs::read_link(fresh.path("bucketfs-link"))
+            .unwrap()
+            .to_str(),
+        Some("by-bucketfs.txt")
+    );
+    assert_eq!(std::fs::read(fresh.path("bucketfs-link")).unwrap(), b"data");
+}
