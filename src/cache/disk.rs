@@ -41,10 +41,14 @@
 //! drops a dead process's locks, so a crashed filler leaves the block to the next waiter.
 //!
 //! A process holds **one descriptor per object it is filling**, shared by all its claims on that
-//! object (not one per claimed block): a streaming handle fills one object, so it holds at most
-//! one cache descriptor however many blocks its parallel GETs claim. OFD locks of one open file
-//! description do not exclude each other, so claims inside the process are kept apart by a table
-//! of the blocks it is filling.
+//! object (not one per claimed block), for as long as any claim on it is held (the
+//! `bucketfs_cache_files_open` gauge). OFD locks of one open file description do not exclude
+//! each other, so claims inside the process are kept apart by a table of the blocks it is
+//! filling. Other descriptors are short-lived: a block lookup opens the meta and data files (and,
+//! while waiting on another process, a probe of the data file) and closes them before the next
+//! block. So a streaming handle, whatever the number of blocks its parallel GETs claim, holds at
+//! most 1 + 3 x (fetches in flight, at most `--read-concurrency` + a few demand reads)
+//! descriptors of the cache at once, and 1 while its GETs run.
 //!
 //! A waiter never waits without end: a claim still held after [`CLAIM_WAIT`] (its holder is
 //! stopped, or stuck on a dead connection) is *taken over*: the waiter fetches the block and

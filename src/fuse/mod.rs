@@ -256,6 +256,19 @@ impl Passthrough {
         Ok(())
     }
 
+    /// The kernel dropped its inode (a `FORGET` comes only then), and its page cache with it:
+    /// what we knew of the page cache goes too, so the state stays as large as what is open.
+    fn forget(&self, ino: u64) {
+        let mut st = self.state.lock().unwrap();
+        if st
+            .inodes
+            .get(&ino)
+            .is_some_and(|i| i.bound.is_none() && i.daemon_handles() == 0)
+        {
+            st.inodes.remove(&ino);
+        }
+    }
+
     fn release(&self, fh: u64) {
         let mut st = self.state.lock().unwrap();
         let Some((ino, handle)) = st.by_fh.remove(&fh) else {
@@ -425,6 +438,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.passthrough.forget(ino.0);
         self.fs.forget(ino.0, nlookup);
     }
 
