@@ -362,6 +362,7 @@ impl Failure {
 pub fn main() -> ExitCode {
     // In a background daemon, stdout is the readiness pipe: take it before anything can print.
     crate::daemon::adopt_ready_pipe();
+    raise_open_files_limit();
     let result = run(std::env::args_os().collect());
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -994,6 +995,23 @@ fn run_locks(command: LocksCommand) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Raises the soft limit of open files to the hard one. The soft limit is often 1024 on a
+/// laptop, which a few hundred files read at once (each with its cache files, sockets and the
+/// FUSE device) can exhaust; the hard limit is what the administrator allows.
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &wanted);
+        }
+    }
 }
 
 /// `--max-memory`, or its default from the container's memory limit (see `cgroup`).

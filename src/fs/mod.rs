@@ -178,8 +178,14 @@ pub struct Fs {
 impl Fs {
     /// Builds the filesystem; fails only on read settings that contradict each other.
     pub fn new(store: DynStore, cfg: FsConfig) -> Result<Arc<Fs>, String> {
-        let (prefetch, demand, tier) = cfg.read.split()?;
-        let budget = Arc::new(MemoryBudget::new(prefetch, demand));
+        let (prefetch, demand, mut tier) = cfg.read.split()?;
+        // Uploads get their own pool, taken from the memory tier: two parts in flight.
+        let upload = match (&cfg.write, cfg.read_only) {
+            (Some(w), false) => (2 * w.part_size).min(tier).max(crate::cache::BLOCK_SIZE),
+            _ => 0,
+        };
+        tier = tier.saturating_sub(upload);
+        let budget = Arc::new(MemoryBudget::new(prefetch, demand).with_uploads(upload));
         let read = Arc::new(ReadContext {
             store_id: store.describe().into(),
             store: store.clone(),
@@ -336,6 +342,13 @@ impl Fs {
         let path_key = format!("{dir_key}{name}");
         if path_key.len() + 1 > self.store.max_key_len() {
             return Err(FsError::NameTooLong);
+        }
+        if let Some((w, ino)) = self.open_writer_of(parent, name) {
+            // Being written here: this mount sees the file as written so far, even before its
+            // first commit, and without asking the store.
+            let mut stat = self.inode_stat(ino)?;
+            stat.size = w.size().await;
+            return Ok(self.remember(parent, name, path_key, stat));
         }
         let stat = self
             .meta

@@ -76,7 +76,11 @@ impl Fs {
     }
 
     /// The open write handle of the file (parent, name), if any.
-    fn open_writer_of(&self, parent: u64, name: &str) -> Option<(Arc<WriteHandle>, u64)> {
+    pub(super) fn open_writer_of(
+        &self,
+        parent: u64,
+        name: &str,
+    ) -> Option<(Arc<WriteHandle>, u64)> {
         let ino = *self
             .inodes
             .lock()

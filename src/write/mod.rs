@@ -73,6 +73,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::task::JoinHandle;
@@ -206,6 +207,9 @@ pub struct WriteHandle {
     state: tokio::sync::Mutex<State>,
     /// One permit per part upload allowed in flight.
     slots: Arc<tokio::sync::Semaphore>,
+    /// `State::size`, readable without the state lock, which a write holds while it waits for an
+    /// upload slot: `stat` of a file being written answers at once. Written under the lock.
+    shown_size: AtomicU64,
 }
 
 /// What a successful commit produced.
@@ -259,6 +263,7 @@ impl WriteHandle {
                 times_set: false,
             }),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_PART_UPLOADS)),
+            shown_size: AtomicU64::new(size),
         })
     }
 
@@ -379,9 +384,9 @@ impl WriteHandle {
         }
     }
 
-    /// Current logical size (what `stat` shows to this mount while writing).
+    /// Current logical size (what `stat` shows to this mount while writing); never waits.
     pub async fn size(&self) -> u64 {
-        self.state.lock().await.size
+        self.shown_size.load(Ordering::Relaxed)
     }
 
     /// Writes `data` at `offset` (at the end with `O_APPEND`), on behalf of the lock owner
@@ -410,6 +415,7 @@ impl WriteHandle {
         Self::changed_by(&mut st, owner);
         st.times_set = false;
         st.size = st.size.max(offset + len);
+        self.shown_size.store(st.size, Ordering::Relaxed);
         if let Some(stream) = &st.stream
             && offset < stream.sent
         {
@@ -485,7 +491,7 @@ impl WriteHandle {
         tokio::spawn(async move {
             let _slot = slot;
             let _in_flight = crate::metrics::part_upload_started();
-            let _lease = ctx.budget.demand(len).await;
+            let _lease = ctx.budget.upload(len).await;
             let body = read_staging(file, offset, len)
                 .await
                 .map_err(|e| StoreError::Transient(format!("reading the staging file: {e}")))?;
@@ -504,6 +510,7 @@ impl WriteHandle {
             st.stream_broken = true;
         }
         st.size = size;
+        self.shown_size.store(size, Ordering::Relaxed);
         st.contiguous = st.contiguous.min(size);
         Self::changed_by(&mut st, None);
         st.times_set = false;
@@ -599,7 +606,7 @@ impl WriteHandle {
         let mut offset = 0;
         while offset < st.size {
             let end = (offset + part).min(st.size);
-            let _lease = self.ctx.budget.demand(end - offset).await;
+            let _lease = self.ctx.budget.upload(end - offset).await;
             let stored = self
                 .ctx
                 .store
@@ -802,7 +809,7 @@ async fn copy_object_into(
     let mut offset = 0;
     while offset < len {
         let end = (offset + part).min(len);
-        let _lease = ctx.budget.demand(end - offset).await;
+        let _lease = ctx.budget.upload(end - offset).await;
         let data = ctx.store.get_range(key, offset..end, Some(version)).await?;
         let f = file.clone();
         tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))

@@ -23,6 +23,8 @@ pub struct Proxy {
 struct Gate {
     frozen: AtomicBool,
     allowance: AtomicU64,
+    /// Bytes per second each connection may send to the server; 0 for no limit.
+    up_rate: AtomicU64,
 }
 
 impl Gate {
@@ -78,6 +80,10 @@ async fn pump(
                 c.fetch_add(k as u64, Ordering::Relaxed);
             }
             off += k;
+            let rate = gate.up_rate.load(Ordering::Relaxed);
+            if !from_server && rate > 0 {
+                tokio::time::sleep(Duration::from_secs_f64(k as f64 / rate as f64)).await;
+            }
         }
     }
 }
@@ -161,5 +167,11 @@ impl Proxy {
     /// Lets bytes move again.
     pub fn thaw(&self) {
         self.gate.frozen.store(false, Ordering::Relaxed);
+    }
+
+    /// Limits what each connection sends to the server to `bytes_per_sec` (0: no limit), as on
+    /// a slow uplink.
+    pub fn throttle_up(&self, bytes_per_sec: u64) {
+        self.gate.up_rate.store(bytes_per_sec, Ordering::Relaxed);
     }
 }
