@@ -349,6 +349,20 @@ impl Meta {
         }
     }
 
+    /// What the last complete listing of its directory said about `path_key`, if one is kept
+    /// and names it (listings do not carry every attribute, so this serves outages only).
+    fn in_last_listing(&self, path_key: &str) -> Option<Stat> {
+        let (dir, name) = match path_key.rfind('/') {
+            Some(i) => (&path_key[..=i], &path_key[i + 1..]),
+            None => ("", path_key),
+        };
+        let listing = self.listings.get(dir)?;
+        let at = listing
+            .binary_search_by(|e| e.name.as_str().cmp(name))
+            .ok()?;
+        Some(listing[at].stat.clone())
+    }
+
     /// What `path_key` (a full key without trailing slash) is: a directory, a file, or nothing.
     pub async fn resolve(&self, path_key: &str) -> StoreResult<Option<Stat>> {
         let known = self.cache.get(path_key);
@@ -362,13 +376,17 @@ impl Meta {
             return Ok(k.stat.clone());
         }
         let asked = self.resolve_uncached(path_key);
-        let stat = match known {
+        let last_seen = match known {
+            Some(k) => Some(k.stat),
+            None => self.in_last_listing(path_key).map(Some),
+        };
+        let stat = match last_seen {
             None => asked.await?,
-            Some(k) => match self.unless_outage(asked).await {
+            Some(last) => match self.unless_outage(asked).await {
                 Some(answer) => answer?,
                 None => {
                     self.served_stale("attr", path_key);
-                    return Ok(k.stat);
+                    return Ok(last);
                 }
             },
         };
