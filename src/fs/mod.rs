@@ -154,7 +154,7 @@ struct InodeTable {
 enum Handle {
     File(Arc<Reader>),
     Write(Arc<WriteHandle>, u64),
-    Dir(Arc<tokio::sync::OnceCell<Vec<DirEntryOut>>>, u64),
+    Dir(Arc<tokio::sync::OnceCell<Arc<Vec<DirEntryOut>>>>, u64),
 }
 
 pub struct Fs {
@@ -601,8 +601,9 @@ impl Fs {
     }
 
     /// The directory's entries (without `.` and `..`), listed once per open handle so that
-    /// paging through them with offsets is consistent.
-    pub async fn readdir(&self, fh: u64) -> FsResult<Vec<DirEntryOut>> {
+    /// paging through them with offsets is consistent. Shared, not copied: each `readdir` call
+    /// then costs what it returns (the caller indexes by offset), not the whole listing.
+    pub async fn readdir(&self, fh: u64) -> FsResult<Arc<Vec<DirEntryOut>>> {
         let (cell, ino) = match self.handles.lock().unwrap().get(&fh) {
             Some(Handle::Dir(cell, ino)) => (cell.clone(), *ino),
             _ => return Err(FsError::BadHandle),
@@ -612,7 +613,7 @@ impl Fs {
                 let dir_key = self.dir_key(ino)?;
                 let listed = self.meta.list_dir(&dir_key).await?;
                 let t = self.inodes.lock().unwrap();
-                Ok::<_, FsError>(
+                Ok::<_, FsError>(Arc::new(
                     listed
                         .iter()
                         .map(|e| {
@@ -628,7 +629,7 @@ impl Fs {
                             }
                         })
                         .collect(),
-                )
+                ))
             })
             .await?;
         Ok(entries.clone())
@@ -711,7 +712,7 @@ mod tests {
         let fh = fs.opendir(ino).unwrap();
         let out = fs.readdir(fh).await.unwrap();
         fs.releasedir(fh);
-        out.into_iter().map(|e| (e.name, e.kind)).collect()
+        out.iter().map(|e| (e.name.clone(), e.kind)).collect()
     }
 
     #[tokio::test]

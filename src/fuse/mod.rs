@@ -816,12 +816,17 @@ impl Filesystem for FuseAdapter {
                 fs.parent_of(ino.0)
             };
             // Offsets: 1 is ".", 2 is "..", 3 + i is entries[i]; each entry carries the offset of
-            // the one after it, as the kernel expects.
+            // the one after it, as the kernel expects. The entries start at their offset, not
+            // by walking from the first: a call costs what it returns.
             let dots = [(ino.0, Kind::Dir, "."), (parent, Kind::Dir, "..")];
-            let all = dots
-                .into_iter()
-                .chain(entries.iter().map(|e| (e.ino, e.kind, e.name.as_str())));
-            for (i, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
+            let first = (offset as usize).saturating_sub(2).min(entries.len());
+            let all = dots.into_iter().enumerate().skip(offset as usize).chain(
+                entries[first..]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (first + i + 2, (e.ino, e.kind, e.name.as_str()))),
+            );
+            for (i, (ino, kind, name)) in all {
                 if reply.add(INodeNo(ino), i as u64 + 1, file_type(kind), name) {
                     break;
                 }
