@@ -3,7 +3,8 @@
 # and GCS (fake-gcs-server) test servers on free loopback ports, runs
 # `cargo test`, and stops the servers again, also on failure or interrupt.
 #
-#   ./scripts/test.sh                      # cargo test --locked --all-targets -- --test-threads=4
+#   ./scripts/test.sh                      # cargo fmt --check, clippy -D warnings, then
+#                                          # cargo test --locked --all-targets -- --test-threads=4
 #   ./scripts/test.sh --test s3 -- foo     # cargo test --locked --test s3 -- foo
 #
 # Arguments are passed to `cargo test` (default: --all-targets). Without a
@@ -18,6 +19,12 @@ fi
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
 # A test run builds once from scratch (CI): incremental state only costs time and disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# The whole run (what CI runs) first holds the code to its style gates.
+if [[ $# -eq 0 ]]; then
+    cargo fmt --all -- --check
+    cargo clippy --locked --all-targets -- -D warnings
+fi
 
 # shellcheck source=scripts/servers.sh
 source scripts/servers.sh
