@@ -6,14 +6,14 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
+use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::backend::Backend;
 use common::proxy::Proxy;
-use common::{Mounted, names, pattern};
+use common::{Mounted, http_get, metric, names, pattern};
 
 const MIB: usize = 1 << 20;
 
@@ -44,32 +44,6 @@ fn mount_through(b: &Backend, proxy: &Proxy, cache: &Path) -> (Mounted, String) 
         &http,
     ];
     (Mounted::start_with_env(&b.source, &args, &env), http)
-}
-
-/// `GET path` on `addr`: status and body.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (
-        head.split(' ').nth(1).unwrap().parse().unwrap(),
-        body.into(),
-    )
-}
-
-/// The value of the sample `series` (name and labels as rendered) in `/metrics`, 0 if absent.
-fn metric(addr: &str, series: &str) -> f64 {
-    let (_, body) = http_get(addr, "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 /// Reads `f` to its end: the bytes read, or the errno and how long after `since` it came.

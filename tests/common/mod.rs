@@ -362,20 +362,31 @@ pub fn free_addr() -> String {
     l.local_addr().unwrap().to_string()
 }
 
-/// The value of one sample (`name` or `name{labels}`, as the daemon prints it) from `/metrics`
-/// at `addr`; 0 if the daemon has not reported it yet.
-pub fn metric(addr: &str, series: &str) -> f64 {
+/// `GET path` on `addr`: the status and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("the daemon serves HTTP");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    text.lines()
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.into(),
+    )
+}
+
+/// The value of one sample (`name` or `name{labels}`, as the daemon prints it) from `/metrics`
+/// at `addr`; 0 if the daemon has not reported it yet.
+pub fn metric(addr: &str, series: &str) -> f64 {
+    http_get(addr, "/metrics")
+        .1
+        .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
