@@ -615,7 +615,7 @@ fn run_warm(args: WarmArgs) -> Result<(), Failure> {
         // Warm fills the disk; a token memory tier keeps nothing around.
         cache: Arc::new(crate::cache::memory::MemoryCache::new(0)),
         disk: Some(disk),
-        budget: Arc::new(crate::read::budget::MemoryBudget::new(0, 0)),
+        budget: Arc::new(crate::memory::MemoryBudget::new(0, 0)),
         cfg,
     });
     let prefixes: Vec<String> = if args.paths.is_empty() {

@@ -25,6 +25,7 @@
 //! - [`fs`] holds the semantics; [`meta`] decides what a key is and which keys can be names.
 //! - [`read`] reads object versions; [`write`] stages and commits writes; [`cache`] keeps blocks.
 //! - [`lock`] keeps one writer per path across replicas, with lease objects in the bucket.
+//! - [`memory`] is the one memory budget that read and upload buffers draw on.
 //! - [`store`] is the only door to a bucket.
 //! - [`http`] serves `/healthz`, `/readyz` and `/metrics` for the sidecar; [`metrics`] names every
 //!   metric and is how the other modules report; [`cgroup`] reads the container's memory limit;
@@ -40,6 +41,7 @@ pub mod fuse;
 pub mod http;
 pub mod lock;
 pub mod logging;
+pub mod memory;
 pub mod meta;
 pub mod metrics;
 pub mod mount;

@@ -23,8 +23,8 @@ pub use error::{FsError, FsResult};
 pub use lifecycle::ShutdownReport;
 
 use crate::cache::memory::MemoryCache;
+use crate::memory::MemoryBudget;
 use crate::meta::{Kind, Meta, Stat};
-use crate::read::budget::MemoryBudget;
 use crate::read::{ReadConfig, ReadContext, Reader};
 use crate::store::{DynStore, Version};
 use crate::write::{Journal, WriteConfig, WriteContext, WriteHandle};
@@ -152,7 +152,7 @@ struct InodeTable {
 }
 
 enum Handle {
-    File(Arc<Reader>),
+    Read(Arc<Reader>),
     Write(Arc<WriteHandle>, u64),
     Dir(Arc<tokio::sync::OnceCell<Arc<Vec<DirEntryOut>>>>, u64),
 }
@@ -488,7 +488,7 @@ impl Fs {
         };
         let pinned = version.0.clone();
         let reader = Reader::new(self.read.clone(), key, version, stat.size);
-        let fh = self.add_handle(Handle::File(Arc::new(reader)));
+        let fh = self.add_handle(Handle::Read(Arc::new(reader)));
         Ok(Opened {
             fh,
             keep_cache,
@@ -499,7 +499,7 @@ impl Fs {
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
         let handle = match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::File(r)) => Ok(r.clone()),
+            Some(Handle::Read(r)) => Ok(r.clone()),
             Some(Handle::Write(w, _)) => Err(w.clone()),
             _ => return Err(FsError::BadHandle),
         };

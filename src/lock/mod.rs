@@ -55,7 +55,7 @@
 //! local commits from overwriting the first unseen.
 
 pub mod admin;
-mod lease;
+mod object;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,7 +65,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-pub use lease::{
+pub use object::{
     CLOCK_RESOLUTION, LockBody, LockSpace, Observed, Owner, UNREADABLE_LEASE, expired,
 };
 
@@ -744,7 +744,7 @@ pub struct StoreCheck {
 pub async fn check_store(store: &DynStore, prefix: &str) -> Result<StoreCheck, CheckError> {
     let name = format!(
         "{prefix}{}{:016x}",
-        lease::PROBE_PREFIX,
+        object::PROBE_PREFIX,
         rand::random::<u64>()
     );
     let body = |s: &'static str| bytes::Bytes::from_static(s.as_bytes());

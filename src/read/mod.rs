@@ -27,12 +27,10 @@
 //! every fetch first looks there: a seek back into data read recently does not fetch again.
 //!
 //! ## Memory
-//! Prefetches take bytes from the prefetch pool of the global [`budget::MemoryBudget`] only if
+//! Prefetches take bytes from the prefetch pool of the global [`MemoryBudget`] only if
 //! they are free (otherwise prefetching pauses); reads the application waits on take from the
-//! demand pool, waiting if needed. Bytes stay leased while a fetch is buffered for this handle
+//! demand pool, waiting if needed. Bytes stay reserved while a fetch is buffered for this handle
 //! and are returned as soon as it is consumed or dropped.
-
-pub mod budget;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -44,9 +42,9 @@ use futures::future::{BoxFuture, Shared};
 use crate::cache::disk::{CLAIM_WAIT, Claim, DiskCache, FillGuard};
 use crate::cache::{BLOCK_SIZE, BlockCache, BlockKey};
 use crate::fs::{FsError, FsResult};
+use crate::memory::{MemoryBudget, Reservation};
 use crate::metrics::{self, Tier};
 use crate::store::{DynStore, StoreError, Version};
-use budget::{Lease, MemoryBudget};
 
 /// Read tuning, with the reasons for the defaults.
 #[derive(Clone, Debug)]
@@ -58,7 +56,7 @@ pub struct ReadConfig {
     /// Most prefetch GETs in flight per stream. 8 parts of 8 MiB keep a 25 ms-latency link busy
     /// at over 2 GB/s (bandwidth-delay product ~ 64 MiB), and fit the default memory budget.
     pub concurrency: usize,
-    /// The global budget for prefetch buffers and the memory tier (see [`budget`]).
+    /// The global budget for prefetch buffers and the memory tier (see [`crate::memory`]).
     pub max_memory: u64,
 }
 
@@ -123,7 +121,7 @@ pub struct ReadContext {
 struct Part {
     start: u64,
     blocks: Vec<Bytes>,
-    _lease: Lease,
+    _reservation: Reservation,
 }
 
 impl Part {
@@ -352,12 +350,12 @@ impl Reader {
                     frontier = part_end;
                     continue;
                 }
-                let Some(lease) = self.ctx.budget.try_prefetch(part_end - frontier) else {
+                let Some(reservation) = self.ctx.budget.try_prefetch(part_end - frontier) else {
                     metrics::prefetch(None);
                     break; // budget exhausted: prefetching pauses, reads go on
                 };
                 metrics::prefetch(Some(part_end - frontier));
-                let f = self.start_fetch(frontier, part_end, Some(lease));
+                let f = self.start_fetch(frontier, part_end, Some(reservation));
                 frontier = f.end;
                 insert_sorted(&mut s.fetches, f);
             }
@@ -370,7 +368,7 @@ impl Reader {
     }
 
     /// Starts fetching `start..end` in the background (from the block cache where it can).
-    fn start_fetch(&self, start: u64, end: u64, lease: Option<Lease>) -> Fetch {
+    fn start_fetch(&self, start: u64, end: u64, reservation: Option<Reservation>) -> Fetch {
         let ctx = self.ctx.clone();
         let key = self.key.clone();
         let version = self.version.clone();
@@ -378,8 +376,8 @@ impl Reader {
         let task = tokio::spawn(async move {
             let range = BlockRange::new(&ctx, &key, &version, size, start, end);
             let sources = range.look_up(&ctx).await;
-            // Leased only now: a read waiting on another process's fill holds no memory.
-            let lease = match lease {
+            // Reserved only now: a read waiting on another process's fill holds no memory.
+            let reservation = match reservation {
                 Some(l) => l,
                 None => ctx.budget.demand(end - start).await,
             };
@@ -387,7 +385,7 @@ impl Reader {
             Ok(Arc::new(Part {
                 start,
                 blocks,
-                _lease: lease,
+                _reservation: reservation,
             }))
         });
         let result = async move {

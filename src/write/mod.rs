@@ -79,7 +79,7 @@ use bytes::Bytes;
 use tokio::task::JoinHandle;
 
 use crate::lock::{Held, LockError, Locks};
-use crate::read::budget::MemoryBudget;
+use crate::memory::MemoryBudget;
 use crate::store::{
     DynStore, Part, Precondition, StoreError, StoreResult, Upload, UserMeta, Version,
 };
@@ -491,7 +491,7 @@ impl WriteHandle {
         tokio::spawn(async move {
             let _slot = slot;
             let _in_flight = crate::metrics::part_upload_started();
-            let _lease = ctx.budget.upload(len).await;
+            let _memory = ctx.budget.upload(len).await;
             let body = read_staging(file, offset, len)
                 .await
                 .map_err(|e| StoreError::Transient(format!("reading the staging file: {e}")))?;
@@ -606,7 +606,7 @@ impl WriteHandle {
         let mut offset = 0;
         while offset < st.size {
             let end = (offset + part).min(st.size);
-            let _lease = self.ctx.budget.upload(end - offset).await;
+            let _memory = self.ctx.budget.upload(end - offset).await;
             let stored = self
                 .ctx
                 .store
@@ -809,7 +809,7 @@ async fn copy_object_into(
     let mut offset = 0;
     while offset < len {
         let end = (offset + part).min(len);
-        let _lease = ctx.budget.upload(end - offset).await;
+        let _memory = ctx.budget.upload(end - offset).await;
         let data = ctx.store.get_range(key, offset..end, Some(version)).await?;
         let f = file.clone();
         tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))

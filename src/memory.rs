@@ -13,7 +13,7 @@
 //!   slow link holds its parts for minutes, and reads of the same mount, cache hits or not, must
 //!   not queue behind it; nor can many readers starve an upload.
 //!
-//! Bytes are leased: a [`Lease`] returns its bytes to the pool when dropped, so buffers that are
+//! Bytes are reserved: a [`Reservation`] returns its bytes to the pool when dropped, so buffers that are
 //! dropped for any reason (a read done, a handle closed, a seek) give their memory back. A request
 //! larger than its whole pool is clamped to the pool (it waits for the pool to be empty), so no
 //! request waits forever.
@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Bytes per permit: leases are rounded up to whole permits (4 KiB, a page).
+/// Bytes per permit: reservations are rounded up to whole permits (4 KiB, a page).
 pub const PERMIT: u64 = 4096;
 
 #[derive(Debug)]
@@ -87,13 +87,13 @@ pub struct MemoryBudget {
 
 /// Bytes taken from a pool; given back on drop.
 #[derive(Debug)]
-pub struct Lease {
+pub struct Reservation {
     _permit: OwnedSemaphorePermit,
     bytes: u64,
     counters: Arc<Counters>,
 }
 
-impl Drop for Lease {
+impl Drop for Reservation {
     fn drop(&mut self) {
         self.counters
             .in_use
@@ -124,10 +124,10 @@ impl MemoryBudget {
         }
     }
 
-    fn lease(&self, permit: OwnedSemaphorePermit, bytes: u64) -> Lease {
+    fn reserve(&self, permit: OwnedSemaphorePermit, bytes: u64) -> Reservation {
         let now = self.counters.in_use.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.counters.peak.fetch_max(now, Ordering::Relaxed);
-        Lease {
+        Reservation {
             _permit: permit,
             bytes,
             counters: self.counters.clone(),
@@ -135,29 +135,29 @@ impl MemoryBudget {
     }
 
     /// Bytes for a prefetch, if the pool has them now.
-    pub fn try_prefetch(&self, bytes: u64) -> Option<Lease> {
+    pub fn try_prefetch(&self, bytes: u64) -> Option<Reservation> {
         let permit = self.prefetch.try_take(bytes)?;
-        Some(self.lease(permit, bytes))
+        Some(self.reserve(permit, bytes))
     }
 
     /// Bytes for a read an application waits on; waits until the pool has them.
-    pub async fn demand(&self, bytes: u64) -> Lease {
+    pub async fn demand(&self, bytes: u64) -> Reservation {
         let permit = self.demand.take(bytes).await;
-        self.lease(permit, bytes)
+        self.reserve(permit, bytes)
     }
 
     /// Bytes for an upload (or for staging an existing object); waits until the pool has them.
-    pub async fn upload(&self, bytes: u64) -> Lease {
+    pub async fn upload(&self, bytes: u64) -> Reservation {
         let permit = self.upload.take(bytes).await;
-        self.lease(permit, bytes)
+        self.reserve(permit, bytes)
     }
 
-    /// Bytes leased right now, from every pool.
+    /// Bytes reserved right now, from every pool.
     pub fn in_use(&self) -> u64 {
         self.counters.in_use.load(Ordering::Relaxed)
     }
 
-    /// Most bytes ever leased at once.
+    /// Most bytes ever reserved at once.
     pub fn peak(&self) -> u64 {
         self.counters.peak.load(Ordering::Relaxed)
     }
@@ -169,7 +169,7 @@ mod tests {
     use std::time::Duration;
 
     #[tokio::test]
-    async fn leases_of_4_gib_and_more_neither_wrap_nor_wait_forever() {
+    async fn reservations_of_4_gib_and_more_neither_wrap_nor_wait_forever() {
         let budget = MemoryBudget::new(8 << 30, 6 << 30);
         // 4 GiB + 1 byte as u32 bytes would be 1 byte; here it is 4 GiB + a page.
         let big = budget.try_prefetch((4 << 30) + 1).unwrap();
@@ -182,7 +182,7 @@ mod tests {
         // Larger than the whole pool: clamped to it, so it is granted once the pool is free.
         let all = tokio::time::timeout(Duration::from_secs(1), budget.demand(100 << 30))
             .await
-            .expect("a lease larger than the pool is clamped to it");
+            .expect("a reservation larger than the pool is clamped to it");
         assert_eq!(budget.in_use(), 100 << 30);
         drop(all);
         assert_eq!(budget.in_use(), 0);
