@@ -52,8 +52,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::store::StoreError;
-
 /// Where the bytes of a read came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Tier {
@@ -479,10 +477,11 @@ pub fn store_request(op: &'static str) -> StoreTimer {
 }
 
 impl StoreTimer {
-    /// Records the outcome: latency, and the error kind of a failure.
-    pub fn finish<T>(mut self, result: &Result<T, StoreError>) {
+    /// Records the outcome: latency, and for a failure its kind (the store names its errors,
+    /// see `StoreError::kind`).
+    pub fn finish(mut self, error: Option<&'static str>) {
         self.done = true;
-        self.record(result.as_ref().err().map(error_kind));
+        self.record(error);
     }
 
     fn record(&self, error: Option<&'static str>) {
@@ -503,20 +502,6 @@ impl Drop for StoreTimer {
         if !self.done {
             self.record(Some("cancelled"));
         }
-    }
-}
-
-fn error_kind(e: &StoreError) -> &'static str {
-    match e {
-        StoreError::NotFound(_) => "not_found",
-        StoreError::BucketNotFound(_) => "bucket_not_found",
-        StoreError::PreconditionFailed(_) => "precondition_failed",
-        StoreError::Conflict(_) => "conflict",
-        StoreError::Throttled(_) => "throttled",
-        StoreError::Transient(_) => "transient",
-        StoreError::Unauthorized(_) => "unauthorized",
-        StoreError::Invalid(_) => "invalid",
-        StoreError::NameTooLong(_) => "name_too_long",
     }
 }
 
@@ -688,7 +673,7 @@ mod tests {
         fuse_error("read");
         cache_lookup(Tier::Memory, Some(100));
         cache_lookup(Tier::Memory, None);
-        store_request("get").finish::<()>(&Err(StoreError::Throttled("x".into())));
+        store_request("get").finish(Some("throttled"));
         drop(store_request("head"));
         store_retry("get");
         lock_acquired();

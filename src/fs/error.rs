@@ -2,6 +2,7 @@
 
 use crate::lock::LockError;
 use crate::store::StoreError;
+use crate::write::WriteError;
 
 #[derive(thiserror::Error, Debug)]
 pub enum FsError {
@@ -32,7 +33,7 @@ pub enum FsError {
     #[error("not permitted: {0}")]
     NotPermitted(&'static str),
     #[error("{0}")]
-    Write(#[from] crate::write::WriteError),
+    Write(#[from] WriteError),
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -54,7 +55,18 @@ impl FsError {
             FsError::InvalidName => libc::EINVAL,
             FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::NotPermitted(_) => libc::EPERM,
-            FsError::Write(e) => e.errno(),
+            FsError::Write(e) => match e {
+                // A full disk or quota is the application's to see; other staging failures are I/O.
+                WriteError::Staging(e) => match e.raw_os_error() {
+                    Some(libc::ENOSPC) => libc::ENOSPC,
+                    Some(libc::EDQUOT) => libc::EDQUOT,
+                    _ => libc::EIO,
+                },
+                WriteError::Store(_) | WriteError::Failed => libc::EIO,
+                WriteError::Lock(LockError::Busy { .. }) => libc::EBUSY,
+                WriteError::Lock(_) => libc::EIO,
+                WriteError::Sealed => libc::EROFS,
+            },
             // Another replica writes this path.
             FsError::Lock(LockError::Busy { .. }) => libc::EBUSY,
             FsError::Lock(LockError::Lost { .. }) => libc::EIO,
@@ -86,3 +98,27 @@ impl FsError {
 }
 
 pub type FsResult<T> = Result<T, FsError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_that_failed_at_the_store_is_eio_whatever_the_store_said() {
+        for e in [
+            StoreError::Unauthorized("no".into()),
+            StoreError::PreconditionFailed("changed".into()),
+            StoreError::NotFound("gone".into()),
+            StoreError::Transient("down".into()),
+        ] {
+            assert_eq!(FsError::from(WriteError::Store(e)).errno(), libc::EIO);
+        }
+        assert_eq!(FsError::from(WriteError::Failed).errno(), libc::EIO);
+        assert_eq!(FsError::from(WriteError::Sealed).errno(), libc::EROFS);
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(
+            FsError::from(WriteError::Staging(full)).errno(),
+            libc::ENOSPC
+        );
+    }
+}

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    DynStore, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreResult, Upload, UserMeta,
-    Version,
+    DynStore, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
+    Upload, UserMeta, Version,
 };
 use crate::metrics;
 
@@ -34,7 +34,7 @@ async fn measure<T>(
 ) -> StoreResult<T> {
     let timer = metrics::store_request(op);
     let result = request.await;
-    timer.finish(&result);
+    timer.finish(result.as_ref().err().map(StoreError::kind));
     result
 }
 

@@ -131,6 +131,21 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Throttled(_) | StoreError::Transient(_))
     }
+
+    /// The error's kind as `/metrics` labels it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::NotFound(_) => "not_found",
+            StoreError::BucketNotFound(_) => "bucket_not_found",
+            StoreError::PreconditionFailed(_) => "precondition_failed",
+            StoreError::Conflict(_) => "conflict",
+            StoreError::Throttled(_) => "throttled",
+            StoreError::Transient(_) => "transient",
+            StoreError::Unauthorized(_) => "unauthorized",
+            StoreError::Invalid(_) => "invalid",
+            StoreError::NameTooLong(_) => "name_too_long",
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -98,7 +98,7 @@ pub struct WriteConfig {
     pub staging_dir: PathBuf,
 }
 
-/// Why a write failed, in terms of the errno the application sees.
+/// Why a write failed (`fs::error` says which errno the application sees).
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("staging file: {0}")]
@@ -111,22 +111,6 @@ pub enum WriteError {
     Lock(#[from] LockError),
     #[error("the mount is shutting down; this file takes no more changes")]
     Sealed,
-}
-
-impl WriteError {
-    pub fn errno(&self) -> i32 {
-        match self {
-            WriteError::Staging(e) => match e.raw_os_error() {
-                Some(libc::ENOSPC) => libc::ENOSPC,
-                Some(libc::EDQUOT) => libc::EDQUOT,
-                _ => libc::EIO,
-            },
-            WriteError::Store(_) | WriteError::Failed => libc::EIO,
-            WriteError::Lock(LockError::Busy { .. }) => libc::EBUSY,
-            WriteError::Lock(_) => libc::EIO,
-            WriteError::Sealed => libc::EROFS,
-        }
-    }
 }
 
 /// How a handle starts, relative to the object in the bucket.
