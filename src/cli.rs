@@ -610,11 +610,13 @@ fn run_warm(args: WarmArgs) -> Result<(), Failure> {
     };
     cfg.split().map_err(|m| Failure::new(2, m))?;
     let ctx = Arc::new(crate::read::ReadContext {
-        store_id: store.describe().into(),
-        store,
         // Warm fills the disk; a token memory tier keeps nothing around.
-        cache: Arc::new(crate::cache::memory::MemoryCache::new(0)),
-        disk: Some(disk),
+        tiers: Arc::new(crate::cache::tiered::TieredCache::new(
+            store.clone(),
+            Arc::new(crate::cache::memory::MemoryCache::new(0)),
+            Some(disk),
+        )),
+        store,
         budget: Arc::new(crate::memory::MemoryBudget::new(0, 0)),
         cfg,
     });

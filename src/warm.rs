@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::read::{ReadContext, fill};
+use crate::read::ReadContext;
 use crate::store::{ObjectMeta, StoreError};
 
 /// What a warm run did.
@@ -80,7 +80,7 @@ pub async fn warm(
             let (ctx, done, slots, o) = (ctx.clone(), done.clone(), slots.clone(), o.clone());
             tasks.push(tokio::spawn(async move {
                 let _slot = slots.acquire_owned().await.expect("never closed");
-                let r = fill(&ctx, &o.key, &o.version, o.size, start, end).await;
+                let r = ctx.tiers.fill(&o.key, &o.version, o.size, start, end).await;
                 if let Ok(n) = &r {
                     done.fetch_add(*n, Ordering::Relaxed);
                 }

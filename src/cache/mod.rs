@@ -7,9 +7,12 @@
 //! The memory tier ([`memory::MemoryCache`], behind the small [`BlockCache`] trait) sits in
 //! front of the node-shared disk tier ([`disk::DiskCache`]), which adds what a shared tier
 //! needs beyond get/put: claims, so that processes fill each block once between them.
+//! [`tiered::TieredCache`] is the one place that knows both tiers: the read path asks it for
+//! blocks, and it falls through memory, disk and store.
 
 pub mod disk;
 pub mod memory;
+pub mod tiered;
 
 use std::sync::Arc;
 

@@ -49,7 +49,7 @@ impl Fs {
             .filter(|h| matches!(h, Handle::Write(..)))
             .count();
         crate::metrics::files_open_for_write(writing);
-        if let Some(disk) = &self.read.disk {
+        if let Some(disk) = self.read.tiers.disk() {
             // A walk of the cache directory: the caller runs this off the async workers.
             crate::metrics::cache_size(crate::metrics::Tier::Disk, disk.used());
         }

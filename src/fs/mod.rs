@@ -23,6 +23,7 @@ pub use error::{FsError, FsResult};
 pub use lifecycle::ShutdownReport;
 
 use crate::cache::memory::MemoryCache;
+use crate::cache::tiered::TieredCache;
 use crate::memory::MemoryBudget;
 use crate::meta::{Kind, Meta, Stat};
 use crate::read::{ReadConfig, ReadContext, Reader};
@@ -187,10 +188,12 @@ impl Fs {
         tier = tier.saturating_sub(upload);
         let budget = Arc::new(MemoryBudget::new(prefetch, demand).with_uploads(upload));
         let read = Arc::new(ReadContext {
-            store_id: store.describe().into(),
+            tiers: Arc::new(TieredCache::new(
+                store.clone(),
+                Arc::new(MemoryCache::new(tier)),
+                cfg.disk_cache.clone(),
+            )),
             store: store.clone(),
-            cache: Arc::new(MemoryCache::new(tier)),
-            disk: cfg.disk_cache.clone(),
             budget: budget.clone(),
             cfg: cfg.read.clone(),
         });
@@ -463,11 +466,11 @@ impl Fs {
             i.checked = Instant::now();
             keep
         };
-        let backing = match &self.read.disk {
+        let backing = match self.read.tiers.disk() {
             Some(disk) => {
                 let disk = disk.clone();
                 let (store, k, v, size) = (
-                    self.read.store_id.clone(),
+                    self.read.tiers.store_id().clone(),
                     key.clone(),
                     version.0.clone(),
                     stat.size,

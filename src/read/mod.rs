@@ -39,11 +39,11 @@ use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
-use crate::cache::disk::{CLAIM_WAIT, Claim, DiskCache, FillGuard};
-use crate::cache::{BLOCK_SIZE, BlockCache, BlockKey};
+use crate::cache::BLOCK_SIZE;
+use crate::cache::tiered::TieredCache;
 use crate::fs::{FsError, FsResult};
 use crate::memory::{MemoryBudget, Reservation};
-use crate::metrics::{self, Tier};
+use crate::metrics;
 use crate::store::{DynStore, StoreError, Version};
 
 /// Read tuning, with the reasons for the defaults.
@@ -107,11 +107,8 @@ impl ReadConfig {
 /// What every reader of the mount shares.
 pub struct ReadContext {
     pub store: DynStore,
-    /// Names the store in cache keys.
-    pub store_id: Arc<str>,
-    pub cache: Arc<dyn BlockCache>,
-    /// The node-shared disk tier, if `--cache-dir` is set and usable.
-    pub disk: Option<Arc<DiskCache>>,
+    /// The memory and disk tiers in front of the store: every fetch goes through them.
+    pub tiers: Arc<TieredCache>,
     pub budget: Arc<MemoryBudget>,
     pub cfg: ReadConfig,
 }
@@ -374,14 +371,13 @@ impl Reader {
         let version = self.version.clone();
         let size = self.size;
         let task = tokio::spawn(async move {
-            let range = BlockRange::new(&ctx, &key, &version, size, start, end);
-            let sources = range.look_up(&ctx).await;
+            let lookup = ctx.tiers.look_up(&key, &version, size, start, end).await;
             // Reserved only now: a read waiting on another process's fill holds no memory.
             let reservation = match reservation {
                 Some(l) => l,
                 None => ctx.budget.demand(end - start).await,
             };
-            let blocks = range.fetch_missing(&ctx, sources).await?;
+            let blocks = ctx.tiers.fetch_missing(lookup).await?;
             Ok(Arc::new(Part {
                 start,
                 blocks,
@@ -401,239 +397,6 @@ impl Reader {
 fn insert_sorted(fetches: &mut VecDeque<Fetch>, f: Fetch) {
     let at = fetches.partition_point(|x| x.start < f.start);
     fetches.insert(at, f);
-}
-
-/// Brings `start..end` of an object version into the caches (what `bucketfs warm` does), and
-/// returns the number of bytes now cached.
-pub async fn fill(
-    ctx: &Arc<ReadContext>,
-    key: &str,
-    version: &Version,
-    size: u64,
-    start: u64,
-    end: u64,
-) -> Result<u64, StoreError> {
-    let key: Arc<str> = key.into();
-    let range = BlockRange::new(ctx, &key, version, size, start, end);
-    let sources = range.look_up(ctx).await;
-    let blocks = range.fetch_missing(ctx, sources).await?;
-    Ok(blocks.iter().map(|b| b.len() as u64).sum())
-}
-
-/// Where one block of a fetch comes from.
-enum Source {
-    /// Found in a cache.
-    Have(Bytes),
-    /// To fetch; with the disk claim when this caller fills the disk tier.
-    Fetch(Option<FillGuard>),
-}
-
-/// The blocks of `start..end` (`start` on a block boundary) of one object version: looked up in
-/// the memory tier, then the disk tier ([`BlockRange::look_up`]), and the rest fetched with one
-/// ranged GET per run of missing blocks ([`BlockRange::fetch_missing`]). Blocks another process
-/// is filling right now are waited for instead of fetched twice. Fetched blocks go to both tiers.
-struct BlockRange {
-    store_id: Arc<str>,
-    key: Arc<str>,
-    version: Version,
-    version_id: Arc<str>,
-    size: u64,
-    end: u64,
-    first: u64,
-    last: u64,
-}
-
-impl BlockRange {
-    fn new(
-        ctx: &ReadContext,
-        key: &Arc<str>,
-        version: &Version,
-        size: u64,
-        start: u64,
-        end: u64,
-    ) -> BlockRange {
-        debug_assert_eq!(start % BLOCK_SIZE, 0, "fetches start on block boundaries");
-        BlockRange {
-            store_id: ctx.store_id.clone(),
-            key: key.clone(),
-            version: version.clone(),
-            version_id: version.0.as_str().into(),
-            size,
-            end,
-            first: start / BLOCK_SIZE,
-            last: (end - 1) / BLOCK_SIZE,
-        }
-    }
-
-    fn block_key(&self, index: u64) -> BlockKey {
-        BlockKey {
-            store: self.store_id.clone(),
-            key: self.key.clone(),
-            version: self.version_id.clone(),
-            index,
-        }
-    }
-
-    /// Where each block comes from: a cache, or a fetch (with the disk claim if this caller
-    /// fills the disk tier). May wait, boundedly, for other processes filling the blocks.
-    async fn look_up(&self, ctx: &Arc<ReadContext>) -> Vec<Source> {
-        let mut sources = Vec::with_capacity((self.last - self.first + 1) as usize);
-        for index in self.first..=self.last {
-            sources.push(match ctx.cache.get(&self.block_key(index)).await {
-                Some(b) => Source::Have(b),
-                None => Source::Fetch(None),
-            });
-        }
-        if let Some(disk) = &ctx.disk {
-            disk_lookup(
-                ctx,
-                disk,
-                &|i| self.block_key(i),
-                self.first,
-                self.size,
-                &mut sources,
-            )
-            .await;
-        }
-        sources
-    }
-
-    async fn fetch_missing(
-        &self,
-        ctx: &Arc<ReadContext>,
-        mut sources: Vec<Source>,
-    ) -> Result<Vec<Bytes>, StoreError> {
-        let (key, first, end, size) = (&self.key, self.first, self.end, self.size);
-        let mut i = 0usize;
-        while i < sources.len() {
-            if matches!(sources[i], Source::Have(_)) {
-                i += 1;
-                continue;
-            }
-            let run_start = i;
-            while i < sources.len() && matches!(sources[i], Source::Fetch(_)) {
-                i += 1;
-            }
-            let from = (first + run_start as u64) * BLOCK_SIZE;
-            let to = ((first + i as u64) * BLOCK_SIZE).min(end);
-            let fetched = ctx
-                .store
-                .get_blocks(key, from..to, Some(&self.version), BLOCK_SIZE)
-                .await?;
-            let got: u64 = fetched.iter().map(|b| b.len() as u64).sum();
-            metrics::bytes_served(Tier::Bucket, got);
-            if got != to - from || fetched.len() != i - run_start {
-                return Err(StoreError::Transient(format!(
-                    "{key}: asked for {} bytes at {from}, got {got}",
-                    to - from
-                )));
-            }
-            let mut to_disk = Vec::new();
-            for (n, b) in fetched.into_iter().enumerate() {
-                let index = first + (run_start + n) as u64;
-                ctx.cache.put(&self.block_key(index), b.clone()).await;
-                if let Source::Fetch(Some(guard)) =
-                    std::mem::replace(&mut sources[run_start + n], Source::Have(b.clone()))
-                {
-                    to_disk.push((self.block_key(index), b, guard));
-                }
-            }
-            if let (Some(disk), false) = (&ctx.disk, to_disk.is_empty()) {
-                let disk = disk.clone();
-                // The claims (guards) are released once the blocks are on disk.
-                let _ = tokio::task::spawn_blocking(move || {
-                    for (k, b, _guard) in to_disk {
-                        disk.put(&k, size, &b);
-                    }
-                })
-                .await;
-            }
-        }
-        Ok(sources
-            .into_iter()
-            .filter_map(|s| match s {
-                Source::Have(b) => Some(b),
-                Source::Fetch(_) => None,
-            })
-            .collect())
-    }
-}
-
-/// Fills `sources` from the disk tier: cached blocks become `Have`; missing ones are claimed for
-/// filling, or waited for while another process fills them.
-async fn disk_lookup(
-    ctx: &Arc<ReadContext>,
-    disk: &Arc<DiskCache>,
-    block_key: &impl Fn(u64) -> BlockKey,
-    first: u64,
-    size: u64,
-    sources: &mut [Source],
-) {
-    let wanted: Vec<BlockKey> = sources
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| matches!(s, Source::Fetch(_)))
-        .map(|(n, _)| block_key(first + n as u64))
-        .collect();
-    if wanted.is_empty() {
-        return;
-    }
-    let disk = disk.clone();
-    let found = tokio::task::spawn_blocking(move || {
-        // One bound for the whole lookup, not per block: a stopped filler holding a part's worth
-        // of claims costs the reader one CLAIM_WAIT, not one per block.
-        let deadline = std::time::Instant::now() + CLAIM_WAIT;
-        let mut said = false;
-        wanted
-            .into_iter()
-            .map(|k| {
-                // A few rounds: found, claimed, or waited for and looked at again.
-                for _ in 0..3 {
-                    if let Some(b) = disk.get(&k, size) {
-                        return (k, Source::Have(b));
-                    }
-                    match disk.claim(&k, size) {
-                        None => return (k, Source::Fetch(None)),
-                        Some(Claim::Mine(guard)) => {
-                            // Filled between our look and our claim?
-                            if let Some(b) = disk.get(&k, size) {
-                                return (k, Source::Have(b));
-                            }
-                            return (k, Source::Fetch(Some(guard)));
-                        }
-                        Some(Claim::Theirs) => {
-                            if !disk.wait(&k, size, deadline) {
-                                if !std::mem::replace(&mut said, true) {
-                                    tracing::info!(
-                                    key = %k.key,
-                                    block = k.index,
-                                    "another process has held this block's fill claim for {}s; fetching it here",
-                                    CLAIM_WAIT.as_secs()
-                                    );
-                                }
-                                metrics::claim_taken_over();
-                                return (k.clone(), Source::Fetch(disk.take_over(&k, size)));
-                            }
-                        }
-                    }
-                }
-                (k, Source::Fetch(None))
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
-    for (k, src) in found {
-        let hit = match &src {
-            Source::Have(b) => Some(b.len() as u64),
-            Source::Fetch(_) => None,
-        };
-        metrics::cache_lookup(Tier::Disk, hit);
-        if let Source::Have(b) = &src {
-            ctx.cache.put(&k, b.clone()).await;
-        }
-        sources[(k.index - first) as usize] = src;
-    }
 }
 
 #[cfg(test)]
@@ -678,10 +441,8 @@ mod tests {
         let (prefetch, demand, tier_bytes) = cfg.split().unwrap();
         let tier = Arc::new(MemoryCache::new(tier_bytes));
         let ctx = Arc::new(ReadContext {
-            store_id: "mem://b".into(),
+            tiers: Arc::new(TieredCache::new(store.clone(), tier.clone(), None)),
             store,
-            cache: tier.clone(),
-            disk: None,
             budget: Arc::new(MemoryBudget::new(prefetch, demand)),
             cfg,
         });
