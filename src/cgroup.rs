@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-/// The budget when no limit is set (see `ReadConfig::default` for how it is spent).
-pub const DEFAULT_MAX_MEMORY: u64 = 160 << 20;
+/// The budget when no limit is set (see [`crate::config::MAX_MEMORY`] for how it is spent).
+pub const DEFAULT_MAX_MEMORY: u64 = crate::config::MAX_MEMORY.value;
 
 /// Memory the process needs outside the budget: the runtime and its threads, the S3/GCS clients
 /// and their TLS buffers, the metadata cache, allocator slack, and the page cache of staging

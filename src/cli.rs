@@ -1,37 +1,19 @@
-//! Command line: subcommands, options (each also read from a `BUCKETFS_*` variable), exit codes.
+//! The command line as clap types: subcommands and options, each option also read from a
+//! `BUCKETFS_*` variable. What the options mean is decided in [`crate::config`] (defaults and
+//! validation); what runs is in [`crate::run`] (which also documents the exit codes).
 //!
-//! Exit codes, so scripts and init containers can tell failures apart:
-//! - 0: success (for `mount`: mounted and answering, the daemon serving it from the background;
-//!   with `--foreground`, unmounted cleanly after SIGTERM / Ctrl-C or an external unmount);
-//! - 1: a failure while running;
-//! - 2: bad arguments (a bad URL, an unparsable option);
-//! - 3: the store refused or could not be reached (unknown bucket, credentials, endpoint);
-//! - 4: the mount point is unusable (missing, not a directory, already mounted).
+//! The options of `mount` are grouped by topic with `help_heading`, as the README's option
+//! tables group them: Mount, Reading, Store, Cache, Writes and locks, Sidecar, Logging.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::config::{
-    DEFAULT_NEGATIVE_METADATA_TTL, Profile, Source, parse_duration, parse_lock_prefix, parse_mode,
-    parse_size,
-};
-use crate::fs::{Fs, FsConfig};
-use crate::lock::{CheckError, LockConfig};
+use crate::config::{self, Profile, parse_duration, parse_lock_prefix, parse_mode, parse_size};
 use crate::logging::LogFormat;
-use crate::mount_helper::HelperCall;
-use crate::read::ReadConfig;
-use crate::store::gcs::GcsOptions;
-use crate::store::metered::Metered;
-use crate::store::retry::{RetryPolicy, Retrying, Timeouts};
-use crate::store::s3::S3Options;
-use crate::store::{self, DynStore, StoreError};
-use crate::write::{Journal, WriteConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,11 +23,11 @@ use crate::write::{Journal, WriteConfig};
 )]
 pub struct Cli {
     #[command(subcommand)]
-    command: Command,
+    pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
+pub enum Command {
     /// Mount SOURCE at MOUNTPOINT: returns once the mount answers and serves it from the
     /// background until it is unmounted (umount / fusermount3 -u) or sent SIGTERM; with
     /// --foreground, serves it from this process.
@@ -65,7 +47,7 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
-enum LocksCommand {
+pub enum LocksCommand {
     /// List the write locks of paths under SOURCE: path, holder, age (since its last renewal),
     /// expiry (by the store's clock) and fencing token.
     List {
@@ -107,12 +89,12 @@ pub struct LockPrefixArg {
 pub struct LockArgs {
     /// How long a write waits for a path that another replica is writing before it fails with
     /// EBUSY (0: fail at once).
-    #[arg(long, env = "BUCKETFS_LOCK_WAIT", default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, env = "BUCKETFS_LOCK_WAIT", default_value = config::LOCK_WAIT.text, value_parser = parse_duration)]
     pub lock_wait: Duration,
     /// Lease of a write lock (at least 2s). Renewed every third of it: with 30s a holder keeps its
     /// locks through a store outage of 14s or more, and a replica that dies keeps its paths
     /// locked for at most 31s after its last renewal.
-    #[arg(long, env = "BUCKETFS_LEASE", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "BUCKETFS_LEASE", default_value = config::LEASE.text, value_parser = parse_duration)]
     pub lease: Duration,
     /// This replica's name in lock objects and log lines (default: $POD_NAME, else $HOSTNAME,
     /// else the host name, then ":" and the process id).
@@ -125,27 +107,6 @@ pub struct LockArgs {
     /// writes (a writable mount of one is refused otherwise).
     #[arg(long, env = "BUCKETFS_NO_LOCKS")]
     pub no_locks: bool,
-}
-
-impl LockArgs {
-    fn config(&self, writable: bool) -> Result<LockConfig, Failure> {
-        if self.lease < crate::lock::MIN_LEASE {
-            return Err(Failure::new(
-                2,
-                "--lease must be at least 2s (the store's clock counts whole seconds)",
-            ));
-        }
-        Ok(LockConfig {
-            prefix: self.prefix.lock_prefix.clone(),
-            enabled: writable && !self.no_locks,
-            lease: self.lease,
-            wait: self.lock_wait,
-            replica: self
-                .replica_id
-                .clone()
-                .unwrap_or_else(crate::lock::default_replica_id),
-        })
-    }
 }
 
 #[derive(Args, Debug)]
@@ -161,19 +122,19 @@ pub struct WarmArgs {
     #[arg(long, env = "BUCKETFS_CACHE_DIR")]
     pub cache_dir: PathBuf,
     /// Size cap of the disk cache: bytes or a percentage of its filesystem.
-    #[arg(long, env = "BUCKETFS_CACHE_MAX_SIZE", default_value = "50%")]
+    #[arg(long, env = "BUCKETFS_CACHE_MAX_SIZE", default_value = config::CACHE_MAX_SIZE)]
     pub cache_max_size: String,
     /// Ranged GETs in flight at once.
-    #[arg(long, env = "BUCKETFS_WARM_CONCURRENCY", default_value = "16")]
+    #[arg(long, env = "BUCKETFS_WARM_CONCURRENCY", default_value_t = config::WARM_CONCURRENCY)]
     pub concurrency: usize,
     /// Bytes per ranged GET.
-    #[arg(long, env = "BUCKETFS_READ_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
+    #[arg(long, env = "BUCKETFS_READ_PART_SIZE", default_value = config::READ_PART_SIZE.text, value_parser = parse_size)]
     pub read_part_size: u64,
     /// Log level or filter.
-    #[arg(long, env = "BUCKETFS_LOG_LEVEL", default_value = "warn")]
+    #[arg(long, env = "BUCKETFS_LOG_LEVEL", default_value = config::WARM_LOG_LEVEL)]
     pub log_level: String,
     /// Log lines as human-readable text or as JSON objects (one per line).
-    #[arg(long, env = "BUCKETFS_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = "BUCKETFS_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
 
@@ -211,7 +172,7 @@ pub struct StoreArgs {
     pub anonymous: bool,
     /// Longest a read, stat or listing waits for a store that does not answer (retries
     /// included) before it fails with EIO; stalled transfers are cut after a third of it.
-    #[arg(long, env = "BUCKETFS_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "BUCKETFS_READ_TIMEOUT", default_value = config::READ_TIMEOUT.text, value_parser = parse_duration)]
     pub read_timeout: Duration,
 }
 
@@ -248,17 +209,17 @@ pub struct MountArgs {
     #[arg(long, env = "BUCKETFS_GID", help_heading = "Mount")]
     pub gid: Option<u32>,
     /// Permission bits of files, in octal.
-    #[arg(long, env = "BUCKETFS_FILE_MODE", default_value = "0644", value_parser = parse_mode, help_heading = "Mount")]
+    #[arg(long, env = "BUCKETFS_FILE_MODE", default_value = config::FILE_MODE.text, value_parser = parse_mode, help_heading = "Mount")]
     pub file_mode: u16,
     /// Permission bits of directories, in octal.
-    #[arg(long, env = "BUCKETFS_DIR_MODE", default_value = "0755", value_parser = parse_mode, help_heading = "Mount")]
+    #[arg(long, env = "BUCKETFS_DIR_MODE", default_value = config::DIR_MODE.text, value_parser = parse_mode, help_heading = "Mount")]
     pub dir_mode: u16,
     /// Let other users (and containers sharing the mount) access it; permission bits then apply.
     #[arg(long, env = "BUCKETFS_ALLOW_OTHER", help_heading = "Mount")]
     pub allow_other: bool,
     /// How long file and directory metadata is reused before asking the store again. Changes made
     /// by others become visible after at most this long; 0 asks every time.
-    #[arg(long, env = "BUCKETFS_METADATA_TTL", default_value = "5s", value_parser = parse_duration, help_heading = "Mount")]
+    #[arg(long, env = "BUCKETFS_METADATA_TTL", default_value = config::METADATA_TTL.text, value_parser = parse_duration, help_heading = "Mount")]
     pub metadata_ttl: Duration,
     /// How long "no such file" is reused: a file created elsewhere shows after at most this long
     /// (default: 1s, or --metadata-ttl if that is shorter).
@@ -271,13 +232,13 @@ pub struct MountArgs {
     #[arg(long, env = "BUCKETFS_MAX_MEMORY", value_parser = parse_size, help_heading = "Reading")]
     pub max_memory: Option<u64>,
     /// Bytes per ranged GET when reading ahead (a multiple of 1MiB).
-    #[arg(long, env = "BUCKETFS_READ_PART_SIZE", default_value = "8MiB", value_parser = parse_size, help_heading = "Reading")]
+    #[arg(long, env = "BUCKETFS_READ_PART_SIZE", default_value = config::READ_PART_SIZE.text, value_parser = parse_size, help_heading = "Reading")]
     pub read_part_size: u64,
     /// Most ranged GETs in flight ahead of one sequential reader.
     #[arg(
         long,
         env = "BUCKETFS_READ_CONCURRENCY",
-        default_value = "8",
+        default_value_t = config::READ_CONCURRENCY,
         help_heading = "Reading"
     )]
     pub read_concurrency: usize,
@@ -294,7 +255,7 @@ pub struct MountArgs {
     #[arg(
         long,
         env = "BUCKETFS_CACHE_MAX_SIZE",
-        default_value = "50%",
+        default_value = config::CACHE_MAX_SIZE,
         help_heading = "Cache"
     )]
     pub cache_max_size: String,
@@ -304,7 +265,7 @@ pub struct MountArgs {
     pub no_passthrough: bool,
 
     /// Bytes per uploaded part when writing (at least 5MiB; S3 allows 10,000 parts per object).
-    #[arg(long, env = "BUCKETFS_WRITE_PART_SIZE", default_value = "16MiB", value_parser = parse_size, help_heading = "Writes and locks")]
+    #[arg(long, env = "BUCKETFS_WRITE_PART_SIZE", default_value = config::WRITE_PART_SIZE.text, value_parser = parse_size, help_heading = "Writes and locks")]
     pub write_part_size: u64,
     #[command(flatten)]
     pub locks: LockArgs,
@@ -315,7 +276,7 @@ pub struct MountArgs {
     pub http_addr: Option<SocketAddr>,
     /// On SIGTERM, how long writers get to finish and uploads to complete before the process
     /// unmounts and exits (keep it below the pod's terminationGracePeriodSeconds).
-    #[arg(long, env = "BUCKETFS_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration, help_heading = "Sidecar")]
+    #[arg(long, env = "BUCKETFS_SHUTDOWN_TIMEOUT", default_value = config::SHUTDOWN_TIMEOUT.text, value_parser = parse_duration, help_heading = "Sidecar")]
     pub shutdown_timeout: Duration,
 
     /// Log level or filter (error, warn, info, debug, trace, or e.g. "bucketfs=debug"). The
@@ -323,7 +284,7 @@ pub struct MountArgs {
     #[arg(
         long,
         env = "BUCKETFS_LOG_LEVEL",
-        default_value = "info",
+        default_value = config::LOG_LEVEL,
         help_heading = "Logging"
     )]
     pub log_level: String,
@@ -332,7 +293,7 @@ pub struct MountArgs {
         long,
         env = "BUCKETFS_LOG_FORMAT",
         value_enum,
-        default_value = "text",
+        default_value_t,
         help_heading = "Logging"
     )]
     pub log_format: LogFormat,
@@ -343,63 +304,11 @@ pub struct MountArgs {
     pub log_file: Option<PathBuf>,
 }
 
-/// A failure with the exit code it deserves and a one-line message that says what to do.
-#[derive(Debug)]
-pub struct Failure {
-    pub code: u8,
-    pub message: String,
-}
-
-impl Failure {
-    fn new(code: u8, message: impl Into<String>) -> Failure {
-        Failure {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-pub fn main() -> ExitCode {
-    // In a background daemon, stdout is the readiness pipe: take it before anything can print.
-    crate::daemon::adopt_ready_pipe();
-    raise_open_files_limit();
-    let result = run(std::env::args_os().collect());
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
-            eprintln!("bucketfs: {}", f.message);
-            crate::daemon::report_failure(f.code, &f.message);
-            ExitCode::from(f.code)
-        }
-    }
-}
-
-/// Parses `argv` (the `mount(8)` helper forms included) and runs the subcommand.
-fn run(argv: Vec<OsString>) -> Result<(), Failure> {
-    let argv = match crate::mount_helper::translate(argv).map_err(|m| Failure::new(2, m))? {
-        HelperCall::NotHelper(argv) | HelperCall::Mount(argv) => argv,
-        HelperCall::Fake => return Ok(()),
-    };
-    let (cli, argv) = parse(argv);
-    match cli.command {
-        Command::Mount(args) if !args.foreground => {
-            let log_file = args.log_file.clone().unwrap_or_else(|| {
-                crate::daemon::default_log_file(args.cache_dir.as_deref(), &args.mountpoint)
-            });
-            crate::daemon::spawn(&argv[1..], &log_file).map_err(|(code, m)| Failure::new(code, m))
-        }
-        Command::Mount(args) => run_mount(*args),
-        Command::Warm(args) => run_warm(args),
-        Command::Cache { command } => run_cache(command),
-        Command::Locks { command } => run_locks(command),
-    }
-}
-
 /// Parses the command line (exiting on `--help` or bad arguments, as clap does) and applies a
 /// `--profile`: its settings are inserted as options right after `mount`, except those the user
 /// gave (on the command line or in the environment). Returns the parsed command and the command
 /// line it was parsed from.
-fn parse(argv: Vec<OsString>) -> (Cli, Vec<OsString>) {
+pub fn parse(argv: Vec<OsString>) -> (Cli, Vec<OsString>) {
     use clap::parser::ValueSource;
     let matches = Cli::command().get_matches_from(&argv);
     let Some(("mount", mount)) = matches.subcommand() else {
@@ -434,620 +343,9 @@ fn cli_from(matches: &clap::ArgMatches) -> Cli {
     Cli::from_arg_matches(matches).unwrap_or_else(|e| e.exit())
 }
 
-fn init_logging(level: &str, format: LogFormat, file: Option<&Path>) -> Result<(), Failure> {
-    let file = match file {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| {
-                    Failure::new(
-                        2,
-                        format!("--log-file {}: cannot open it: {e}", path.display()),
-                    )
-                })?,
-        ),
-        None => None,
-    };
-    crate::logging::init(level, format, file)
-        .map_err(|e| Failure::new(2, format!("--log-level {level:?}: {e}")))
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("bucketfs")
-        .build()
-        .map_err(|e| Failure::new(1, format!("cannot start the runtime: {e}")))
-}
-
-/// Opens the store for `source` and checks, quickly, that it answers: the bucket exists, the
-/// credentials work, the endpoint is reachable. Returns the store wrapped in the retry policy.
-pub async fn open_store(source: &Source, args: &StoreArgs) -> Result<DynStore, Failure> {
-    if args.read_timeout < Duration::from_secs(1) {
-        return Err(Failure::new(2, "--read-timeout must be at least 1s"));
-    }
-    let policy = RetryPolicy::with_read_deadline(args.read_timeout);
-    let raw: DynStore = match source {
-        Source::S3 { .. } if args.anonymous => {
-            return Err(Failure::new(
-                2,
-                "--anonymous is for gs:// sources; S3 credentials come from the AWS chain",
-            ));
-        }
-        Source::S3 { bucket, .. } => {
-            let opts = S3Options {
-                endpoint_url: s3_endpoint(args),
-                region: args.region.clone(),
-                force_path_style: args.force_path_style,
-                timeouts: policy.timeouts(),
-            };
-            Arc::new(
-                store::s3::S3Store::new(bucket, &opts)
-                    .await
-                    .map_err(store_failure)?,
-            )
-        }
-        Source::Gcs { bucket, .. } => {
-            let opts = gcs_options(args, policy.timeouts());
-            Arc::new(
-                store::gcs::GcsStore::new(bucket, &opts)
-                    .await
-                    .map_err(|e| gcs_failure(e, &opts))?,
-            )
-        }
-        Source::Local { root } => {
-            Arc::new(store::local::LocalStore::new(root).map_err(store_failure)?)
-        }
-    };
-    // A short policy: a user at a terminal or a pod's start-up should learn within seconds that
-    // the endpoint is wrong, instead of after minutes of retries.
-    let startup = RetryPolicy {
-        max_attempts: 2,
-        attempt_timeout: Duration::from_secs(8),
-        ..RetryPolicy::default()
-    };
-    startup
-        .run("check", || raw.list(source.prefix(), Some("/"), None, 1))
-        .await
-        .map_err(|e| {
-            let what = raw.describe();
-            match e {
-                StoreError::BucketNotFound(_) => Failure::new(
-                    3,
-                    format!("{what}: the bucket does not exist (check the name, --endpoint-url and --region)"),
-                ),
-                other => store_failure(other),
-            }
-        })?;
-    let metered = Arc::new(Metered::new(raw));
-    Ok(Arc::new(Retrying::new(metered, policy)))
-}
-
-/// The S3 endpoint: `--endpoint-url`, else the AWS SDKs' standard variables, the S3-specific
-/// `AWS_ENDPOINT_URL_S3` before `AWS_ENDPOINT_URL` (else AWS itself).
-fn s3_endpoint(args: &StoreArgs) -> Option<String> {
-    args.endpoint_url.clone().or_else(|| {
-        ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
-            .iter()
-            .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
-    })
-}
-
-/// How to reach GCS: `--endpoint-url` and `--anonymous`, else `STORAGE_EMULATOR_HOST` as the
-/// Google client libraries read it: the emulator's `host:port` (or URL), reached without
-/// credentials.
-fn gcs_options(args: &StoreArgs, timeouts: Timeouts) -> GcsOptions {
-    let emulator = std::env::var("STORAGE_EMULATOR_HOST")
-        .ok()
-        .filter(|h| !h.is_empty());
-    let (endpoint_url, anonymous) = match (&args.endpoint_url, emulator) {
-        (None, Some(host)) => {
-            let url = if host.contains("://") {
-                host
-            } else {
-                format!("http://{host}")
-            };
-            tracing::info!(endpoint = %url, "STORAGE_EMULATOR_HOST: using the emulator, without credentials");
-            (Some(url), true)
-        }
-        (endpoint, _) => (endpoint.clone(), args.anonymous),
-    };
-    GcsOptions {
-        endpoint_url,
-        anonymous,
-        timeouts,
-    }
-}
-
-/// A GCS store that would not open, with a hint when credentials were looked for on the way to
-/// an emulator (which wants none).
-fn gcs_failure(e: StoreError, opts: &GcsOptions) -> Failure {
-    let emulator = opts
-        .endpoint_url
-        .as_deref()
-        .is_some_and(|u| !u.contains("googleapis.com"));
-    let mut f = store_failure(e);
-    if f.code == 3 && emulator && !opts.anonymous && f.message.contains("credentials") {
-        f.message.push_str(
-            "; --endpoint-url names a server other than Google's: an emulator wants no \
-             credentials, so add --anonymous (or set STORAGE_EMULATOR_HOST instead)",
-        );
-    }
-    f
-}
-
-fn store_failure(e: StoreError) -> Failure {
-    let hint = match &e {
-        StoreError::Unauthorized(_) => " (check the credentials and their permissions)",
-        StoreError::Transient(_) | StoreError::Throttled(_) => {
-            " (is the endpoint reachable? check --endpoint-url and the network)"
-        }
-        _ => "",
-    };
-    Failure::new(3, format!("{e}{hint}"))
-}
-
-fn run_warm(args: WarmArgs) -> Result<(), Failure> {
-    init_logging(&args.log_level, args.log_format, None)?;
-    let source = Source::parse(&args.source).map_err(|m| Failure::new(2, m))?;
-    let rt = runtime()?;
-    let disk = open_disk_cache(Some(&args.cache_dir), &args.cache_max_size)?.ok_or_else(|| {
-        Failure::new(
-            4,
-            format!(
-                "the cache directory {} cannot be used (see the warning above)",
-                args.cache_dir.display()
-            ),
-        )
-    })?;
-    let store = rt.block_on(open_store(&source, &args.store))?;
-    let cfg = ReadConfig {
-        part_size: args.read_part_size,
-        concurrency: args.concurrency,
-        max_memory: 2 * args.read_part_size * args.concurrency as u64,
-    };
-    cfg.split().map_err(|m| Failure::new(2, m))?;
-    let ctx = Arc::new(crate::read::ReadContext {
-        // Warm fills the disk; a token memory tier keeps nothing around.
-        tiers: Arc::new(crate::cache::tiered::TieredCache::new(
-            store.clone(),
-            Arc::new(crate::cache::memory::MemoryCache::new(0)),
-            Some(disk),
-        )),
-        store,
-        budget: Arc::new(crate::memory::MemoryBudget::new(0, 0)),
-        cfg,
-    });
-    let prefixes: Vec<String> = if args.paths.is_empty() {
-        vec![source.prefix().to_string()]
-    } else {
-        args.paths
-            .iter()
-            .map(|p| format!("{}{}", source.prefix(), p.trim_start_matches('/')))
-            .collect()
-    };
-    let report = rt.block_on(async {
-        let objects = crate::warm::objects_under(&ctx, &prefixes)
-            .await
-            .map_err(store_failure)?;
-        Ok::<_, Failure>(crate::warm::warm(ctx.clone(), objects, args.concurrency).await)
-    })?;
-    for (key, error) in &report.failed {
-        eprintln!("bucketfs: warm: {key}: {error}");
-    }
-    println!(
-        "warmed {} objects, {} bytes, {} failed",
-        report.objects,
-        report.bytes,
-        report.failed.len()
-    );
-    if report.failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure::new(
-            1,
-            format!("{} objects could not be cached", report.failed.len()),
-        ))
-    }
-}
-
-fn run_cache(command: CacheCommand) -> Result<(), Failure> {
-    let (dir, clear) = match &command {
-        CacheCommand::Stats { cache_dir } => (cache_dir, false),
-        CacheCommand::Clear { cache_dir } => (cache_dir, true),
-    };
-    if !dir.join("cache").is_dir() {
-        return Err(Failure::new(
-            4,
-            format!("{} holds no bucketfs cache", dir.display()),
-        ));
-    }
-    let cache = crate::cache::disk::DiskCache::open(dir, u64::MAX)
-        .map_err(|e| Failure::new(4, e.to_string()))?;
-    if clear {
-        let n = cache.clear().map_err(|e| Failure::new(1, e.to_string()))?;
-        println!("removed {n} cached objects");
-    } else {
-        let s = cache.stats();
-        println!("objects: {}", s.objects);
-        println!("bytes: {}", s.bytes + s.meta_bytes);
-    }
-    Ok(())
-}
-
-/// The node-shared disk cache under `dir`, if a directory was given. A cache that cannot be used
-/// is reported once and the mount goes on without it.
-pub fn open_disk_cache(
-    dir: Option<&Path>,
-    max_size: &str,
-) -> Result<Option<Arc<crate::cache::disk::DiskCache>>, Failure> {
-    let Some(dir) = dir else {
-        return Ok(None);
-    };
-    let cap = cache_cap(dir, max_size).map_err(|m| Failure::new(2, m))?;
-    match crate::cache::disk::DiskCache::open(dir, cap) {
-        Ok(c) => Ok(Some(Arc::new(c))),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "the disk cache is off");
-            Ok(None)
-        }
-    }
-}
-
-/// `--cache-max-size`: bytes, or a percentage of the filesystem that holds `dir`.
-fn cache_cap(dir: &Path, spec: &str) -> Result<u64, String> {
-    if let Some(pct) = spec.trim().strip_suffix('%') {
-        let pct: f64 = pct
-            .trim()
-            .parse()
-            .ok()
-            .filter(|p| *p > 0.0 && *p <= 100.0)
-            .ok_or_else(|| format!("--cache-max-size {spec:?}: a percentage is 1% to 100%"))?;
-        let _ = std::fs::create_dir_all(dir);
-        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| "cache dir path has a NUL byte".to_string())?;
-        // SAFETY: zeroed statvfs is valid; statvfs fills it.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid path and a pointer to a live statvfs.
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return Err(format!(
-                "--cache-dir {}: {}",
-                dir.display(),
-                std::io::Error::last_os_error()
-            ));
-        }
-        let total = st.f_blocks as f64 * st.f_frsize as f64;
-        return Ok((total * pct / 100.0) as u64);
-    }
-    parse_size(spec).map_err(|e| format!("--cache-max-size: {e}"))
-}
-
-/// The directory for bucketfs' local files.
-pub fn cache_dir(given: Option<&Path>) -> PathBuf {
-    match given {
-        Some(p) => p.to_path_buf(),
-        // SAFETY: getuid cannot fail.
-        None => std::env::temp_dir().join(format!("bucketfs-{}", unsafe { libc::getuid() })),
-    }
-}
-
-/// Refuses mount points that cannot work, before anything is mounted.
-fn check_mountpoint(path: &Path) -> Result<PathBuf, Failure> {
-    let shown = path.display();
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(Failure::new(
-                4,
-                format!("mount point {shown} is not a directory"),
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Failure::new(
-                4,
-                format!("mount point {shown} does not exist; create it with: mkdir -p {shown}"),
-            ));
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            return Err(Failure::new(
-                4,
-                format!(
-                    "mount point {shown} is a dead FUSE mount; clear it with: fusermount3 -u {shown}"
-                ),
-            ));
-        }
-        Err(e) => return Err(Failure::new(4, format!("mount point {shown}: {e}"))),
-    }
-    let canonical = std::fs::canonicalize(path)
-        .map_err(|e| Failure::new(4, format!("mount point {shown}: {e}")))?;
-    if is_mount_point(&canonical) {
-        return Err(Failure::new(
-            4,
-            format!("{shown} is already a mount point; unmount it first (umount {shown})"),
-        ));
-    }
-    Ok(canonical)
-}
-
-/// Whether `path` (canonical) is listed in this process's mount table.
-fn is_mount_point(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let wanted = path.to_string_lossy();
-    table.lines().any(|line| {
-        line.split(' ')
-            .nth(4)
-            .is_some_and(|mp| unescape_mountinfo(mp) == wanted)
-    })
-}
-
-/// `/proc/self/mountinfo` escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let mut out = Vec::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn run_mount(mut args: MountArgs) -> Result<(), Failure> {
-    init_logging(&args.log_level, args.log_format, args.log_file.as_deref())?;
-    // Local paths are used for as long as the mount lives: absolute, so that a background daemon
-    // can leave the directory it was started from (and not keep it busy).
-    if let Some(dir) = &args.cache_dir {
-        args.cache_dir = Some(
-            std::path::absolute(dir)
-                .map_err(|e| Failure::new(2, format!("--cache-dir {}: {e}", dir.display())))?,
-        );
-    }
-    tracing::info!(configuration = ?args, "effective configuration");
-    let mut source = Source::parse(&args.source).map_err(|m| Failure::new(2, m))?;
-    // The URL that names this mount (in the upload journal, `mount`, logs): SOURCE as given,
-    // unless --prefix narrows it.
-    let mut source_url = args.source.clone();
-    if let Some(sub) = &args.prefix {
-        source = source.with_prefix(sub).map_err(|m| Failure::new(2, m))?;
-        source_url = source.url();
-    }
-    let mountpoint = check_mountpoint(&args.mountpoint)?;
-    crate::daemon::leave_working_directory();
-    let rt = runtime()?;
-    // Up before the store is checked: /healthz answers and /readyz says "not yet" meanwhile.
-    let health = crate::http::Health::new(mountpoint.clone());
-    if let Some(addr) = args.http_addr {
-        let listener = rt
-            .block_on(crate::http::bind(addr))
-            .map_err(|e| Failure::new(2, format!("--http-addr {addr}: cannot listen: {e}")))?;
-        rt.spawn(crate::http::serve(listener, health.clone()));
-        tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
-    }
-    let max_memory = max_memory(args.max_memory, 2 * args.read_part_size);
-    if args.write_part_size < 5 << 20 || args.write_part_size > 1 << 30 {
-        return Err(Failure::new(
-            2,
-            "--write-part-size must be between 5MiB and 1GiB",
-        ));
-    }
-    let store = rt.block_on(open_store(&source, &args.store))?;
-    let locks = args.locks.config(!args.read_only)?;
-    if locks.enabled {
-        rt.block_on(check_locking(&store, &locks.prefix))?;
-    } else if !args.read_only {
-        tracing::warn!(
-            "write locks are off (--no-locks): two replicas writing one path can overwrite each other"
-        );
-    }
-    let staging_dir = cache_dir(args.cache_dir.as_deref()).join("staging");
-    if !args.read_only {
-        crate::write::prepare_staging_dir(&staging_dir).map_err(|e| {
-            Failure::new(
-                4,
-                format!(
-                    "cannot use the staging directory {}: {e}",
-                    staging_dir.display()
-                ),
-            )
-        })?;
-        let aborted = rt.block_on(Journal::recover(&staging_dir, &source_url, &store));
-        if aborted > 0 {
-            tracing::info!(aborted, "cleaned up uploads left by processes that died");
-        }
-    }
-    // SAFETY: getuid/getgid cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = Fs::new(
-        store.clone(),
-        FsConfig {
-            prefix: source.prefix().to_string(),
-            uid: args.uid.unwrap_or(uid),
-            gid: args.gid.unwrap_or(gid),
-            file_mode: args.file_mode,
-            dir_mode: args.dir_mode,
-            metadata_ttl: args.metadata_ttl,
-            negative_metadata_ttl: args
-                .negative_metadata_ttl
-                .unwrap_or(DEFAULT_NEGATIVE_METADATA_TTL.min(args.metadata_ttl)),
-            read_only: args.read_only,
-            read: ReadConfig {
-                part_size: args.read_part_size,
-                concurrency: args.read_concurrency,
-                max_memory,
-            },
-            write: (!args.read_only).then(|| WriteConfig {
-                part_size: args.write_part_size,
-                staging_dir: staging_dir.clone(),
-            }),
-            source: source_url.clone(),
-            disk_cache: open_disk_cache(args.cache_dir.as_deref(), &args.cache_max_size)?,
-            passthrough: !args.no_passthrough,
-            locks,
-        },
-    )
-    .map_err(|m| Failure::new(2, m))?;
-    health.set_fs(fs.clone());
-    let served = crate::mount::serve(
-        fs,
-        &rt,
-        &mountpoint,
-        &crate::mount::MountOptions {
-            fs_name: format!("bucketfs:{source_url}"),
-            read_only: args.read_only,
-            allow_other: args.allow_other,
-            shutdown_timeout: args.shutdown_timeout,
-            health: Some(health),
-            on_ready: Some(crate::daemon::report_ready),
-        },
-    )
-    .map_err(|e| Failure::new(1, e));
-    // Do not wait on work that can no longer matter (a stat of a mount that went away).
-    rt.shutdown_timeout(Duration::from_secs(1));
-    served
-}
-
-/// Refuses a writable mount of a store that does not enforce the conditional writes the write
-/// locks rest on (see [`crate::lock::check_store`]).
-async fn check_locking(store: &DynStore, prefix: &str) -> Result<(), Failure> {
-    match crate::lock::check_store(store, prefix).await {
-        Ok(check) => {
-            if !check.conditional_delete {
-                tracing::warn!(
-                    "this store ignores conditions on deletes: releasing a write lock is not \
-                     conditional here (a lock broken and re-taken by another replica at that very \
-                     moment could be deleted)"
-                );
-            }
-            Ok(())
-        }
-        Err(CheckError::NotEnforced(why)) => Err(Failure::new(
-            3,
-            format!(
-                "{} does not enforce conditional writes ({why}), so write locks cannot keep \
-                 two replicas from writing one path at once; mount with --read-only, or with \
-                 --no-locks if a single replica writes this bucket",
-                store.describe()
-            ),
-        )),
-        Err(CheckError::Store(e)) => Err(store_failure(e)),
-    }
-}
-
-/// `bucketfs locks list|break`.
-fn run_locks(command: LocksCommand) -> Result<(), Failure> {
-    let rt = runtime()?;
-    let (source, store_args, prefix) = match &command {
-        LocksCommand::List {
-            source,
-            store,
-            prefix,
-        }
-        | LocksCommand::Break {
-            source,
-            store,
-            prefix,
-            ..
-        } => (source, store, &prefix.lock_prefix),
-    };
-    let source = Source::parse(source).map_err(|m| Failure::new(2, m))?;
-    let store = rt.block_on(open_store(&source, store_args))?;
-    let space = crate::lock::LockSpace::new(store, prefix);
-    match command {
-        LocksCommand::List { .. } => {
-            let locks = rt
-                .block_on(crate::lock::admin::list(&space, source.prefix()))
-                .map_err(store_failure)?;
-            print!("{}", crate::lock::admin::table(&locks, source.prefix()));
-        }
-        LocksCommand::Break { path, .. } => {
-            let rel = path.trim_matches('/');
-            if rel.is_empty() {
-                return Err(Failure::new(2, "PATH names no file"));
-            }
-            let key = format!("{}{rel}", source.prefix());
-            match rt
-                .block_on(crate::lock::admin::break_lock(&space, &key))
-                .map_err(store_failure)?
-            {
-                None => println!("{rel} is not locked"),
-                Some(seen) if seen.expired() => {
-                    println!(
-                        "removed the lock of {rel}, held by {} (its lease had run out)",
-                        seen.holder()
-                    );
-                }
-                Some(seen) => println!(
-                    "broke the lock of {rel}, held by {}: its lease was alive, so its next \
-                     commit fails with EIO",
-                    seen.holder()
-                ),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Raises the soft limit of open files to the hard one. The soft limit is often 1024 on a
-/// laptop, which a few hundred files read at once (each with its cache files, sockets and the
-/// FUSE device) can exhaust; the hard limit is what the administrator allows.
-fn raise_open_files_limit() {
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &wanted);
-        }
-    }
-}
-
-/// `--max-memory`, or its default from the container's memory limit (see `cgroup`).
-fn max_memory(given: Option<u64>, floor: u64) -> u64 {
-    let limit = crate::cgroup::memory_limit();
-    match given {
-        Some(m) => {
-            if let Some(limit) = limit.filter(|&l| m >= l) {
-                tracing::warn!(
-                    max_memory = m,
-                    limit,
-                    "--max-memory is not below the container's memory limit: expect OOM kills"
-                );
-            }
-            m
-        }
-        None => {
-            let m = crate::cgroup::default_max_memory(limit, floor);
-            tracing::info!(max_memory = m, limit, "memory budget");
-            m
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescapes_mountinfo_paths() {
-        assert_eq!(unescape_mountinfo(r"/mnt/with\040space"), "/mnt/with space");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/trailing\"), r"/trailing\");
-    }
 
     #[test]
     fn every_option_has_an_env_var_and_help() {

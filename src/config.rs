@@ -1,9 +1,15 @@
-//! One validated configuration, built from the command line (and `BUCKETFS_*` variables).
+//! One validated configuration, built from the command line (and `BUCKETFS_*` variables), and
+//! every default with the reason for its number.
 //!
 //! Everything that can be wrong with the user's input is found here, before anything touches
-//! the network or the mount point, and said in one line that tells what to do.
+//! the network or the mount point, and said in one line that tells what to do (exit code 2).
+//! `cli` parses the words, this module decides what they mean ([`MountConfig::check`]), and `run`
+//! wires the layers from the result. Like `metrics` and `memory`, this module sits below every
+//! layer and imports none: the layers' own config types (`ReadConfig`, `LockConfig`, ...) take
+//! their defaults from the constants here.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where the bytes live.
@@ -130,11 +136,303 @@ fn normalize_prefix(prefix: &str) -> Result<String, String> {
     Ok(format!("{trimmed}/"))
 }
 
+// The defaults. Each is stated here once, with its reason: clap shows and applies `text`
+// (`default_value = X.text`), and the `Default` impls of the layers use `value`, which is
+// `text` read at compile time, so the two cannot disagree.
+
+/// A default as the command line spells it (`text`), and what that means (`value`).
+#[derive(Clone, Copy, Debug)]
+pub struct DefaultValue<T> {
+    pub text: &'static str,
+    pub value: T,
+}
+
+/// Default `--metadata-ttl`: long enough that a build or a model load, which stats the same
+/// files many times within seconds, asks the store once per file; short enough that a change
+/// made elsewhere shows before a person re-runs the command.
+pub const METADATA_TTL: DefaultValue<Duration> = duration("5s");
+
 /// Default `--negative-metadata-ttl` (or `--metadata-ttl` if shorter). Short, because a
 /// remembered "no such file" is what a user notices (a file just written by another machine is
 /// missing here), yet long enough to absorb the bursts of lookups of absent names that program
 /// start-ups make (module search paths, optional config files).
 pub const DEFAULT_NEGATIVE_METADATA_TTL: Duration = Duration::from_secs(1);
+
+/// Default `--file-mode`: readable by all, writable by the owner, as `umask 022` creates files.
+pub const FILE_MODE: DefaultValue<u16> = mode("0644");
+
+/// Default `--dir-mode`: the same for directories, which also need the search bit.
+pub const DIR_MODE: DefaultValue<u16> = mode("0755");
+
+/// Default `--max-memory` when the container sets no memory limit: prefetch 64 MiB + demand
+/// 32 MiB + memory tier 64 MiB, so the daemon stays near 200 MiB resident while streaming a
+/// multi-GB model (see `cgroup` for the default under a limit).
+pub const MAX_MEMORY: DefaultValue<u64> = size("160MiB");
+
+/// Default `--read-part-size`: a request to S3 costs ~20-30 ms before the first byte, so a part
+/// must take much longer than that to transfer (8 MiB at ~100 MB/s per connection is ~80 ms) for
+/// latency to stop mattering; larger parts only raise memory per request.
+pub const READ_PART_SIZE: DefaultValue<u64> = size("8MiB");
+
+/// Default `--read-concurrency`: 8 parts of 8 MiB keep a 25 ms-latency link busy at over 2 GB/s
+/// (bandwidth-delay product ~ 64 MiB), and fit the default memory budget.
+pub const READ_CONCURRENCY: usize = 8;
+
+/// Default `--concurrency` of `bucketfs warm`: warming has no reader to wait for, so twice a
+/// reader's GETs fill the link sooner; each holds one part in memory.
+pub const WARM_CONCURRENCY: usize = 16;
+
+/// Default `--cache-max-size`: half the filesystem that holds the cache, so a node's other
+/// users (images, logs, other caches) keep the other half.
+pub const CACHE_MAX_SIZE: &str = "50%";
+
+/// Default `--write-part-size`: S3 allows 10,000 parts, so streamed files can reach 160 GB;
+/// each part in flight holds this much memory.
+pub const WRITE_PART_SIZE: DefaultValue<u64> = size("16MiB");
+
+/// Smallest `--write-part-size`: S3's minimum for every part but the last.
+pub const MIN_WRITE_PART_SIZE: u64 = 5 << 20;
+
+/// Largest `--write-part-size`: a part is held in memory while it uploads.
+pub const MAX_WRITE_PART_SIZE: u64 = 1 << 30;
+
+/// Default `--lock-wait`: a write to a path another replica is writing fails at once with
+/// EBUSY, which is what a job that did not expect a second writer should learn.
+pub const LOCK_WAIT: DefaultValue<Duration> = duration("0s");
+
+/// Default `--lease`: renewed every 10 s and trusted for 24 s after each renewal, a holder keeps
+/// its lock through a store outage of 14 s at least (24 s at best), and a crashed replica's paths
+/// are free again 31 s after its last renewal.
+pub const LEASE: DefaultValue<Duration> = duration("30s");
+
+/// Default `--read-timeout`: a store that answers nothing fails a read with EIO after this long;
+/// long enough to ride out a restarting server or a burst of throttling.
+pub const READ_TIMEOUT: DefaultValue<Duration> = duration("30s");
+
+/// Shortest `--read-timeout`: a stalled transfer is cut after a third of it, and a healthy GET
+/// of one part takes well under that.
+pub const MIN_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Default `--shutdown-timeout`: below the 30 s `terminationGracePeriodSeconds` Kubernetes
+/// gives a pod by default, with room for the unmount and the files still open after it.
+pub const SHUTDOWN_TIMEOUT: DefaultValue<Duration> = duration("20s");
+
+/// Default `--log-level` of `mount`: one line per mount, unmount and failure.
+pub const LOG_LEVEL: &str = "info";
+
+/// Default `--log-level` of `warm`: its summary is printed; the log only says what went wrong.
+pub const WARM_LOG_LEVEL: &str = "warn";
+
+/// `text` as a [`DefaultValue`] duration, read at compile time (whole seconds, `ms`, `m`, `h`).
+const fn duration(text: &'static str) -> DefaultValue<Duration> {
+    let (n, unit) = leading_number(text);
+    let value = match unit {
+        b"s" => Duration::from_secs(n),
+        b"ms" => Duration::from_millis(n),
+        b"m" => Duration::from_secs(n * 60),
+        b"h" => Duration::from_secs(n * 3600),
+        _ => panic!("a default duration needs a unit: s, ms, m or h"),
+    };
+    DefaultValue { text, value }
+}
+
+/// `text` as a [`DefaultValue`] size, read at compile time (`KiB`, `MiB`, `GiB`, as
+/// [`parse_size`] reads them).
+const fn size(text: &'static str) -> DefaultValue<u64> {
+    let (n, unit) = leading_number(text);
+    let value = match unit {
+        b"KiB" => n << 10,
+        b"MiB" => n << 20,
+        b"GiB" => n << 30,
+        _ => panic!("a default size needs a unit: KiB, MiB or GiB"),
+    };
+    DefaultValue { text, value }
+}
+
+/// `text` as a [`DefaultValue`] octal mode, read at compile time.
+const fn mode(text: &'static str) -> DefaultValue<u16> {
+    let b = text.as_bytes();
+    let mut value = 0u16;
+    let mut i = 0;
+    while i < b.len() {
+        assert!(b[i] >= b'0' && b[i] <= b'7', "a mode is octal digits");
+        value = value * 8 + (b[i] - b'0') as u16;
+        i += 1;
+    }
+    DefaultValue { text, value }
+}
+
+/// The decimal number `text` starts with, and the rest of it.
+const fn leading_number(text: &str) -> (u64, &[u8]) {
+    let b = text.as_bytes();
+    let mut n = 0u64;
+    let mut i = 0;
+    while i < b.len() && b[i].is_ascii_digit() {
+        n = n * 10 + (b[i] - b'0') as u64;
+        i += 1;
+    }
+    assert!(i > 0, "a default starts with a number");
+    (n, b.split_at(i).1)
+}
+
+/// A mount as the command line asks for it: what `run` wires the layers from, once
+/// [`MountConfig::check`] has passed it.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    pub source: Source,
+    /// The URL that names this mount (in the upload journal, `mount`, logs): SOURCE as given,
+    /// unless `--prefix` narrows it.
+    pub source_url: String,
+    pub read_only: bool,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    pub allow_other: bool,
+    pub metadata_ttl: Duration,
+    /// `--negative-metadata-ttl`, or its default given `--metadata-ttl`.
+    pub negative_metadata_ttl: Duration,
+    /// `--max-memory`; `None`: derived from the container's limit when the mount starts.
+    pub max_memory: Option<u64>,
+    pub read_part_size: u64,
+    pub read_concurrency: usize,
+    pub store: StoreConfig,
+    /// `--cache-dir`, absolute: a background daemon leaves the directory it was started from.
+    pub cache_dir: Option<PathBuf>,
+    pub cache_max_size: CacheSize,
+    pub passthrough: bool,
+    pub write_part_size: u64,
+    pub locks: LockOptions,
+    pub http_addr: Option<SocketAddr>,
+    pub shutdown_timeout: Duration,
+}
+
+impl MountConfig {
+    /// Checks the options, alone and together: the first problem found, in one line.
+    pub fn check(self) -> Result<MountConfig, String> {
+        if !(MIN_WRITE_PART_SIZE..=MAX_WRITE_PART_SIZE).contains(&self.write_part_size) {
+            return Err("--write-part-size must be between 5MiB and 1GiB".into());
+        }
+        if self.locks.lease < MIN_LEASE {
+            return Err(
+                "--lease must be at least 2s (the store's clock counts whole seconds)".into(),
+            );
+        }
+        self.store.check(&self.source)?;
+        Ok(self)
+    }
+}
+
+/// `--negative-metadata-ttl`, else its default, which never outlasts `--metadata-ttl`.
+pub fn negative_metadata_ttl(given: Option<Duration>, metadata_ttl: Duration) -> Duration {
+    given.unwrap_or(DEFAULT_NEGATIVE_METADATA_TTL.min(metadata_ttl))
+}
+
+/// A directory given on the command line, made absolute: a background daemon leaves the
+/// directory it was started from, and paths it keeps must still name the same place.
+pub fn absolute_dir(option: &str, dir: Option<PathBuf>) -> Result<Option<PathBuf>, String> {
+    dir.map(|dir| std::path::absolute(&dir).map_err(|e| format!("{option} {}: {e}", dir.display())))
+        .transpose()
+}
+
+/// SOURCE narrowed by `--prefix`, and the URL that names the result (SOURCE as given unless
+/// `--prefix` narrows it).
+pub fn mount_source(url: &str, prefix: Option<&str>) -> Result<(Source, String), String> {
+    let source = Source::parse(url)?;
+    match prefix {
+        None => Ok((source, url.to_string())),
+        Some(sub) => {
+            let narrowed = source.with_prefix(sub)?;
+            let url = narrowed.url();
+            Ok((narrowed, url))
+        }
+    }
+}
+
+/// How to reach the store, checked against the source.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+    pub anonymous: bool,
+    pub read_timeout: Duration,
+}
+
+impl StoreConfig {
+    /// Checks these options for a store of `source`.
+    pub fn check(&self, source: &Source) -> Result<(), String> {
+        if self.read_timeout < MIN_READ_TIMEOUT {
+            return Err("--read-timeout must be at least 1s".into());
+        }
+        if self.anonymous && matches!(source, Source::S3 { .. }) {
+            return Err(
+                "--anonymous is for gs:// sources; S3 credentials come from the AWS chain".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The write-lock options of a mount.
+#[derive(Clone, Debug)]
+pub struct LockOptions {
+    /// Key prefix of the lock objects (ends with `/`).
+    pub prefix: String,
+    /// Whether writes take locks: not with `--no-locks`, nor on a read-only mount.
+    pub enabled: bool,
+    pub lease: Duration,
+    pub wait: Duration,
+    /// `--replica-id`; `None`: the pod's or host's name and the process id.
+    pub replica_id: Option<String>,
+}
+
+/// Shortest `--lease`: the store's clock counts whole seconds.
+pub const MIN_LEASE: Duration = Duration::from_secs(2);
+
+/// `--cache-max-size`: bytes, or a share of the filesystem that holds the cache (known only
+/// once the directory is there).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CacheSize {
+    Bytes(u64),
+    Percent(f64),
+}
+
+impl CacheSize {
+    pub fn parse(spec: &str) -> Result<CacheSize, String> {
+        if let Some(pct) = spec.trim().strip_suffix('%') {
+            return pct
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| *p > 0.0 && *p <= 100.0)
+                .map(CacheSize::Percent)
+                .ok_or_else(|| format!("--cache-max-size {spec:?}: a percentage is 1% to 100%"));
+        }
+        parse_size(spec)
+            .map(CacheSize::Bytes)
+            .map_err(|e| format!("--cache-max-size: {e}"))
+    }
+
+    /// The cap in bytes, given the size of the filesystem that holds the cache.
+    pub fn bytes(
+        self,
+        filesystem_size: impl FnOnce() -> Result<u64, String>,
+    ) -> Result<u64, String> {
+        match self {
+            CacheSize::Bytes(b) => Ok(b),
+            CacheSize::Percent(pct) => Ok((filesystem_size()? as f64 * pct / 100.0) as u64),
+        }
+    }
+}
+
+/// The directory for bucketfs' local files: `--cache-dir`, else one per user under the temp dir.
+pub fn local_dir(given: Option<&Path>) -> PathBuf {
+    match given {
+        Some(p) => p.to_path_buf(),
+        None => std::env::temp_dir().join(format!("bucketfs-{}", nix::unistd::getuid())),
+    }
+}
 
 /// `--profile`: one word that sets the options suited to a kind of job. Each setting is an
 /// option of `bucketfs mount`, applied unless that option is given (on the command line or in
@@ -393,6 +691,75 @@ mod tests {
         assert_eq!(parse_lock_prefix("/team/locks/").unwrap(), "team/locks/");
         for bad in ["", "/", "a//b", "../x"] {
             assert!(parse_lock_prefix(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_read_at_compile_time_agree_with_the_command_line() {
+        for d in [
+            METADATA_TTL,
+            LOCK_WAIT,
+            LEASE,
+            READ_TIMEOUT,
+            SHUTDOWN_TIMEOUT,
+        ] {
+            assert_eq!(parse_duration(d.text).unwrap(), d.value, "{}", d.text);
+        }
+        for d in [MAX_MEMORY, READ_PART_SIZE, WRITE_PART_SIZE] {
+            assert_eq!(parse_size(d.text).unwrap(), d.value, "{}", d.text);
+        }
+        for d in [FILE_MODE, DIR_MODE] {
+            assert_eq!(parse_mode(d.text).unwrap(), d.value, "{}", d.text);
+        }
+        assert!(CacheSize::parse(CACHE_MAX_SIZE).is_ok());
+        assert!((MIN_WRITE_PART_SIZE..=MAX_WRITE_PART_SIZE).contains(&WRITE_PART_SIZE.value));
+        assert!(LEASE.value >= MIN_LEASE && READ_TIMEOUT.value >= MIN_READ_TIMEOUT);
+    }
+
+    /// Each default the command line spells is written here only: a `"30s"` elsewhere in `src/`
+    /// would be a copy that can drift from the one here.
+    #[test]
+    fn no_default_is_written_twice_in_src() {
+        let mut sources = String::new();
+        let mut dirs = vec![std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src"
+        ))];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs")
+                    && !path.ends_with("tests.rs")
+                    && !path.ends_with("config.rs")
+                {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    // Tests pick their own values; only the code before them counts.
+                    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+                    sources.push_str(code);
+                }
+            }
+        }
+        let texts = [
+            METADATA_TTL.text,
+            FILE_MODE.text,
+            DIR_MODE.text,
+            MAX_MEMORY.text,
+            READ_PART_SIZE.text,
+            CACHE_MAX_SIZE,
+            WRITE_PART_SIZE.text,
+            LOCK_WAIT.text,
+            LEASE.text,
+            READ_TIMEOUT.text,
+            SHUTDOWN_TIMEOUT.text,
+        ];
+        for text in texts {
+            let quoted = format!("{text:?}");
+            assert!(
+                !sources.contains(&quoted),
+                "{quoted} is written again outside config.rs: use the named default"
+            );
         }
     }
 

@@ -69,12 +69,7 @@ pub fn spawn(argv: &[OsString], log_file: &Path) -> Result<(), (u8, String)> {
         .stderr(log);
     // SAFETY: setsid is async-signal-safe, as a pre_exec closure must be.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(Into::into));
     }
     let mut child = cmd
         .spawn()
@@ -117,16 +112,12 @@ pub fn adopt_ready_pipe() {
     if std::env::var_os(READY_ENV).is_none() {
         return;
     }
-    // SAFETY: dup of our own stdout, then stderr over it; no other thread runs yet.
-    let pipe = unsafe {
-        let fd = libc::dup(1);
-        if fd < 0 {
-            return;
-        }
-        libc::dup2(2, 1);
-        <File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    // Our own stdout kept as the pipe, then stderr over it; no other thread runs yet.
+    let Ok(pipe) = nix::unistd::dup(std::io::stdout()) else {
+        return;
     };
-    *READY_PIPE.lock().unwrap() = Some(pipe);
+    let _ = nix::unistd::dup2_stdout(std::io::stderr());
+    *READY_PIPE.lock().unwrap() = Some(File::from(pipe));
 }
 
 /// In a daemon, moves to `/`, so that the directory it was started from is not kept busy (it
@@ -165,7 +156,7 @@ pub fn default_log_file(cache_dir: Option<&Path>, mountpoint: &Path) -> PathBuf 
             Some(state) => PathBuf::from(state).join("bucketfs"),
             None => match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
                 Some(home) => PathBuf::from(home).join(".local/state/bucketfs"),
-                None => crate::cli::cache_dir(None).join("logs"),
+                None => crate::config::local_dir(None).join("logs"),
             },
         },
     };

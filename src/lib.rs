@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod mount;
 pub mod mount_helper;
 pub mod read;
+pub mod run;
 pub mod store;
 pub mod warm;
 pub mod write;

@@ -13,9 +13,10 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 /// How log lines look.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
-    /// One human-readable line per event.
+    /// One human-readable line per event (the default: a person reads it first).
+    #[default]
     Text,
     /// One JSON object per event, fields at the top level.
     Json,

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    bucketfs::cli::main()
+    bucketfs::run::main()
 }

@@ -1,5 +1,5 @@
-//! Mounting and the mount's lifetime: serve FUSE until a signal or an external unmount, then
-//! shut down cleanly.
+//! Mounting and the mount's lifetime: check the mount point, serve FUSE until a signal or an
+//! external unmount, then shut down cleanly.
 //!
 //! On SIGTERM or SIGINT:
 //! 1. `/readyz` turns unready;
@@ -15,7 +15,7 @@
 //! lost (the next mount aborts their multipart uploads).
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -204,12 +204,82 @@ fn unmount(unmounter: &mut fuser::SessionUnmounter, mountpoint: &Path) {
 
 /// `umount -l`: the mount disappears from the tree now, and goes away once no file is open.
 fn detach_lazily(mountpoint: &Path) {
-    let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
-        .expect("mount point paths have no NUL byte");
-    // SAFETY: a valid NUL-terminated path.
-    let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    if let Err(err) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
         tracing::error!(error = %err, "lazy unmount failed");
+    }
+}
+
+/// Refuses mount points that cannot work, before anything is mounted; the canonical path of
+/// one that can. The message says what to do.
+pub fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(format!("mount point {shown} is not a directory"));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "mount point {shown} does not exist; create it with: mkdir -p {shown}"
+            ));
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(format!(
+                "mount point {shown} is a dead FUSE mount; clear it with: fusermount3 -u {shown}"
+            ));
+        }
+        Err(e) => return Err(format!("mount point {shown}: {e}")),
+    }
+    let canonical = std::fs::canonicalize(path).map_err(|e| format!("mount point {shown}: {e}"))?;
+    if is_mount_point(&canonical) {
+        return Err(format!(
+            "{shown} is already a mount point; unmount it first (umount {shown})"
+        ));
+    }
+    Ok(canonical)
+}
+
+/// Whether `path` (canonical) is listed in this process's mount table.
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    table.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .is_some_and(|mp| unescape_mountinfo(mp) == wanted)
+    })
+}
+
+/// `/proc/self/mountinfo` escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape_mountinfo(r"/mnt/with\040space"), "/mnt/with space");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/trailing\"), r"/trailing\");
     }
 }

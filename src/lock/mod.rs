@@ -74,13 +74,8 @@ use crate::store::{DynStore, Precondition, StoreError, Version};
 /// Default `--lock-prefix`, under the `.bucketfs/` name every mount hides at the bucket root.
 pub const DEFAULT_PREFIX: &str = ".bucketfs/locks/";
 
-/// Default `--lease`: renewed every 10 s and trusted for 24 s after each renewal, a holder keeps
-/// its lock through a store outage of 14 s at least (24 s at best), and a crashed replica's paths
-/// are free again 31 s after its last renewal.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-
-/// Shortest `--lease`: the store's clock counts whole seconds.
-pub const MIN_LEASE: Duration = Duration::from_secs(2);
+/// Default `--lease` (see [`crate::config::LEASE`] for why).
+pub const DEFAULT_LEASE: Duration = crate::config::LEASE.value;
 
 /// Longest pause between two looks at a busy lock while waiting for it (`--lock-wait`).
 const MAX_POLL: Duration = Duration::from_secs(1);
@@ -106,7 +101,7 @@ impl Default for LockConfig {
             prefix: DEFAULT_PREFIX.to_string(),
             enabled: true,
             lease: DEFAULT_LEASE,
-            wait: Duration::ZERO,
+            wait: crate::config::LOCK_WAIT.value,
             replica: default_replica_id(),
         }
     }

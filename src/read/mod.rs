@@ -63,11 +63,9 @@ pub struct ReadConfig {
 impl Default for ReadConfig {
     fn default() -> Self {
         ReadConfig {
-            part_size: 8 << 20,
-            concurrency: 8,
-            // Prefetch 64 MiB + demand 32 MiB + memory tier 64 MiB: the daemon stays near 200 MiB
-            // resident while streaming a multi-GB model.
-            max_memory: 160 << 20,
+            part_size: crate::config::READ_PART_SIZE.value,
+            concurrency: crate::config::READ_CONCURRENCY,
+            max_memory: crate::config::MAX_MEMORY.value,
         }
     }
 }
@@ -75,7 +73,7 @@ impl Default for ReadConfig {
 /// How the memory budget is split: (prefetch pool, demand pool, memory tier).
 impl ReadConfig {
     pub fn split(&self) -> Result<(u64, u64, u64), String> {
-        if self.part_size < BLOCK_SIZE || self.part_size % BLOCK_SIZE != 0 {
+        if self.part_size < BLOCK_SIZE || !self.part_size.is_multiple_of(BLOCK_SIZE) {
             return Err(format!(
                 "--read-part-size must be a multiple of {} MiB",
                 BLOCK_SIZE >> 20

@@ -105,8 +105,8 @@ pub struct RetryPolicy {
     pub read_deadline: Duration,
 }
 
-/// Default `--read-timeout`: a store that answers nothing fails a read with EIO after this long.
-pub const DEFAULT_READ_DEADLINE: Duration = Duration::from_secs(30);
+/// Default `--read-timeout` (see [`crate::config::READ_TIMEOUT`]).
+pub const DEFAULT_READ_DEADLINE: Duration = crate::config::READ_TIMEOUT.value;
 
 impl Default for RetryPolicy {
     fn default() -> Self {
