@@ -50,8 +50,8 @@ struct Args {
     /// Delay added once per new client connection, before the upstream is dialled.
     #[arg(long, default_value_t = 0)]
     connect_delay_ms: u64,
-    /// Buffer size of the copies, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
+    /// Buffer size of the copies: bytes, or a size such as 1MiB.
+    #[arg(long, default_value = "1MiB", value_parser = buffer_size)]
     buffer_size: usize,
 }
 
@@ -436,6 +436,14 @@ async fn handle(proxy: Arc<Proxy>, client: TcpStream) -> io::Result<()> {
 fn upstream_addr(s: &str) -> String {
     let s = s.strip_prefix("http://").unwrap_or(s);
     s.trim_end_matches('/').to_string()
+}
+
+/// `--buffer-size` in bucketfs' size syntax; at least one byte.
+fn buffer_size(s: &str) -> Result<usize, String> {
+    match bucketfs::config::parse_size(s)? {
+        0 => Err(format!("{s:?}: a buffer holds at least one byte")),
+        n => usize::try_from(n).map_err(|_| format!("{s:?} is too large")),
+    }
 }
 
 #[tokio::main]

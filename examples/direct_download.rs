@@ -26,7 +26,7 @@ use clap::Parser;
 use futures::StreamExt;
 
 mod common;
-use common::{StoreArgs, parse_size};
+use common::{StoreArgs, parse_part_size};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -38,8 +38,8 @@ struct Args {
     key: String,
     #[command(flatten)]
     store: StoreArgs,
-    /// Size of each ranged GET, e.g. 8MiB.
-    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    /// Size of each ranged GET (default: the one bucketfs reads ahead with).
+    #[arg(long, default_value = bucketfs::config::READ_PART_SIZE.text, value_parser = parse_part_size)]
     part_size: u64,
     /// Ranged GETs in flight at once.
     #[arg(long, default_value_t = 16)]

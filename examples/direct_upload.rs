@@ -29,7 +29,7 @@ use clap::Parser;
 use futures::StreamExt;
 
 mod common;
-use common::{StoreArgs, parse_size};
+use common::{StoreArgs, parse_part_size};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -46,8 +46,9 @@ struct Args {
     memory: bool,
     #[command(flatten)]
     store: StoreArgs,
-    /// Size of each part, e.g. 16MiB (S3: at least 5 MiB except the last, at most 10,000 parts).
-    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    /// Size of each part (default: bucketfs' --write-part-size; S3: at least 5 MiB except the
+    /// last, at most 10,000 parts).
+    #[arg(long, default_value = bucketfs::config::WRITE_PART_SIZE.text, value_parser = parse_part_size)]
     part_size: u64,
     /// UploadPart requests in flight at once.
     #[arg(long, default_value_t = 8)]

@@ -1,32 +1,19 @@
 //! What the benchmark's baseline programs (`direct_download`, `direct_upload`) share: sizes on
 //! the command line, the S3 client, and the JSON line they print.
 
-use std::time::Duration;
-
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::RequestChecksumCalculation;
 use aws_sdk_s3::config::retry::RetryConfig;
-use aws_sdk_s3::config::timeout::TimeoutConfig;
+use bucketfs::store::s3::S3Options;
 
-/// A size such as `8MiB`, `512k`, `1GB` or `100` (bytes); zero is refused.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1000,
-        "mb" => 1000 * 1000,
-        "gb" => 1000 * 1000 * 1000,
-        _ => return Err(format!("bad size unit in {s:?}")),
-    };
-    n.checked_mul(mult)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("bad size {s:?}"))
+/// A part size in bucketfs' own syntax (`8MiB`, `512k`, `100` bytes: see
+/// `bucketfs::config::parse_size`), so a baseline reads a size as the mount it is compared with
+/// does; zero is refused (no part could be sent).
+pub fn parse_part_size(s: &str) -> Result<u64, String> {
+    match bucketfs::config::parse_size(s)? {
+        0 => Err(format!("{s:?}: a part size cannot be zero")),
+        n => Ok(n),
+    }
 }
 
 /// How to reach the store (flattened into each program's arguments).
@@ -43,32 +30,24 @@ pub struct StoreArgs {
     pub force_path_style: bool,
 }
 
-/// One client (one connection pool): 3 attempts, 5 s to connect, 60 s between bytes.
+/// One client (one connection pool), built as bucketfs builds its own, with 3 SDK attempts: a
+/// baseline has no retry layer of its own as bucketfs does.
 /// `checksum_when_required`: send checksums only where S3 requires them (the SDK's default adds
 /// one to every upload).
 pub async fn s3_client(store: &StoreArgs, checksum_when_required: bool) -> Client {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(region) = &store.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    if let Some(url) = &store.endpoint_url {
-        loader = loader.endpoint_url(url);
-    }
-    let shared = loader.load().await;
-    let mut conf = aws_sdk_s3::config::Builder::from(&shared)
-        .retry_config(RetryConfig::standard().with_max_attempts(3))
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .read_timeout(Duration::from_secs(60))
-                .build(),
-        )
-        .force_path_style(store.force_path_style);
+    let opts = S3Options {
+        endpoint_url: store.endpoint_url.clone(),
+        region: store.region.clone(),
+        force_path_style: store.force_path_style,
+        ..S3Options::default()
+    };
+    let mut conf = bucketfs::store::s3::client(&opts)
+        .await
+        .config()
+        .to_builder()
+        .retry_config(RetryConfig::standard().with_max_attempts(3));
     if checksum_when_required {
         conf = conf.request_checksum_calculation(RequestChecksumCalculation::WhenRequired);
-    }
-    if shared.region().is_none() {
-        conf = conf.region(aws_config::Region::new("us-east-1"));
     }
     Client::from_conf(conf.build())
 }
@@ -102,16 +81,15 @@ pub fn finish(program: &str, result: Result<String, Box<dyn std::error::Error + 
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::parse_part_size;
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
-        assert_eq!(parse_size("512k"), Ok(512 << 10));
-        assert_eq!(parse_size("100"), Ok(100));
-        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("x").is_err());
+    fn part_sizes_read_as_bucketfs_reads_them() {
+        for size in ["8MiB", "512k", "100", "1GB", "2GiB"] {
+            assert_eq!(parse_part_size(size), bucketfs::config::parse_size(size));
+        }
+        assert_eq!(parse_part_size("1GB"), Ok(1 << 30));
+        assert!(parse_part_size("0").is_err());
+        assert!(parse_part_size("x").is_err());
     }
 }

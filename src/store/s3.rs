@@ -60,36 +60,42 @@ pub struct S3Store {
 
 impl S3Store {
     pub async fn new(bucket: &str, opts: &S3Options) -> StoreResult<Self> {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(region) = &opts.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let Some(url) = &opts.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        let shared = loader.load().await;
-        let mut conf = aws_sdk_s3::config::Builder::from(&shared)
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    // An unreachable endpoint must fail in seconds, not minutes. The read
-                    // timeout runs from the request until the answer starts, uploads included,
-                    // so it stays generous; GETs have their own first-byte and stall bounds.
-                    .connect_timeout(opts.timeouts.connect)
-                    .read_timeout(Duration::from_secs(30))
-                    .build(),
-            )
-            .force_path_style(opts.force_path_style);
-        if shared.region().is_none() {
-            // S3-compatible servers ignore the region, but the signer needs one.
-            conf = conf.region(aws_config::Region::new("us-east-1"));
-        }
         Ok(S3Store {
-            client: Client::from_conf(conf.build()),
+            client: client(opts).await,
             bucket: bucket.to_string(),
             timeouts: opts.timeouts,
         })
     }
+}
+
+/// The S3 client for `opts`: the AWS configuration chain, no SDK retries (`store::retry` owns
+/// them), bounded connects. Public so that the benchmark's baselines talk to S3 as bucketfs does.
+pub async fn client(opts: &S3Options) -> Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &opts.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(url) = &opts.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    let shared = loader.load().await;
+    let mut conf = aws_sdk_s3::config::Builder::from(&shared)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                // An unreachable endpoint must fail in seconds, not minutes. The read
+                // timeout runs from the request until the answer starts, uploads included,
+                // so it stays generous; GETs have their own first-byte and stall bounds.
+                .connect_timeout(opts.timeouts.connect)
+                .read_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .force_path_style(opts.force_path_style);
+    if shared.region().is_none() {
+        // S3-compatible servers ignore the region, but the signer needs one.
+        conf = conf.region(aws_config::Region::new("us-east-1"));
+    }
+    Client::from_conf(conf.build())
 }
 
 fn classify<E>(what: &str, err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StoreError
