@@ -4,7 +4,6 @@
 
 mod common;
 
-use bucketfs::store::Precondition;
 use bytes::Bytes;
 use common::backend::Backend;
 use common::{Mounted, names, pattern};
@@ -226,23 +225,5 @@ fn gcs_large_directory_listing() {
 
 /// Puts `count` one-byte objects `{dir}f00000`... in parallel.
 fn put_many(b: &Backend, dir: &str, count: usize) {
-    use futures::StreamExt;
-    b.rt.block_on(async {
-        let puts = (0..count).map(|i| {
-            let store = b.store.clone();
-            let key = format!("{dir}f{i:05}");
-            async move {
-                store
-                    .put(&key, Bytes::from_static(b"x"), Precondition::None)
-                    .await
-            }
-        });
-        let results: Vec<_> = futures::stream::iter(puts)
-            .buffer_unordered(32)
-            .collect()
-            .await;
-        for r in results {
-            r.unwrap();
-        }
-    });
+    b.put_all((0..count).map(|i| (format!("{dir}f{i:05}"), Bytes::from_static(b"x"))));
 }

@@ -155,7 +155,8 @@ struct InodeTable {
 enum Handle {
     Read(Arc<Reader>),
     Write(Arc<WriteHandle>, u64),
-    Dir(Arc<tokio::sync::OnceCell<Arc<Vec<DirEntryOut>>>>, u64),
+    /// A listing paged in as the kernel reads it, and the directory's inode.
+    Dir(Arc<tokio::sync::Mutex<crate::meta::DirStream>>, u64),
 }
 
 pub struct Fs {
@@ -599,43 +600,43 @@ impl Fs {
     }
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
-        self.dir_key(ino)?;
-        Ok(self.add_handle(Handle::Dir(Arc::new(tokio::sync::OnceCell::new()), ino)))
+        let stream = self.meta.open_dir(&self.dir_key(ino)?);
+        Ok(self.add_handle(Handle::Dir(Arc::new(tokio::sync::Mutex::new(stream)), ino)))
     }
 
-    /// The directory's entries (without `.` and `..`), listed once per open handle so that
-    /// paging through them with offsets is consistent. Shared, not copied: each `readdir` call
-    /// then costs what it returns (the caller indexes by offset), not the whole listing.
-    pub async fn readdir(&self, fh: u64) -> FsResult<Arc<Vec<DirEntryOut>>> {
-        let (cell, ino) = match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::Dir(cell, ino)) => (cell.clone(), *ino),
+    /// Up to `max` entries of the open directory `fh` (without `.` and `..`) from the entry at
+    /// `at`, the first being 0. The listing is paged in from the store as the offsets reach its
+    /// end, and an offset keeps naming the same entry for the handle (see `meta::listing`).
+    pub async fn readdir(&self, fh: u64, at: u64, max: usize) -> FsResult<Vec<DirEntryOut>> {
+        let (stream, ino) = match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::Dir(stream, ino)) => (stream.clone(), *ino),
             _ => return Err(FsError::BadHandle),
         };
-        let entries = cell
-            .get_or_try_init(|| async {
-                let dir_key = self.dir_key(ino)?;
-                let listed = self.meta.list_dir(&dir_key).await?;
-                let t = self.inodes.lock().unwrap();
-                Ok::<_, FsError>(Arc::new(
-                    listed
-                        .iter()
-                        .map(|e| {
-                            let ino = t
-                                .by_name
-                                .get(&(ino, e.name.clone()))
-                                .copied()
-                                .unwrap_or_else(|| synthetic_ino(&dir_key, &e.name));
-                            DirEntryOut {
-                                ino,
-                                kind: e.stat.kind,
-                                name: e.name.clone(),
-                            }
-                        })
-                        .collect(),
-                ))
+        let listed = stream.lock().await.entries_from(at, max).await?;
+        let dir_key = self.dir_key(ino)?;
+        let t = self.inodes.lock().unwrap();
+        Ok(listed
+            .into_iter()
+            .map(|e| DirEntryOut {
+                ino: t
+                    .by_name
+                    .get(&(ino, e.name.clone()))
+                    .copied()
+                    .unwrap_or_else(|| synthetic_ino(&dir_key, &e.name)),
+                kind: e.stat.kind,
+                name: e.name,
             })
-            .await?;
-        Ok(entries.clone())
+            .collect())
+    }
+
+    /// `rewinddir`: the next `readdir` of `fh` lists the directory again, as it is now.
+    pub async fn rewinddir(&self, fh: u64) -> FsResult<()> {
+        let stream = match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::Dir(stream, _)) => stream.clone(),
+            _ => return Err(FsError::BadHandle),
+        };
+        stream.lock().await.rewind();
+        Ok(())
     }
 
     /// The parent inode of a directory (for `..`).
@@ -713,9 +714,16 @@ mod tests {
 
     async fn ls(fs: &Fs, ino: u64) -> Vec<(String, Kind)> {
         let fh = fs.opendir(ino).unwrap();
-        let out = fs.readdir(fh).await.unwrap();
+        let mut out = Vec::new();
+        loop {
+            let more = fs.readdir(fh, out.len() as u64, 100).await.unwrap();
+            if more.is_empty() {
+                break;
+            }
+            out.extend(more.into_iter().map(|e| (e.name, e.kind)));
+        }
         fs.releasedir(fh);
-        out.iter().map(|e| (e.name.clone(), e.kind)).collect()
+        out
     }
 
     #[tokio::test]
@@ -853,5 +861,42 @@ mod tests {
             fs.lookup(ROOT_INO, "f").await.unwrap_err().errno(),
             libc::EACCES
         );
+    }
+
+    #[tokio::test]
+    async fn readdir_pages_the_listing_in_as_offsets_advance() {
+        use crate::store::mem::Op;
+        let (mem, fs) = fs_with(&[], Duration::from_secs(5)).await;
+        for i in 0..2500 {
+            mem.put(
+                &format!("d/f{i:04}"),
+                Bytes::from_static(b"x"),
+                Precondition::None,
+            )
+            .await
+            .unwrap();
+        }
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+        let fh = fs.opendir(d.ino).unwrap();
+        let before = mem.calls(Op::List);
+        let first = fs.readdir(fh, 0, 128).await.unwrap();
+        assert_eq!(first.len(), 128);
+        assert_eq!(
+            mem.calls(Op::List) - before,
+            1,
+            "one page for the first call"
+        );
+        let mut names: Vec<String> = first.into_iter().map(|e| e.name).collect();
+        loop {
+            let more = fs.readdir(fh, names.len() as u64, 128).await.unwrap();
+            if more.is_empty() {
+                break;
+            }
+            names.extend(more.into_iter().map(|e| e.name));
+        }
+        let want: Vec<String> = (0..2500).map(|i| format!("f{i:04}")).collect();
+        assert_eq!(names, want, "every entry once, in order");
+        assert_eq!(mem.calls(Op::List) - before, 3, "one LIST per page of 1000");
+        fs.releasedir(fh);
     }
 }

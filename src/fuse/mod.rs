@@ -42,6 +42,10 @@ use crate::metrics;
 /// Largest readahead we ask the kernel for (see the module docs).
 const MAX_READAHEAD: u32 = 1 << 20;
 
+/// Entries asked of `fs` at a time for a `readdir` reply: as many as the smallest entries
+/// (32 bytes) a 4 KiB reply holds, so a batch is seldom cut short by much.
+const READDIR_BATCH: usize = 128;
+
 pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: tokio::runtime::Handle,
@@ -806,29 +810,44 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectory,
     ) {
         self.spawn("readdir", |fs| async move {
-            let entries = match fs.readdir(fh.0).await {
-                Ok(e) => e,
-                Err(e) => return reply.error(errno("readdir", e)),
-            };
             let parent = if ino.0 == ROOT_INO {
                 ROOT_INO
             } else {
                 fs.parent_of(ino.0)
             };
-            // Offsets: 1 is ".", 2 is "..", 3 + i is entries[i]; each entry carries the offset of
-            // the one after it, as the kernel expects. The entries start at their offset, not
-            // by walking from the first: a call costs what it returns.
-            let dots = [(ino.0, Kind::Dir, "."), (parent, Kind::Dir, "..")];
-            let first = (offset as usize).saturating_sub(2).min(entries.len());
-            let all = dots.into_iter().enumerate().skip(offset as usize).chain(
-                entries[first..]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| (first + i + 2, (e.ino, e.kind, e.name.as_str()))),
-            );
-            for (i, (ino, kind, name)) in all {
-                if reply.add(INodeNo(ino), i as u64 + 1, file_type(kind), name) {
+            // Offsets: 1 is ".", 2 is "..", 3 + i is entry i; each entry carries the offset of
+            // the one after it, as the kernel expects. Entries come in batches from the offset
+            // asked for until the reply is full: a call costs what it returns. Offset 0 is the
+            // first call or `rewinddir`: the directory as it is now.
+            if offset == 0
+                && let Err(e) = fs.rewinddir(fh.0).await
+            {
+                return reply.error(errno("readdir", e));
+            }
+            let mut next = offset;
+            for (at, (ino, name)) in [(ino.0, "."), (parent, "..")].into_iter().enumerate() {
+                if at as u64 >= next {
+                    if reply.add(INodeNo(ino), at as u64 + 1, file_type(Kind::Dir), name) {
+                        return reply.ok();
+                    }
+                    next = at as u64 + 1;
+                }
+            }
+            loop {
+                let batch = match fs.readdir(fh.0, next - 2, READDIR_BATCH).await {
+                    Ok(b) => b,
+                    // What was added stays good; the kernel asks again from the next offset.
+                    Err(_) if next > offset => break,
+                    Err(e) => return reply.error(errno("readdir", e)),
+                };
+                if batch.is_empty() {
                     break;
+                }
+                for e in batch {
+                    if reply.add(INodeNo(e.ino), next + 1, file_type(e.kind), &e.name) {
+                        return reply.ok();
+                    }
+                    next += 1;
                 }
             }
             reply.ok();

@@ -33,14 +33,19 @@
 //! most [`OUTAGE_PROBE`] before the last answer is served, so `ls` and `stat` of known paths keep
 //! answering at once, and the first answer that comes back ends the outage.
 
+mod listing;
+
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 use crate::store::attrs::FileAttrs;
 use crate::store::{DynStore, ObjectMeta, StoreError, StoreResult, UserMeta, Version};
+
+pub use listing::{DirStream, LIST_PAGE, STREAM_BYTES, STREAMS_BYTES};
 
 /// Cap of the attribute cache, in bytes of keys and answers: 32 MiB holds about 200k paths.
 pub const META_CACHE_BYTES: u64 = 32 << 20;
@@ -202,6 +207,12 @@ pub fn check_name(name: &str) -> Result<&str, Skip> {
     }
 }
 
+/// A complete listing of a directory, sorted by name, and when it was had.
+pub struct Listing {
+    pub entries: Vec<DirEntry>,
+    pub seen: Instant,
+}
+
 /// One entry of a directory listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {
@@ -220,7 +231,11 @@ pub struct Meta {
     /// TTL, for outages.
     cache: moka::sync::Cache<String, Known>,
     /// Directory key -> its last complete listing, for outages.
-    listings: moka::sync::Cache<String, Arc<Vec<DirEntry>>>,
+    listings: moka::sync::Cache<String, Arc<Listing>>,
+    /// Bytes of entries held by all open [`DirStream`]s (capped by [`STREAMS_BYTES`]).
+    stream_bytes: AtomicU64,
+    /// Keys asked for per LIST request ([`LIST_PAGE`]).
+    list_page: AtomicUsize,
     /// Keys already warned about, so a listing repeated every second does not flood the log.
     warned: moka::sync::Cache<String, ()>,
     /// Paths served as last seen recently: one log line per path and minute.
@@ -258,8 +273,12 @@ impl Meta {
             .build();
         let listings = moka::sync::Cache::builder()
             .max_capacity(LISTINGS_BYTES)
-            .weigher(|k: &String, v: &Arc<Vec<DirEntry>>| {
-                let bytes: u64 = v.iter().map(|e| weight(&e.name, Some(&e.stat))).sum();
+            .weigher(|k: &String, v: &Arc<Listing>| {
+                let bytes: u64 = v
+                    .entries
+                    .iter()
+                    .map(|e| weight(&e.name, Some(&e.stat)))
+                    .sum();
                 (bytes + k.len() as u64).try_into().unwrap_or(u32::MAX)
             })
             .build();
@@ -269,6 +288,8 @@ impl Meta {
             negative_ttl,
             cache,
             listings,
+            stream_bytes: AtomicU64::new(0),
+            list_page: AtomicUsize::new(LIST_PAGE),
             warned: moka::sync::Cache::new(10_000),
             stale_warned: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -358,9 +379,10 @@ impl Meta {
         };
         let listing = self.listings.get(dir)?;
         let at = listing
+            .entries
             .binary_search_by(|e| e.name.as_str().cmp(name))
             .ok()?;
-        Some(listing[at].stat.clone())
+        Some(listing.entries[at].stat.clone())
     }
 
     /// What `path_key` (a full key without trailing slash) is: a directory, a file, or nothing.
@@ -431,89 +453,36 @@ impl Meta {
         self.resolve(path_key).await
     }
 
-    /// Every visible entry of the directory `dir_key` (`""` or ending with `/`), sorted by name,
-    /// following the rule in the module docs. Refreshes the cache for each child. During an
-    /// outage, the last complete listing of the directory, if one is kept.
-    pub async fn list_dir(&self, dir_key: &str) -> StoreResult<Arc<Vec<DirEntry>>> {
-        let asked = self.list_dir_uncached(dir_key);
-        let entries = match self.listings.get(dir_key) {
-            None => asked.await?,
-            Some(last) => match self.unless_outage(asked).await {
-                Some(answer) => answer?,
-                None => {
-                    self.served_stale("listing", dir_key);
-                    return Ok(last);
-                }
-            },
-        };
-        let entries = Arc::new(entries);
-        self.listings.insert(dir_key.to_string(), entries.clone());
-        Ok(entries)
+    /// A listing of the directory `dir_key` (`""` or ending with `/`), paged in from the store
+    /// as it is read (see [`listing`]).
+    pub fn open_dir(self: &Arc<Self>, dir_key: &str) -> DirStream {
+        DirStream::new(self.clone(), dir_key)
     }
 
-    async fn list_dir_uncached(&self, dir_key: &str) -> StoreResult<Vec<DirEntry>> {
-        let mut files: Vec<DirEntry> = Vec::new();
-        let mut dirs: Vec<String> = Vec::new();
-        let mut page = None;
+    /// Every visible entry of the directory `dir_key`, sorted by name, following the rules in
+    /// the module docs. During an outage, the last complete listing of the directory, if kept.
+    pub async fn list_dir(self: &Arc<Self>, dir_key: &str) -> StoreResult<Vec<DirEntry>> {
+        let mut stream = self.open_dir(dir_key);
+        let mut all = Vec::new();
         loop {
-            let out = self.store.list(dir_key, Some("/"), page, 1000).await?;
-            for o in out.objects {
-                let rest = &o.key[dir_key.len()..];
-                if rest.is_empty() {
-                    continue; // the directory's own marker object
-                }
-                match check_name(rest) {
-                    Ok(name) if !self.is_reserved(dir_key, name) => files.push(DirEntry {
-                        name: name.to_string(),
-                        stat: Stat::object(o),
-                    }),
-                    Ok(_) => {}
-                    Err(why) => self.warn_once(&o.key, &format!("not a valid file name ({why:?})")),
-                }
+            let more = stream.entries_from(all.len() as u64, LIST_PAGE).await?;
+            if more.is_empty() {
+                break;
             }
-            for p in out.prefixes {
-                let rest = &p[dir_key.len()..p.len() - 1];
-                match check_name(rest) {
-                    Ok(name) if !self.is_reserved(dir_key, name) => dirs.push(name.to_string()),
-                    Ok(_) => {}
-                    Err(why) => self.warn_once(
-                        &p,
-                        &format!("prefix is not a valid directory name ({why:?})"),
-                    ),
-                }
-            }
-            match out.next {
-                Some(next) => page = Some(next),
-                None => break,
-            }
+            all.extend(more);
         }
-        dirs.sort();
-        dirs.dedup();
-        let mut entries: Vec<DirEntry> = Vec::with_capacity(files.len() + dirs.len());
-        for f in files {
-            if dirs.binary_search(&f.name).is_ok() {
-                self.warn_once(
-                    &format!("{dir_key}{}", f.name),
-                    "a directory of the same name shadows it",
-                );
-            } else {
-                entries.push(f);
-            }
-        }
-        entries.extend(dirs.into_iter().map(|name| DirEntry {
-            name,
-            // A directory's own metadata is its marker's, which a listing of its parent does
-            // not show.
-            stat: Stat {
-                user: None,
-                ..Stat::dir()
-            },
-        }));
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        for e in entries.iter().filter(|e| e.stat.user.is_some()) {
-            self.remember(format!("{dir_key}{}", e.name), Some(e.stat.clone()));
-        }
-        Ok(entries)
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    /// Keys asked for per LIST request.
+    pub fn list_page_size(&self) -> usize {
+        self.list_page.load(Ordering::Relaxed)
+    }
+
+    /// Sets the keys asked for per LIST request (tests list many pages with few keys).
+    pub fn set_list_page_size(&self, keys: usize) {
+        self.list_page.store(keys.max(1), Ordering::Relaxed);
     }
 }
 
@@ -707,5 +676,143 @@ mod tests {
             .unwrap();
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(meta.resolve("a/f").await.unwrap().unwrap().size, 3);
+    }
+
+    /// The listing of `dir` as one page of everything would show it (the rules applied to the
+    /// whole listing at once), sorted by name.
+    fn reference(keys: &[&str], dir: &str) -> Vec<(String, Kind)> {
+        let mut files = std::collections::BTreeSet::new();
+        let mut dirs = std::collections::BTreeSet::new();
+        for k in keys {
+            let Some(rest) = k.strip_prefix(dir) else {
+                continue;
+            };
+            match rest.find('/') {
+                Some(i) if check_name(&rest[..i]).is_ok() => {
+                    dirs.insert(rest[..i].to_string());
+                }
+                None if check_name(rest).is_ok() => {
+                    files.insert(rest.to_string());
+                }
+                _ => {}
+            }
+        }
+        let mut out: Vec<(String, Kind)> = files
+            .into_iter()
+            .filter(|f| !dirs.contains(f))
+            .map(|f| (f, Kind::File))
+            .chain(dirs.iter().map(|d| (d.clone(), Kind::Dir)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    #[tokio::test]
+    async fn shadowing_holds_across_pages_of_any_size() {
+        // `a` and `a/` are far apart in key order: `a!`, `a-b`, `a.txt` sort between them,
+        // and `a-b` is itself shadowed by `a-b/`, which also comes before `a/`.
+        let keys = [
+            "a", "a!", "a-b", "a-b-c", "a-b/x", "a.txt", "a/x", "a/y/z", "a0", "b", "b/", "c",
+            "d-", "d/",
+        ];
+        let want = reference(&keys, "");
+        assert!(
+            want.contains(&("a".into(), Kind::Dir)) && want.contains(&("a-b-c".into(), Kind::File))
+        );
+        let s = store_with(&keys).await;
+        for page in 1..=keys.len() + 1 {
+            let meta = Meta::new(s.clone(), Duration::from_secs(60), true, LOCKS);
+            meta.set_list_page_size(page);
+            let got: Vec<(String, Kind)> = meta
+                .list_dir("")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.name, e.stat.kind))
+                .collect();
+            assert_eq!(got, want, "page size {page}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listing_is_fetched_page_by_page_as_offsets_reach_its_end() {
+        let keys: Vec<String> = (0..250).map(|i| format!("d/f{i:04}")).collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let s = store_with(&refs).await;
+        let meta = Meta::new(s.clone(), Duration::from_secs(60), true, LOCKS);
+        meta.set_list_page_size(100);
+        let mut stream = meta.open_dir("d/");
+        let before = s.calls(Op::List);
+        let first = stream.entries_from(0, 10).await.unwrap();
+        assert_eq!(first[0].name, "f0000");
+        assert_eq!(
+            s.calls(Op::List) - before,
+            1,
+            "the first readdir asks for one page"
+        );
+        // Offsets inside what was fetched cost nothing. (The page's last file waits for the
+        // next page, which could hold a directory of its name.)
+        assert_eq!(stream.entries_from(90, 10).await.unwrap().len(), 9);
+        assert_eq!(s.calls(Op::List) - before, 1);
+        // Reaching the end of the first page fetches the second, and only it.
+        assert_eq!(stream.entries_from(100, 10).await.unwrap()[0].name, "f0100");
+        assert_eq!(s.calls(Op::List) - before, 2);
+        // Back to an offset already given: the same entry.
+        assert_eq!(stream.entries_from(5, 1).await.unwrap()[0].name, "f0005");
+        let mut names = Vec::new();
+        loop {
+            let more = stream.entries_from(names.len() as u64, 64).await.unwrap();
+            if more.is_empty() {
+                break;
+            }
+            names.extend(more.into_iter().map(|e| e.name));
+        }
+        assert_eq!(names.len(), 250);
+        assert_eq!(s.calls(Op::List) - before, 3);
+        assert!(stream.entries_from(250, 10).await.unwrap().is_empty());
+        assert_eq!(s.calls(Op::List) - before, 3, "the end is known");
+    }
+
+    #[tokio::test]
+    async fn memory_of_a_stream_stays_bounded_and_early_offsets_list_again() {
+        let keys: Vec<String> = (0..30_000)
+            .map(|i| format!("{}{i:05}", "n".repeat(200)))
+            .collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let s = store_with(&refs).await;
+        let meta = Meta::new(s.clone(), Duration::from_secs(60), true, LOCKS);
+        let mut stream = meta.open_dir("");
+        let one = weight(
+            &keys[0],
+            Some(&Stat::object(s.head(&keys[0]).await.unwrap())),
+        );
+        let mut at = 0u64;
+        let mut seen = 0;
+        loop {
+            let more = stream.entries_from(at, 50).await.unwrap();
+            if more.is_empty() {
+                break;
+            }
+            assert_eq!(more[0].name, keys[at as usize]);
+            at += more.len() as u64;
+            seen += more.len();
+            assert!(
+                stream.held_bytes() <= STREAM_BYTES + LIST_PAGE as u64 * one,
+                "{}",
+                stream.held_bytes()
+            );
+            assert_eq!(
+                meta.stream_bytes.load(Ordering::Relaxed),
+                stream.held_bytes()
+            );
+        }
+        assert_eq!(seen, keys.len());
+        let lists = s.calls(Op::List);
+        // More than a stream keeps: offset 0 lists again, from the first page.
+        assert!(keys.len() as u64 * one > STREAM_BYTES);
+        assert_eq!(stream.entries_from(0, 1).await.unwrap()[0].name, keys[0]);
+        assert_eq!(s.calls(Op::List), lists + 1);
+        drop(stream);
+        assert_eq!(meta.stream_bytes.load(Ordering::Relaxed), 0);
     }
 }

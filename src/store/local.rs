@@ -54,6 +54,8 @@ pub struct LocalStore {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
+    /// The sorted names of the directories listed last, most recent last (see [`Snapshot`]).
+    snapshots: std::sync::Mutex<Vec<(PathBuf, Arc<Snapshot>)>>,
 }
 
 /// Makes temporary and upload names unique within the process (with the pid: across processes).
@@ -79,7 +81,10 @@ impl LocalStore {
             }
         }
         Ok(LocalStore {
-            inner: Arc::new(Inner { root }),
+            inner: Arc::new(Inner {
+                root,
+                snapshots: Default::default(),
+            }),
         })
     }
 
@@ -460,15 +465,8 @@ impl Inner {
     }
 
     /// Every object under the directory `dir` (key prefix `dir_key`), recursively, with a marker
-    /// for each directory; `recursive == false` stops at one level (markers stand for subdirs).
-    fn walk(
-        &self,
-        dir: &Path,
-        dir_key: &str,
-        name_filter: &str,
-        recursive: bool,
-        out: &mut Vec<ObjectMeta>,
-    ) {
+    /// for each empty directory (one level is [`Inner::list_one_level`]).
+    fn walk(&self, dir: &Path, dir_key: &str, name_filter: &str, out: &mut Vec<ObjectMeta>) {
         let Ok(entries) = fs::read_dir(dir) else {
             return;
         };
@@ -491,13 +489,12 @@ impl Inner {
             };
             if m.is_dir() {
                 let key = format!("{dir_key}{name}/");
-                if !recursive || is_empty_dir(&entry.path()) {
-                    // One level: the marker stands for the subdirectory (it rolls up into a
-                    // common prefix). Recursive: only an empty directory needs its marker to
-                    // exist; a non-empty one is implied by its contents, as on a bucket.
+                if is_empty_dir(&entry.path()) {
+                    // Only an empty directory needs its marker to exist; a non-empty one is
+                    // implied by its contents, as on a bucket.
                     out.push(meta_of(key.clone(), &m));
                 } else {
-                    self.walk(&entry.path(), &key, "", true, out);
+                    self.walk(&entry.path(), &key, "", out);
                 }
             } else {
                 out.push(meta_of(format!("{dir_key}{name}"), &m));
@@ -524,6 +521,10 @@ impl Inner {
             }
             Err(e) => return Err(e),
         };
+        if delimiter == Some("/") {
+            return self.list_one_level(&dir, dir_key, partial, delimiter, page, max_keys);
+        }
+        // A delimiter other than "/" cannot use the directory shape; walk everything.
         let mut all = Vec::new();
         if partial.is_empty()
             && !dir_key.is_empty()
@@ -532,9 +533,7 @@ impl Inner {
         {
             all.push(meta_of(dir_key.to_string(), &m));
         }
-        // A delimiter other than "/" cannot use the directory shape; walk everything.
-        let recursive = delimiter != Some("/");
-        self.walk(&dir, dir_key, partial, recursive, &mut all);
+        self.walk(&dir, dir_key, partial, &mut all);
         all.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(page_of(all, prefix, delimiter, page, max_keys))
     }
@@ -762,4 +761,164 @@ impl ObjectStore for LocalStore {
         let key = key.to_string();
         self.blocking(move |s| s.delete(&key, &pre)).await
     }
+}
+
+/// How many directories' sorted names a local store keeps between the pages of their listings.
+const SNAPSHOTS: usize = 16;
+
+/// The names of one directory, sorted in key order (a subdirectory's key ends with `/`), so
+/// that each listing page is a binary search and a walk of that page only: listing a directory
+/// of N entries costs one `read_dir` and sort, then O(page) per page, instead of reading the
+/// whole directory for every page. Names are packed in one string (about 12 bytes of index per
+/// entry besides the name).
+#[derive(Debug)]
+struct Snapshot {
+    names: String,
+    /// (start, length, is a directory) of each name in `names`, in key order.
+    index: Vec<(u32, u32, bool)>,
+    /// The directory's modification time when read: a change of it means entries changed.
+    mtime: (i64, i64),
+    /// When it was read.
+    taken: SystemTime,
+}
+
+impl Snapshot {
+    fn read(dir: &Path, dir_key: &str) -> Option<Snapshot> {
+        let m = fs::metadata(dir).ok()?;
+        let taken = SystemTime::now();
+        let mut names = String::new();
+        let mut index = Vec::new();
+        for entry in fs::read_dir(dir).ok()?.flatten() {
+            let Ok(name) = entry.file_name().into_string() else {
+                tracing::warn!(dir = %dir.display(), "skipping a file name that is not UTF-8");
+                continue;
+            };
+            if is_internal(&name) || format!("{dir_key}{name}") == UPLOADS_DIR {
+                // Multipart parts in progress are not objects (other `.bucketfs/` keys, such
+                // as lock objects, are).
+                continue;
+            }
+            // The entry itself (d_type), never what a symlink points to.
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            index.push((names.len() as u32, name.len() as u32, is_dir));
+            names.push_str(&name);
+        }
+        fn key_of(names: &str, (start, len, dir): (u32, u32, bool)) -> impl Iterator<Item = u8> {
+            let name = &names.as_bytes()[start as usize..(start + len) as usize];
+            name.iter().copied().chain(dir.then_some(b'/'))
+        }
+        index.sort_unstable_by(|a, b| key_of(&names, *a).cmp(key_of(&names, *b)));
+        Some(Snapshot {
+            names,
+            index,
+            mtime: (m.mtime(), m.mtime_nsec()),
+            taken,
+        })
+    }
+
+    /// The key of entry `i` below `dir_key`.
+    fn key(&self, dir_key: &str, i: usize) -> String {
+        let (start, len, dir) = self.index[i];
+        let name = &self.names[start as usize..(start + len) as usize];
+        format!("{dir_key}{name}{}", if dir { "/" } else { "" })
+    }
+
+    /// Whether it still shows `dir` as it is: the modification time is the same, and was not
+    /// so close to the reading that a change in the same clock tick could hide.
+    fn current(&self, m: &fs::Metadata) -> bool {
+        let mtime = time_of(m.mtime(), m.mtime_nsec());
+        (m.mtime(), m.mtime_nsec()) == self.mtime
+            && self
+                .taken
+                .duration_since(mtime)
+                .is_ok_and(|d| d > Duration::from_secs(2))
+    }
+}
+
+impl Inner {
+    /// The sorted names of `dir`: the kept ones while they are current, and for the next pages
+    /// of a listing (`continuing`) as long as the directory did not change since; read again
+    /// otherwise.
+    fn snapshot(&self, dir: &Path, dir_key: &str, continuing: bool) -> Option<Arc<Snapshot>> {
+        let m = fs::metadata(dir).ok()?;
+        let mut kept = self.snapshots.lock().unwrap();
+        if let Some(at) = kept.iter().position(|(p, _)| p == dir) {
+            let (_, s) = &kept[at];
+            if s.current(&m) || (continuing && (m.mtime(), m.mtime_nsec()) == s.mtime) {
+                let s = s.clone();
+                let entry = kept.remove(at);
+                kept.push(entry);
+                return Some(s);
+            }
+            kept.remove(at);
+        }
+        drop(kept);
+        let s = Arc::new(Snapshot::read(dir, dir_key)?);
+        let mut kept = self.snapshots.lock().unwrap();
+        kept.retain(|(p, _)| p != dir);
+        if kept.len() >= SNAPSHOTS {
+            kept.remove(0);
+        }
+        kept.push((dir.to_path_buf(), s.clone()));
+        Some(s)
+    }
+
+    /// One page of the directory `dir` (key `dir_key`), names starting with `partial`, one level
+    /// (a subdirectory is its marker `name/`, which rolls up into a common prefix): a binary
+    /// search for where the page starts, then an `lstat` per entry of the page.
+    fn list_one_level(
+        &self,
+        dir: &Path,
+        dir_key: &str,
+        partial: &str,
+        delimiter: Option<&str>,
+        page: Option<String>,
+        max_keys: usize,
+    ) -> StoreResult<ListPage> {
+        let prefix = format!("{dir_key}{partial}");
+        let Some(snap) = self.snapshot(dir, dir_key, page.is_some()) else {
+            return Ok(ListPage::default());
+        };
+        let mut marker = Vec::new();
+        if partial.is_empty()
+            && !dir_key.is_empty()
+            && snap.index.is_empty()
+            && let Ok(m) = fs::metadata(dir)
+        {
+            marker.push(meta_of(dir_key.to_string(), &m));
+        }
+        // The first entry at or after both the prefix and the token.
+        let from = match &page {
+            Some(token) if token.as_str() > prefix.as_str() => token.as_str(),
+            _ => prefix.as_str(),
+        };
+        let start = partition(&snap, dir_key, from);
+        let entries = (start..snap.index.len())
+            .map(|i| snap.key(dir_key, i))
+            .take_while(|key| key.starts_with(&prefix))
+            .filter_map(|key| {
+                let path = dir.join(key[dir_key.len()..].trim_end_matches('/'));
+                // Gone since the snapshot: not listed.
+                fs::symlink_metadata(path).ok().map(|m| meta_of(key, &m))
+            });
+        Ok(page_of(
+            marker.into_iter().chain(entries),
+            &prefix,
+            delimiter,
+            page,
+            max_keys,
+        ))
+    }
+}
+
+/// Index of the first entry of `snap` whose key is not below `from`.
+fn partition(snap: &Snapshot, dir_key: &str, from: &str) -> usize {
+    snap.index.partition_point(|&(start, len, dir)| {
+        let name = &snap.names.as_bytes()[start as usize..(start + len) as usize];
+        let key = dir_key
+            .bytes()
+            .chain(name.iter().copied())
+            .chain(dir.then_some(b'/'));
+        key.lt(from.bytes())
+    })
 }

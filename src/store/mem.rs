@@ -9,6 +9,7 @@
 //! (`tokio::time::pause` / `advance`) moves the store's time too: leases expire without sleeping.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -263,9 +264,18 @@ impl ObjectStore for MemStore {
     ) -> StoreResult<ListPage> {
         self.enter(Op::List).await?;
         let st = self.state.lock().unwrap();
+        // The page starts after the token, and after every key a rolled-up token stands for:
+        // each key is walked once over a whole listing, not once per page.
+        let from = match &page {
+            Some(token) if token.as_str() > prefix => match delimiter {
+                Some(d) if token.ends_with(d) => Bound::Included(after_prefix(token)),
+                _ => Bound::Excluded(token.clone()),
+            },
+            _ => Bound::Included(prefix.to_string()),
+        };
         let all = st
             .objects
-            .range(prefix.to_string()..)
+            .range((from, Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, o)| Self::meta(k, o));
         Ok(page_of(all, prefix, delimiter, page, max_keys))
@@ -384,4 +394,17 @@ impl ObjectStore for MemStore {
         st.objects.remove(key);
         Ok(())
     }
+}
+
+/// The least string above every string that starts with `prefix` (its last character
+/// incremented), or `prefix` itself when there is none to increment to.
+fn after_prefix(prefix: &str) -> String {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(c) = chars.pop() {
+        if let Some(next) = (c as u32 + 1..=char::MAX as u32).find_map(char::from_u32) {
+            chars.push(next);
+            return chars.into_iter().collect();
+        }
+    }
+    prefix.to_string()
 }

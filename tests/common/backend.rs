@@ -114,6 +114,24 @@ impl Backend {
         });
     }
 
+    /// Puts each of `objects` (key, bytes), 32 at a time.
+    pub fn put_all(&self, objects: impl IntoIterator<Item = (String, Bytes)>) {
+        use futures::StreamExt;
+        self.rt.block_on(async {
+            let puts = objects.into_iter().map(|(key, data)| {
+                let store = self.store.clone();
+                async move { store.put(&key, data, Precondition::None).await }
+            });
+            let results: Vec<_> = futures::stream::iter(puts)
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            for r in results {
+                r.unwrap();
+            }
+        });
+    }
+
     /// The object's bytes, or `None` if there is no object at `key`.
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
         self.rt.block_on(async {
