@@ -119,6 +119,35 @@ fn mount_point_already_mounted() {
 }
 
 #[test]
+fn bad_option_values_are_refused_before_the_mount_point_is_looked_at() {
+    let tmp = mountpoint();
+    let src = format!("file://{}", tmp.path().display());
+    // Reaching the mount point would fail with 4: the options are checked first.
+    let missing = tmp.path().join("missing");
+    for (option, value, needle) in [
+        ("--lease", "1s", "--lease must be at least 2s"),
+        (
+            "--write-part-size",
+            "1MiB",
+            "--write-part-size must be between 5MiB and 1GiB",
+        ),
+        (
+            "--read-timeout",
+            "100ms",
+            "--read-timeout must be at least 1s",
+        ),
+        ("--cache-max-size", "150%", "a percentage is 1% to 100%"),
+        ("--prefix", "a//b", "--prefix"),
+    ] {
+        let o = run(
+            &["mount", &src, missing.to_str().unwrap(), option, value],
+            &[],
+        );
+        expect_failure(&o, 2, needle);
+    }
+}
+
+#[test]
 fn unknown_bucket() {
     let mp = mountpoint();
     let o = mount_s3("s3://no-such-bucket-bucketfs", mp.path(), &[]);
