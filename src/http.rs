@@ -38,10 +38,6 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 /// A client that sends no complete request headers within this is disconnected.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The inode number FUSE gives the root of every mount: a stat that returns it was answered by
-/// the mount, not by the directory underneath.
-const FUSE_ROOT_INO: u64 = 1;
-
 /// What the endpoints report on, shared with the mount's lifecycle.
 pub struct Health {
     mountpoint: PathBuf,
@@ -102,7 +98,8 @@ impl Health {
             )),
             Ok(Err(e)) => Err(format!("the stat of the mount root failed: {e}")),
             Ok(Ok(Err(e))) => Err(format!("stat of the mount root: {e}")),
-            Ok(Ok(Ok(m))) if m.ino() != FUSE_ROOT_INO => Err("not mounted".into()),
+            // A stat of the mount's root answers the root inode; the directory underneath has another.
+            Ok(Ok(Ok(m))) if m.ino() != crate::fs::ROOT_INO => Err("not mounted".into()),
             Ok(Ok(Ok(_))) => Ok(()),
         }
     }

@@ -18,7 +18,8 @@
 //!   | store/                 |  ObjectStore trait: s3, gcs, local dir, in-memory (tests), retry
 //!   +------------------------+
 //! ```
-//! - [`cli`] parses arguments and maps failures to exit codes; [`config`] validates input.
+//! - [`cli`] parses arguments (clap types only); [`config`] checks them and states every default;
+//!   [`run`] wires a mount (or another subcommand) and maps failures to exit codes.
 //! - [`mount`] mounts, serves until a signal, and unmounts cleanly; [`daemon`] runs it in the
 //!   background; [`mount_helper`] reads `mount -t fuse.bucketfs` and `/etc/fstab` options.
 //! - [`fuse`] is the only module that knows `fuser`.

@@ -223,7 +223,7 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
                 "mount point {shown} does not exist; create it with: mkdir -p {shown}"
             ));
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOTCONN as i32) => {
             return Err(format!(
                 "mount point {shown} is a dead FUSE mount; clear it with: fusermount3 -u {shown}"
             ));
