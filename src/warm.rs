@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::read::ReadContext;
-use crate::store::{ObjectMeta, StoreError};
+use crate::store::{ObjectMeta, StoreError, list_all};
 
 /// What a warm run did.
 #[derive(Debug, Default)]
@@ -41,20 +41,12 @@ pub async fn objects_under(
         } else {
             format!("{prefix}/")
         };
-        let mut page = None;
-        loop {
-            let listed = ctx.store.list(&dir, None, page, 1000).await?;
-            out.extend(
-                listed
-                    .objects
-                    .into_iter()
-                    .filter(|o| !o.key.ends_with('/') && o.size > 0),
-            );
-            match listed.next {
-                Some(n) => page = Some(n),
-                None => break,
-            }
-        }
+        out.extend(
+            list_all(&*ctx.store, &dir)
+                .await?
+                .into_iter()
+                .filter(|o| !o.key.ends_with('/') && o.size > 0),
+        );
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
     out.dedup_by(|a, b| a.key == b.key);

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use super::{Attr, Fs, FsError, FsResult, Handle, OpenMode, Opened};
 use crate::lock::{Held, LockError};
 use crate::meta::{Kind, Stat, check_name};
-use crate::store::{Precondition, StoreError, Version};
+use crate::store::{Precondition, StoreError, Version, list_all};
 use crate::write::{Committed, Opening, WriteContext, WriteHandle};
 
 impl Fs {
@@ -523,16 +523,11 @@ impl Fs {
         for (w, ino) in &writers {
             self.commit_handle(w, *ino).await?;
         }
-        let mut page = None;
-        let mut keys = Vec::new();
-        loop {
-            let out = self.store.list(src, None, page, 1000).await?;
-            keys.extend(out.objects.into_iter().map(|o| (o.key, o.version)));
-            match out.next {
-                Some(n) => page = Some(n),
-                None => break,
-            }
-        }
+        let keys: Vec<(String, Version)> = list_all(&*self.store, src)
+            .await?
+            .into_iter()
+            .map(|o| (o.key, o.version))
+            .collect();
         if keys.is_empty() {
             // An implicit directory with nothing in it cannot exist; a marker-less empty
             // directory only exists in this mount's memory.

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::{DynStore, Precondition, StoreError, StoreResult, Version};
+use crate::store::{DynStore, Precondition, StoreError, StoreResult, Version, list_all};
 
 /// HTTP dates (S3's `Last-Modified`, every `Date` header) count whole seconds, so a lease's age
 /// read from them can come out up to this much too large: a lease is judged over only this much
@@ -238,22 +238,12 @@ impl LockSpace {
 
     /// Every lock object under the prefix, read.
     pub async fn list(&self) -> StoreResult<Vec<Observed>> {
-        let mut names = Vec::new();
-        let mut page = None;
-        loop {
-            let out = self.store.list(&self.prefix, None, page, 1000).await?;
-            names.extend(
-                out.objects
-                    .into_iter()
-                    .map(|o| o.key)
-                    .filter(|k| self.is_lock_name(k)),
-            );
-            match out.next {
-                Some(next) => page = Some(next),
-                None => break,
-            }
-        }
-        let mut locks = Vec::with_capacity(names.len());
+        let names = list_all(&*self.store, &self.prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| self.is_lock_name(k));
+        let mut locks = Vec::new();
         for name in names {
             if let Some(seen) = self.read(&name).await? {
                 locks.push(seen);

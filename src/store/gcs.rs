@@ -65,6 +65,7 @@ use gcloud_storage::http::objects::upload::{UploadObjectRequest, UploadType};
 use gcloud_storage::http::objects::{Object, SourceObjects};
 
 use super::retry::Timeouts;
+use super::rules;
 use super::{
     BlockBuilder, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
     Upload, UserMeta, Version,
@@ -199,17 +200,10 @@ impl GcsStore {
     /// Deletes every temporary object of `upload`.
     async fn remove_staged(&self, upload: &Upload) -> StoreResult<()> {
         let dir = staging_dir(upload)?;
-        let mut page = None;
-        loop {
-            let out = self.list(&dir, None, page, MAX_RESULTS).await?;
-            for o in &out.objects {
-                self.delete(&o.key, Precondition::None).await?;
-            }
-            match out.next {
-                Some(next) => page = Some(next),
-                None => return Ok(()),
-            }
+        for o in super::list_all(self, &dir).await? {
+            self.delete(&o.key, Precondition::None).await?;
         }
+        Ok(())
     }
 
     /// Explains a failed pinned read: a 404 for generation `v` means either that the object was
@@ -391,29 +385,21 @@ fn classify(what: &str, err: GcsError) -> StoreError {
     }
 }
 
-/// Maps an HTTP error status the way `s3.rs` maps S3's.
+/// Maps an HTTP error status as for every HTTP backend, telling a missing bucket apart.
 fn classify_status(what: &str, status: u16, detail: &str) -> StoreError {
     let msg = if detail.is_empty() {
         format!("{what}: HTTP {status}")
     } else {
         format!("{what}: HTTP {status}: {detail}")
     };
-    match status {
-        404 if detail
+    if status == 404
+        && detail
             .to_ascii_lowercase()
-            .contains("bucket does not exist") =>
-        {
-            StoreError::BucketNotFound(msg)
-        }
-        404 => StoreError::NotFound(msg),
-        412 => StoreError::PreconditionFailed(msg),
-        409 => StoreError::Conflict(msg),
-        429 | 503 => StoreError::Throttled(msg),
-        401 | 403 => StoreError::Unauthorized(msg),
-        408 => StoreError::Transient(msg),
-        s if s >= 500 => StoreError::Transient(msg),
-        _ => StoreError::Invalid(msg),
+            .contains("bucket does not exist")
+    {
+        return StoreError::BucketNotFound(msg);
     }
+    rules::status_error(status, msg)
 }
 
 /// The generation a version names; `None` if it names none (no GCS object has that version).
@@ -571,9 +557,7 @@ impl ObjectStore for GcsStore {
         if_version: Option<&Version>,
         block: u64,
     ) -> StoreResult<Vec<Bytes>> {
-        if range.is_empty() {
-            return Err(StoreError::Invalid(format!("empty range {range:?}")));
-        }
+        rules::nonempty(&range)?;
         let pinned = match if_version {
             Some(v) => Some(generation(v).ok_or_else(|| {
                 StoreError::PreconditionFailed(format!("{key}: {v:?} is not a generation"))
@@ -594,13 +578,7 @@ impl ObjectStore for GcsStore {
         });
         let stream = match started.await? {
             Ok(stream) => stream,
-            // Nothing at or after `range.start`: only an empty object when reading from 0.
-            Err(e) if status_of(&e) == Some(416) && range.start == 0 => return Ok(Vec::new()),
-            Err(e) if status_of(&e) == Some(416) => {
-                return Err(StoreError::Invalid(format!(
-                    "{key}: range {range:?} starts past the end of the object"
-                )));
-            }
+            Err(e) if status_of(&e) == Some(416) => return rules::unsatisfiable(key, &range),
             Err(e) => {
                 let err = classify(key, e);
                 return Err(match if_version {
@@ -838,9 +816,7 @@ impl ObjectStore for GcsStore {
         meta: &UserMeta,
     ) -> StoreResult<Version> {
         // Checked first too: some local servers ignore the copy's condition.
-        if self.head(key).await?.version != *version {
-            return Err(StoreError::PreconditionFailed(key.to_string()));
-        }
+        rules::still(self, key, version).await?;
         // A copy onto itself with the new metadata, only from the generation the caller saw:
         // the bytes stay on the server. (A metadata patch would keep the generation, but local
         // JSON API servers answer it without the fields clients need.)
@@ -870,29 +846,15 @@ impl ObjectStore for GcsStore {
     }
 
     async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {
-        if pre == Precondition::IfAbsent {
-            return Err(StoreError::Invalid(
-                "delete if absent makes no sense".into(),
-            ));
-        }
+        rules::delete_condition(&pre)?;
         let req = DeleteObjectRequest {
             bucket: self.bucket.clone(),
             object: key.to_string(),
             if_generation_match: generation_condition(key, &pre)?,
             ..Default::default()
         };
-        match self
-            .client
-            .delete_object(&req)
-            .await
-            .map_err(|e| classify(key, e))
-        {
-            Ok(()) => Ok(()),
-            // Deleting what is not there succeeds, unless a version was required.
-            Err(StoreError::NotFound(_)) if pre == Precondition::None => Ok(()),
-            Err(StoreError::NotFound(m)) => Err(StoreError::PreconditionFailed(m)),
-            Err(e) => Err(e),
-        }
+        let sent = self.client.delete_object(&req).await;
+        rules::deleted(&pre, sent.map_err(|e| classify(key, e)))
     }
 }
 

@@ -38,6 +38,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::rules;
 use super::{
     ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload,
     UserMeta, Version, attrs::FileAttrs, page_of,
@@ -451,14 +452,8 @@ impl Inner {
         {
             return Err(StoreError::PreconditionFailed(key.to_string()));
         }
-        let len = m.size();
-        if range.start >= len && !(range.start == 0 && len == 0) {
-            return Err(StoreError::Invalid(format!(
-                "range {range:?} outside object of {len} bytes"
-            )));
-        }
-        let end = range.end.min(len);
-        let mut buf = vec![0u8; (end - range.start) as usize];
+        let range = rules::within(key, range, m.size())?;
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
         f.read_exact_at(&mut buf, range.start)
             .map_err(|e| io_err(key, e))?;
         Ok(Bytes::from(buf))
@@ -546,17 +541,11 @@ impl Inner {
         let path = self.path(key)?;
         let _lock = RootLock::take(&self.root)?;
         let current = self.current(&path);
-        match pre {
-            Precondition::None => {}
-            Precondition::IfAbsent => {
-                return Err(StoreError::Invalid(
-                    "delete if absent makes no sense".into(),
-                ));
-            }
-            Precondition::IfVersion(v) => match &current {
+        if let Some(v) = rules::delete_condition(pre)? {
+            match &current {
                 Some(m) if version_of(m) == *v => {}
                 _ => return Err(StoreError::PreconditionFailed(key.to_string())),
-            },
+            }
         }
         match current {
             None => Ok(()),

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
+use super::rules;
 use super::{
     ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload,
     UserMeta, Version, page_of,
@@ -245,14 +246,8 @@ impl ObjectStore for MemStore {
         {
             return Err(StoreError::PreconditionFailed(key.to_string()));
         }
-        let len = o.data.len() as u64;
-        if range.start >= len && !(range.start == 0 && len == 0) {
-            return Err(StoreError::Invalid(format!(
-                "range {range:?} outside object of {len} bytes"
-            )));
-        }
-        let end = range.end.min(len);
-        Ok(o.data.slice(range.start as usize..end as usize))
+        let range = rules::within(key, range, o.data.len() as u64)?;
+        Ok(o.data.slice(range.start as usize..range.end as usize))
     }
 
     async fn list(
@@ -388,7 +383,7 @@ impl ObjectStore for MemStore {
     async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {
         self.enter(Op::Delete).await?;
         let mut st = self.state.lock().unwrap();
-        if pre != Precondition::None {
+        if rules::delete_condition(&pre)?.is_some() {
             Self::check(&st, key, &pre)?;
         }
         st.objects.remove(key);

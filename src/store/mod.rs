@@ -13,14 +13,17 @@
 //!   overwrite. Backends that cannot honour a precondition must say so, not ignore it.
 //! - Errors are classified once, here, into [`StoreError`]; retrying the transient ones with
 //!   jittered backoff happens in exactly one place, [`retry::Retrying`]; every attempt is
-//!   measured for `/metrics` by [`metered::Metered`], which sits inside it.
+//!   measured for `/metrics` by [`metered::Metered`], which sits inside it. Both are one
+//!   [`decorate::Decorated`] store, which implements the trait once around a small hook.
 
 pub mod attrs;
+pub mod decorate;
 pub mod gcs;
 pub mod local;
 pub mod mem;
 pub mod metered;
 pub mod retry;
+mod rules;
 pub mod s3;
 
 use std::collections::BTreeMap;
@@ -257,6 +260,27 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
 }
 
 pub type DynStore = Arc<dyn ObjectStore>;
+
+/// Most keys one listing page may hold on every backend (S3's and GCS's limit).
+pub const MAX_LIST_PAGE: usize = 1000;
+
+/// Every object under `prefix` (no delimiter), all pages: the one listing loop for callers that
+/// need the whole set (a directory rename, the lock table, a warm-up, an upload's parts).
+pub async fn list_all<S: ObjectStore + ?Sized>(
+    store: &S,
+    prefix: &str,
+) -> StoreResult<Vec<ObjectMeta>> {
+    let mut objects = Vec::new();
+    let mut page = None;
+    loop {
+        let out = store.list(prefix, None, page, MAX_LIST_PAGE).await?;
+        objects.extend(out.objects);
+        match out.next {
+            Some(next) => page = Some(next),
+            None => return Ok(objects),
+        }
+    }
+}
 
 /// User metadata as the HTTP clients take it; `None` for none, so no empty set is sent.
 pub(crate) fn meta_map(meta: &UserMeta) -> Option<std::collections::HashMap<String, String>> {

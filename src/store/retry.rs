@@ -34,19 +34,14 @@
 //! that care (the lock protocol) re-read the object to find out whether it is theirs.
 
 use std::future::Future;
-use std::ops::Range;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{
-    DynStore, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
-    Upload, UserMeta, Version,
-};
+use super::decorate::{Answer, Class, Decorated, Decorator, Request};
+use super::{DynStore, StoreError, StoreResult};
 
 /// How long each phase of one transfer may take; the backends apply them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,173 +284,51 @@ impl StoreHealth {
     }
 }
 
-/// A store that retries the transient failures of the store inside it.
+/// The decorator that retries: the policy, and what it learns about the store's health.
 #[derive(Debug)]
-pub struct Retrying {
-    inner: DynStore,
+pub struct Retries {
     policy: RetryPolicy,
     health: StoreHealth,
 }
 
+/// A store that retries the transient failures of the store inside it.
+pub type Retrying = Decorated<Retries>;
+
 impl Retrying {
     pub fn new(inner: DynStore, policy: RetryPolicy) -> Self {
-        Retrying {
-            inner,
-            health: StoreHealth::new(policy.read_deadline),
-            policy,
-        }
-    }
-
-    /// A request that serves a read: bounded by the read deadline, watched for outages.
-    async fn read_side<T, F, Fut>(&self, what: &str, metadata: bool, op: F) -> StoreResult<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = StoreResult<T>>,
-    {
-        let p = &self.policy;
-        let attempt = if metadata {
-            p.metadata_timeout
-        } else {
-            p.attempt_timeout
-        };
-        p.run_bounded(what, attempt, Some(p.read_deadline), Some(&self.health), op)
-            .await
-    }
-
-    /// A write: retried, never cut by the read deadline.
-    async fn write_side<T, F, Fut>(&self, what: &str, op: F) -> StoreResult<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = StoreResult<T>>,
-    {
-        let p = &self.policy;
-        p.run_bounded(what, p.attempt_timeout, None, Some(&self.health), op)
-            .await
+        let health = StoreHealth::new(policy.read_deadline);
+        Decorated::with(inner, Retries { policy, health })
     }
 }
 
-#[async_trait]
-impl ObjectStore for Retrying {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-
-    fn max_key_len(&self) -> usize {
-        self.inner.max_key_len()
+impl Decorator for Retries {
+    /// A request that serves a read is bounded by the read deadline (a metadata request, each
+    /// attempt also by the metadata timeout); a write is retried, never cut by the read
+    /// deadline. Both tell the store's health what they saw.
+    async fn around<T, F, Fut>(&self, request: Request, attempt: F) -> StoreResult<T>
+    where
+        T: Answer + Send,
+        F: FnMut() -> Fut + Send,
+        Fut: Future<Output = StoreResult<T>> + Send,
+    {
+        let p = &self.policy;
+        let (attempt_timeout, deadline) = match request.class {
+            Class::Metadata => (p.metadata_timeout, Some(p.read_deadline)),
+            Class::Read => (p.attempt_timeout, Some(p.read_deadline)),
+            Class::Write => (p.attempt_timeout, None),
+        };
+        p.run_bounded(
+            request.op,
+            attempt_timeout,
+            deadline,
+            Some(&self.health),
+            attempt,
+        )
+        .await
     }
 
     fn health(&self) -> Option<&StoreHealth> {
         Some(&self.health)
-    }
-
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.read_side("head", true, || self.inner.head(key)).await
-    }
-
-    async fn head_timed(&self, key: &str) -> StoreResult<(ObjectMeta, SystemTime)> {
-        self.read_side("head", true, || self.inner.head_timed(key))
-            .await
-    }
-
-    async fn get_range(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        if_version: Option<&Version>,
-    ) -> StoreResult<Bytes> {
-        self.read_side("get", false, || {
-            self.inner.get_range(key, range.clone(), if_version)
-        })
-        .await
-    }
-
-    async fn get_blocks(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        if_version: Option<&Version>,
-        block: u64,
-    ) -> StoreResult<Vec<Bytes>> {
-        self.read_side("get", false, || {
-            self.inner.get_blocks(key, range.clone(), if_version, block)
-        })
-        .await
-    }
-
-    async fn list(
-        &self,
-        prefix: &str,
-        delimiter: Option<&str>,
-        page: Option<String>,
-        max_keys: usize,
-    ) -> StoreResult<ListPage> {
-        self.read_side("list", true, || {
-            self.inner.list(prefix, delimiter, page.clone(), max_keys)
-        })
-        .await
-    }
-
-    async fn put_with(
-        &self,
-        key: &str,
-        body: Bytes,
-        pre: Precondition,
-        meta: &UserMeta,
-    ) -> StoreResult<Version> {
-        self.write_side("put", || {
-            self.inner.put_with(key, body.clone(), pre.clone(), meta)
-        })
-        .await
-    }
-
-    async fn start_upload_with(&self, key: &str, meta: &UserMeta) -> StoreResult<Upload> {
-        self.write_side("start_upload", || self.inner.start_upload_with(key, meta))
-            .await
-    }
-
-    async fn set_meta(
-        &self,
-        key: &str,
-        version: &Version,
-        meta: &UserMeta,
-    ) -> StoreResult<Version> {
-        self.write_side("set_meta", || self.inner.set_meta(key, version, meta))
-            .await
-    }
-
-    async fn upload_part(&self, upload: &Upload, number: u32, body: Bytes) -> StoreResult<Part> {
-        self.write_side("upload_part", || {
-            self.inner.upload_part(upload, number, body.clone())
-        })
-        .await
-    }
-
-    async fn complete_upload(
-        &self,
-        upload: &Upload,
-        parts: Vec<Part>,
-        pre: Precondition,
-    ) -> StoreResult<Version> {
-        self.write_side("complete_upload", || {
-            self.inner
-                .complete_upload(upload, parts.clone(), pre.clone())
-        })
-        .await
-    }
-
-    async fn abort_upload(&self, upload: &Upload) -> StoreResult<()> {
-        self.write_side("abort_upload", || self.inner.abort_upload(upload))
-            .await
-    }
-
-    async fn copy(&self, src: &str, dst: &str, pre: Precondition) -> StoreResult<Version> {
-        self.write_side("copy", || self.inner.copy(src, dst, pre.clone()))
-            .await
-    }
-
-    async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {
-        self.write_side("delete", || self.inner.delete(key, pre.clone()))
-            .await
     }
 }
 
@@ -463,6 +336,8 @@ impl ObjectStore for Retrying {
 mod tests {
     use super::*;
     use crate::store::mem::{Fault, MemStore, Op};
+    use crate::store::{ObjectStore, Precondition};
+    use bytes::Bytes;
     use std::sync::Arc;
 
     fn fast() -> RetryPolicy {

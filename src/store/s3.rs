@@ -33,6 +33,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirecti
 use bytes::Bytes;
 
 use super::retry::Timeouts;
+use super::rules;
 use super::{
     BlockBuilder, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
     Upload, UserMeta, Version,
@@ -120,32 +121,34 @@ where
         }
         _ => return StoreError::Transient(format!("{what}: {detail}")),
     }
-    match (code.as_deref(), status) {
-        (Some("NoSuchBucket"), _) => StoreError::BucketNotFound(msg),
-        (Some("KeyTooLongError"), _) => StoreError::NameTooLong(msg),
-        (Some("NoSuchKey" | "NotFound" | "NoSuchUpload"), _) | (_, Some(404)) => {
-            StoreError::NotFound(msg)
-        }
-        (Some("PreconditionFailed"), _) | (_, Some(412)) => StoreError::PreconditionFailed(msg),
-        (Some("ConditionalRequestConflict" | "OperationAborted"), _) | (_, Some(409)) => {
-            StoreError::Conflict(msg)
-        }
-        (Some("SlowDown" | "Throttling" | "RequestLimitExceeded"), _) | (_, Some(429 | 503)) => {
-            StoreError::Throttled(msg)
-        }
-        (
-            Some(
-                "InvalidAccessKeyId"
-                | "SignatureDoesNotMatch"
-                | "AccessDenied"
-                | "ExpiredToken"
-                | "InvalidToken",
-            ),
-            _,
-        )
-        | (_, Some(401 | 403)) => StoreError::Unauthorized(msg),
-        (_, Some(s)) if s >= 500 => StoreError::Transient(msg),
-        _ => StoreError::Invalid(msg),
+    // S3's error codes first; the status says the rest, as for every HTTP backend.
+    match code.as_deref() {
+        Some("NoSuchBucket") => StoreError::BucketNotFound(msg),
+        Some("KeyTooLongError") => StoreError::NameTooLong(msg),
+        Some("NoSuchKey" | "NotFound" | "NoSuchUpload") => StoreError::NotFound(msg),
+        Some("PreconditionFailed") => StoreError::PreconditionFailed(msg),
+        Some("ConditionalRequestConflict" | "OperationAborted") => StoreError::Conflict(msg),
+        Some("SlowDown" | "Throttling" | "RequestLimitExceeded") => StoreError::Throttled(msg),
+        Some(
+            "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "AccessDenied"
+            | "ExpiredToken"
+            | "InvalidToken",
+        ) => StoreError::Unauthorized(msg),
+        _ => match status {
+            Some(status) => rules::status_error(status, msg),
+            None => StoreError::Invalid(msg),
+        },
+    }
+}
+
+/// S3's conditional headers for a write precondition: (`If-None-Match`, `If-Match`).
+fn conditions(pre: &Precondition) -> (Option<String>, Option<String>) {
+    match pre {
+        Precondition::None => (None, None),
+        Precondition::IfAbsent => (Some("*".into()), None),
+        Precondition::IfVersion(v) => (None, Some(v.0.clone())),
     }
 }
 
@@ -308,9 +311,7 @@ impl ObjectStore for S3Store {
         if_version: Option<&Version>,
         block: u64,
     ) -> StoreResult<Vec<Bytes>> {
-        if range.is_empty() {
-            return Err(StoreError::Invalid(format!("empty range {range:?}")));
-        }
+        rules::nonempty(&range)?;
         let mut req = self
             .client
             .get_object()
@@ -321,10 +322,14 @@ impl ObjectStore for S3Store {
             req = req.if_match(&v.0);
         }
         let t = self.timeouts;
-        let sent = async { req.send().await.map_err(|e| classify(key, e)) };
-        let mut body = Timeouts::bound(t.first_byte, "first_byte", key, sent)
-            .await?
-            .body;
+        let sent = async { Ok(req.send().await) };
+        let mut body = match Timeouts::bound(t.first_byte, "first_byte", key, sent).await? {
+            Ok(out) => out.body,
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
+                return rules::unsatisfiable(key, &range);
+            }
+            Err(e) => return Err(classify(key, e)),
+        };
         // The body is copied once, straight into blocks of the exact size.
         let mut blocks = BlockBuilder::new(block, range.end - range.start);
         while let Some(chunk) = Timeouts::bound(t.stall, "stall", key, async {
@@ -395,19 +400,19 @@ impl ObjectStore for S3Store {
         pre: Precondition,
         meta: &UserMeta,
     ) -> StoreResult<Version> {
-        let mut req = self
+        let (if_none_match, if_match) = conditions(&pre);
+        let out = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .set_metadata(super::meta_map(meta))
-            .body(ByteStream::from(body));
-        match &pre {
-            Precondition::None => {}
-            Precondition::IfAbsent => req = req.if_none_match("*"),
-            Precondition::IfVersion(v) => req = req.if_match(&v.0),
-        }
-        let out = req.send().await.map_err(|e| classify(key, e))?;
+            .set_if_none_match(if_none_match)
+            .set_if_match(if_match)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| classify(key, e))?;
         Ok(version(out.e_tag()))
     }
 
@@ -468,19 +473,19 @@ impl ObjectStore for S3Store {
                     .collect(),
             ))
             .build();
-        let mut req = self
+        let (if_none_match, if_match) = conditions(&pre);
+        let out = self
             .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(&upload.key)
             .upload_id(&upload.id)
-            .multipart_upload(completed);
-        match &pre {
-            Precondition::None => {}
-            Precondition::IfAbsent => req = req.if_none_match("*"),
-            Precondition::IfVersion(v) => req = req.if_match(&v.0),
-        }
-        let out = req.send().await.map_err(|e| classify(&upload.key, e))?;
+            .multipart_upload(completed)
+            .set_if_none_match(if_none_match)
+            .set_if_match(if_match)
+            .send()
+            .await
+            .map_err(|e| classify(&upload.key, e))?;
         Ok(version(out.e_tag()))
     }
 
@@ -526,10 +531,7 @@ impl ObjectStore for S3Store {
         version_now: &Version,
         meta: &UserMeta,
     ) -> StoreResult<Version> {
-        let head = self.head(key).await?;
-        if head.version != *version_now {
-            return Err(StoreError::PreconditionFailed(key.to_string()));
-        }
+        let head = rules::still(self, key, version_now).await?;
         if head.size > COPY_PART_SIZE {
             return self
                 .multipart_copy(
@@ -559,22 +561,15 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete(&self, key: &str, pre: Precondition) -> StoreResult<()> {
-        let mut req = self.client.delete_object().bucket(&self.bucket).key(key);
-        match &pre {
-            Precondition::None => {}
-            Precondition::IfAbsent => {
-                return Err(StoreError::Invalid(
-                    "delete if absent makes no sense".into(),
-                ));
-            }
-            Precondition::IfVersion(v) => req = req.if_match(&v.0),
-        }
-        match req.send().await.map_err(|e| classify(key, e)) {
-            Ok(_) => Ok(()),
-            // Deleting what is not there succeeds, unless a version was required.
-            Err(StoreError::NotFound(_)) if pre == Precondition::None => Ok(()),
-            Err(StoreError::NotFound(m)) => Err(StoreError::PreconditionFailed(m)),
-            Err(e) => Err(e),
-        }
+        let if_match = rules::delete_condition(&pre)?.map(|v| v.0.clone());
+        let sent = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_if_match(if_match)
+            .send()
+            .await;
+        rules::deleted(&pre, sent.map(|_| ()).map_err(|e| classify(key, e)))
     }
 }
