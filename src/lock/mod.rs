@@ -118,16 +118,12 @@ pub fn default_replica_id() -> String {
 }
 
 fn host_name() -> Option<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return None;
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    String::from_utf8(buf[..end].to_vec())
-        .ok()
+    // The node name `uname` reports is the host name `gethostname` would (the UTS namespace's).
+    let uts = nix::sys::utsname::uname().ok()?;
+    uts.nodename()
+        .to_str()
         .filter(|s| !s.is_empty())
+        .map(str::to_string)
 }
 
 /// RFC 3339, for log lines and `locks list`.

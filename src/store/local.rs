@@ -29,7 +29,6 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +36,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use nix::fcntl::{AT_FDCWD, Flock, FlockArg};
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags, mknod, utimensat};
+use nix::sys::time::TimeSpec;
 
 use super::rules;
 use super::{
@@ -189,47 +191,25 @@ fn apply_attrs(path: &Path, a: &FileAttrs, strict: bool) -> io::Result<()> {
     }
     if a.mtime.is_some() || a.atime.is_some() {
         let spec = |t: Option<SystemTime>| match t {
-            Some(t) => {
-                let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-                libc::timespec {
-                    tv_sec: d.as_secs() as libc::time_t,
-                    tv_nsec: d.subsec_nanos() as _,
-                }
-            }
-            None => libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
-            },
+            Some(t) => TimeSpec::from(t.duration_since(UNIX_EPOCH).unwrap_or_default()),
+            None => TimeSpec::UTIME_OMIT,
         };
-        let times = [spec(a.atime), spec(a.mtime)];
-        let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: a valid C string and an array of two timespecs, as utimensat expects.
-        let rc = unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        utimensat(
+            AT_FDCWD,
+            path,
+            &spec(a.atime),
+            &spec(a.mtime),
+            UtimensatFlags::NoFollowSymlink,
+        )?;
     }
     Ok(())
 }
 
 /// Makes a FIFO, socket or device node at `path`.
 fn make_node(path: &Path, mode: u32, rdev: u32) -> io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: a valid C string; mknod reads nothing else.
-    let rc = unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let kind = SFlag::from_bits_truncate(mode & libc::S_IFMT);
+    let perm = Mode::from_bits_truncate(mode & 0o7777);
+    Ok(mknod(path, kind, perm, rdev.into())?)
 }
 
 /// Names the store itself uses inside the root; never listed as objects.
@@ -243,19 +223,16 @@ fn is_empty_dir(path: &Path) -> bool {
 
 /// An exclusive `flock` on the root directory, held for the life of the guard.
 struct RootLock {
-    /// Held open for the lock; closing it releases the flock.
-    _dir: File,
+    /// The root, held open for the lock; closing it releases the flock.
+    _dir: Flock<File>,
 }
 
 impl RootLock {
     fn take(root: &Path) -> StoreResult<RootLock> {
         let f = File::open(root).map_err(|e| io_err("lock store root", e))?;
-        // SAFETY: flock on a valid, owned file descriptor.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(io_err("lock store root", io::Error::last_os_error()));
-        }
-        Ok(RootLock { _dir: f })
+        let locked = Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, e)| io_err("lock store root", e.into()))?;
+        Ok(RootLock { _dir: locked })
     }
 }
 

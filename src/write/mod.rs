@@ -126,8 +126,8 @@ pub enum Opening {
     Keep(Version, u64),
 }
 
-/// The upload of a stream of sequential writes.
-struct Stream {
+/// The multipart upload that sequential writes stream into.
+struct StreamingUpload {
     upload: Upload,
     /// Parts started, in order.
     parts: Vec<JoinHandle<StoreResult<Part>>>,
@@ -157,7 +157,7 @@ struct State {
     unstaged: Option<u64>,
     /// `O_APPEND`: every write goes to the end of the file as it is here.
     append: bool,
-    stream: Option<Stream>,
+    stream: Option<StreamingUpload>,
     /// A write into data already sent: commit uploads the whole file.
     stream_broken: bool,
     /// A write or a commit failed: the handle never commits.
@@ -429,7 +429,7 @@ impl WriteHandle {
 
     /// Starts uploading the next `len` bytes of the stream as its next part; waits while
     /// MAX_PART_UPLOADS parts are in flight (backpressure).
-    async fn send_part(&self, stream: &mut Stream, len: u64) {
+    async fn send_part(&self, stream: &mut StreamingUpload, len: u64) {
         let number = stream.parts.len() as u32 + 1;
         let handle = self
             .upload_part(&stream.upload, number, stream.sent, len)
@@ -439,13 +439,16 @@ impl WriteHandle {
     }
 
     /// The handle's multipart upload, started (and journaled) if there is none yet.
-    async fn stream_of<'a>(&self, st: &'a mut State) -> Result<&'a mut Stream, WriteError> {
+    async fn stream_of<'a>(
+        &self,
+        st: &'a mut State,
+    ) -> Result<&'a mut StreamingUpload, WriteError> {
         if st.stream.is_none() {
             let user = Self::user_meta_now(st);
             let upload = self.ctx.store.start_upload_with(&st.key, &user).await?;
             self.ctx.journal.add(&upload);
             self.ctx.journal.sweep(&self.ctx.store);
-            st.stream = Some(Stream {
+            st.stream = Some(StreamingUpload {
                 upload,
                 parts: Vec::new(),
                 sent: 0,
@@ -744,8 +747,7 @@ pub fn prepare_staging_dir(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
         _ => {}
     }
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     let refuse = |why: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
     let m = std::fs::symlink_metadata(dir)?;
     if !m.file_type().is_dir() {
@@ -1051,20 +1053,20 @@ fn take_orphan(path: &Path) -> Option<(File, String)> {
 /// belong to the open file, not to a process: they survive `fork`, are not dropped by closing
 /// another descriptor of the same file, and end when the process dies.
 fn ofd_lock(file: &File) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a zeroed flock is a valid value; the fields set below describe the whole file.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as _;
-    lock.l_whence = libc::SEEK_SET as _;
-    // SAFETY: F_OFD_SETLK reads the flock we pass on a descriptor we own.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
-        _ => Err(e),
+    use nix::errno::Errno;
+    use nix::fcntl::{FcntlArg, fcntl};
+    // The whole file (start 0, length 0 = to the end, whatever it grows to).
+    let lock = libc::flock {
+        l_type: libc::F_WRLCK as _,
+        l_whence: libc::SEEK_SET as _,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    match fcntl(file, FcntlArg::F_OFD_SETLK(&lock)) {
+        Ok(_) => Ok(true),
+        Err(Errno::EAGAIN | Errno::EACCES) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
