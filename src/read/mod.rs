@@ -17,10 +17,23 @@
 //! ## Random reads
 //! A read far from the previous one resets the stream: fetches that do not cover it are dropped
 //! (their bytes return to the budget as soon as they land) and the window goes back to zero. The
-//! read fetches only the blocks it touches ([`BLOCK_SIZE`], 1 MiB, alignment) — no runaway window
-//! for mmap'd safetensors or shuffled datasets. Prefetching starts only once a stream has covered
-//! a whole part, because one large random read arrives as several concurrent kernel requests that
-//! look sequential.
+//! read fetches only the blocks it touches ([`BLOCK_SIZE`], 1 MiB, alignment), in one ranged GET
+//! per gap between the fetches already running — no runaway window for shuffled datasets.
+//! Prefetching starts only once a stream has covered a whole part, because one large random read
+//! arrives as several concurrent kernel requests that look sequential. Those requests share the
+//! blocks at their edges: a demand fetch is held (weakly) while reads wait on it, so a 4 MiB
+//! `pread` split into four requests costs four GETs that together fetch each block it touches
+//! once, instead of four GETs of two blocks each.
+//!
+//! ## Files read whole: the sweep
+//! A model load reads the file's index first and then all of the data, through `mmap` page faults
+//! that arrive as concurrent reads in the loader's order (see [`format`]). When the first read at
+//! offset 0 shows such an index, the handle *sweeps* the file: parts of `part_size`, in file
+//! order, `concurrency` GETs in flight, reserved from the prefetch pool, started right after the
+//! index read and not reset by reads that jump around. A sweep part is let go once every byte of
+//! it was read; when the pool is used up, the sweep waits for that, or drops a fetched part the
+//! reads have gone a whole pool past. If it drops more than a pool's worth unread, the file is not
+//! being read whole and the sweep stops (the window rules apply again).
 //!
 //! ## Seeking back
 //! Every fetched block is offered to the memory tier, shared by all handles of the mount, and
@@ -32,12 +45,14 @@
 //! demand pool, waiting if needed. Bytes stay reserved while a fetch is buffered for this handle
 //! and are returned as soon as it is consumed or dropped.
 
+mod format;
+
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use futures::future::{BoxFuture, Shared};
+use futures::future::{BoxFuture, Shared, WeakShared};
 
 use crate::cache::BLOCK_SIZE;
 use crate::cache::tiered::TieredCache;
@@ -153,12 +168,25 @@ impl Part {
 }
 
 type FetchResult = Result<Arc<Part>, StoreError>;
+type FetchFuture = Shared<BoxFuture<'static, FetchResult>>;
 
-/// One ranged fetch running (or done) for this handle.
+/// Why the handle keeps a fetch, which decides when it lets go of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    /// Ahead of a sequential run: dropped once the run is a part past it.
+    Window,
+    /// Part of the in-order sweep of a whole file: dropped once every byte of it was read.
+    Sweep,
+}
+
+/// One ranged fetch running (or done) that the handle keeps for the reads to come.
 struct Fetch {
     start: u64,
     end: u64,
-    result: Shared<BoxFuture<'static, FetchResult>>,
+    result: FetchFuture,
+    purpose: Purpose,
+    /// Bytes of it handed to reads so far.
+    served: u64,
 }
 
 impl Fetch {
@@ -167,22 +195,93 @@ impl Fetch {
     }
 }
 
+/// A fetch that only reads wait on (its bytes are reserved from the demand pool): held weakly, so
+/// it lives exactly as long as a read waits for it, and the concurrent kernel requests a large
+/// `pread` is split into share the blocks they have in common instead of fetching them twice.
+struct DemandFetch {
+    start: u64,
+    end: u64,
+    result: WeakShared<BoxFuture<'static, FetchResult>>,
+}
+
+impl DemandFetch {
+    fn live(&self) -> Option<FetchFuture> {
+        self.result.upgrade()
+    }
+}
+
 /// Keep at most this many fetches per handle (prefetch window plus a few demand fetches).
 const MAX_FETCHES: usize = 64;
 
+/// The current run of sequential reads of a handle.
 #[derive(Default)]
-struct Stream {
-    /// Where the current stream began.
+struct SequentialRun {
+    /// Where the run began.
     start: u64,
-    /// End of the furthest read of the current stream.
+    /// End of the furthest read of the run.
     last_end: u64,
-    /// Reads in the current stream.
+    /// Reads in the run.
     reads: u32,
+}
+
+/// How far ahead of a sequential run the handle fetches.
+#[derive(Default)]
+struct PrefetchWindow {
     /// Bytes to keep fetched ahead of the read position.
-    window: u64,
-    /// End of the furthest fetch issued for the stream.
+    bytes: u64,
+    /// End of the furthest fetch issued for the run.
     frontier: u64,
+}
+
+/// The in-order fetch of a whole file whose index was read first (see [`format`]).
+#[derive(Default)]
+enum Sweep {
+    /// No read at offset 0 yet.
+    #[default]
+    Undecided,
+    /// Not a file read whole, or a sweep that was given up.
+    Off,
+    On {
+        /// Everything before this offset has been fetched (or is being fetched) once.
+        next: u64,
+        /// Bytes fetched by the sweep and dropped unread.
+        wasted: u64,
+    },
+}
+
+/// What a handle knows about its reads and keeps fetched for them.
+#[derive(Default)]
+struct ReadState {
+    run: SequentialRun,
+    window: PrefetchWindow,
+    sweep: Sweep,
+    /// End of the furthest read ever.
+    furthest: u64,
+    /// Window and sweep fetches, by start.
     fetches: VecDeque<Fetch>,
+    /// Demand fetches some read still waits on.
+    demand: Vec<DemandFetch>,
+}
+
+impl ReadState {
+    /// A kept or demand fetch covering `pos`, counting what it serves up to `end`.
+    fn cover(&mut self, pos: u64, end: u64) -> Option<(u64, FetchFuture)> {
+        if let Some(f) = self.fetches.iter_mut().find(|f| f.covers(pos)) {
+            f.served += f.end.min(end) - pos;
+            return Some((f.end, f.result.clone()));
+        }
+        self.demand
+            .iter()
+            .filter(|d| d.start <= pos && pos < d.end)
+            .find_map(|d| d.live().map(|r| (d.end, r)))
+    }
+
+    /// The start of the first fetch (kept or demand) after `pos`, if any.
+    fn next_start(&self, pos: u64) -> Option<u64> {
+        let kept = self.fetches.iter().map(|f| f.start);
+        let demand = self.demand.iter().map(|d| d.start);
+        kept.chain(demand).filter(|&s| s > pos).min()
+    }
 }
 
 pub struct Reader {
@@ -190,7 +289,7 @@ pub struct Reader {
     key: Arc<str>,
     version: Version,
     size: u64,
-    stream: Mutex<Stream>,
+    state: Mutex<ReadState>,
 }
 
 impl Reader {
@@ -200,7 +299,7 @@ impl Reader {
             key: key.into(),
             version,
             size,
-            stream: Mutex::new(Stream::default()),
+            state: Mutex::new(ReadState::default()),
         }
     }
 
@@ -211,7 +310,12 @@ impl Reader {
 
     /// The current prefetch window in bytes (for tests and metrics).
     pub fn window(&self) -> u64 {
-        self.stream.lock().unwrap().window
+        self.state.lock().unwrap().window.bytes
+    }
+
+    /// Whether the handle is fetching the whole file in order (for tests).
+    pub fn sweeping(&self) -> bool {
+        matches!(self.state.lock().unwrap().sweep, Sweep::On { .. })
     }
 
     /// Up to `len` bytes at `offset`; fewer only at the end of the object.
@@ -220,20 +324,48 @@ impl Reader {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        match self.read_once(offset, end).await {
+        let data = match self.read_once(offset, end).await {
             Err(FsError::Store(e)) => {
                 // A fetch failed even after the store's retries (a prefetch may have failed long
                 // before this read came). Forget failed fetches and try once more on demand, so
                 // one bad moment is not remembered by the handle.
                 tracing::debug!(key = %self.key, error = %e, "read failed; retrying once");
-                self.stream
-                    .lock()
-                    .unwrap()
-                    .fetches
-                    .retain(|f| !matches!(f.result.peek(), Some(Err(_))));
+                {
+                    let mut s = self.state.lock().unwrap();
+                    s.fetches
+                        .retain(|f| !matches!(f.result.peek(), Some(Err(_))));
+                    s.demand
+                        .retain(|d| d.live().is_some_and(|r| !matches!(r.peek(), Some(Err(_)))));
+                }
                 self.read_once(offset, end).await
             }
             other => other,
+        }?;
+        if offset == 0 {
+            self.decide_sweep(&data);
+        }
+        Ok(data)
+    }
+
+    /// After the first read at offset 0: a file whose index comes first is read whole, so the
+    /// sweep starts right away, before the application has parsed the index.
+    fn decide_sweep(&self, first: &[u8]) {
+        let mut s = self.state.lock().unwrap();
+        if !matches!(s.sweep, Sweep::Undecided) {
+            return;
+        }
+        // A file of a part or two is fetched whole by its first reads anyway.
+        let worth = self.size > 2 * self.ctx.cfg.part_size;
+        match format::index_first(first, self.size) {
+            Some(f) if worth => {
+                tracing::debug!(key = %self.key, format = ?f, "index read first: fetching the whole file in order");
+                let next = (first.len() as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+                s.sweep = Sweep::On { next, wasted: 0 };
+                // Reads before this one (a zip's central directory at the end) are the index's.
+                s.furthest = first.len() as u64;
+                self.pump_sweep(&mut s);
+            }
+            _ => s.sweep = Sweep::Off,
         }
     }
 
@@ -272,94 +404,207 @@ impl Reader {
         Ok(data)
     }
 
-    /// Decides which fetches serve `offset..end` (starting the missing ones), updates the stream
-    /// and schedules prefetches. Never waits: it only takes the handle's lock.
-    fn plan(&self, offset: u64, end: u64) -> Vec<Shared<BoxFuture<'static, FetchResult>>> {
-        let part = self.ctx.cfg.part_size;
-        let mut s = self.stream.lock().unwrap();
-
-        let sequential =
-            (s.reads > 0 && offset + part >= s.last_end && offset <= s.last_end + part)
-                || (s.reads == 0 && offset == 0);
-        if sequential {
-            // Entering a new part grows the window.
-            if s.reads > 0 && end.div_ceil(part) > s.last_end.div_ceil(part) {
-                s.window = (s.window * 2).clamp(part, part * self.ctx.cfg.concurrency as u64);
-            }
-            s.reads += 1;
-            s.last_end = s.last_end.max(end);
-        } else {
-            s.reads = 1;
-            s.window = 0;
-            s.start = offset;
-            s.last_end = end;
-            s.frontier = 0;
-            s.fetches.retain(|f| f.start < end && f.end > offset);
+    /// Decides which fetches serve `offset..end` (starting the missing ones), updates the read
+    /// state and schedules prefetches. Never waits: it only takes the handle's lock.
+    fn plan(&self, offset: u64, end: u64) -> Vec<FetchFuture> {
+        let mut s = self.state.lock().unwrap();
+        s.furthest = s.furthest.max(end);
+        s.demand.retain(|d| d.live().is_some());
+        let sweeping = matches!(s.sweep, Sweep::On { .. });
+        let sequential = self.follow_run(&mut s, offset, end, sweeping);
+        if sweeping {
+            // Before the read looks for its bytes: the range the sweep fetches next may be it.
+            self.pump_sweep(&mut s);
         }
-        // Fetches wholly behind the stream are consumed (their blocks live on in the memory tier).
-        let behind = offset.saturating_sub(part);
-        s.fetches.retain(|f| f.end > behind);
 
-        // Serve the read from this handle's fetches if they cover all of it; otherwise with one
-        // demand fetch of its blocks (which takes what it can from the block cache). Demand
-        // fetches belong to the read alone and are not kept: their bytes go back to the budget as
-        // soon as the read has them, so an idle handle never sits on the demand pool.
+        // Serve the read from the fetches that cover it, and fetch what none covers on demand:
+        // only its blocks, one ranged GET per gap. Demand fetches belong to the reads alone and
+        // are not kept: their bytes go back to the budget as soon as the reads have them, so an
+        // idle handle never sits on the demand pool.
         let mut needed = Vec::new();
         let mut pos = offset;
         while pos < end {
-            match s.fetches.iter().find(|f| f.covers(pos)) {
-                Some(f) => {
-                    needed.push(f.result.clone());
-                    pos = f.end;
-                }
-                None => {
-                    needed.clear();
-                    break;
-                }
+            if let Some((covered_to, result)) = s.cover(pos, end) {
+                needed.push(result);
+                pos = covered_to;
+                continue;
             }
-        }
-        if pos < end {
-            let start = offset - offset % BLOCK_SIZE;
-            let stop = end
+            let gap_end = s.next_start(pos).map_or(end, |n| n.min(end));
+            let start = pos - pos % BLOCK_SIZE;
+            let stop = gap_end
                 .div_ceil(BLOCK_SIZE)
                 .saturating_mul(BLOCK_SIZE)
                 .min(self.size);
-            needed.push(self.start_fetch(start, stop, None).result);
+            let f = self.start_fetch(start, stop, None);
+            if let Some(weak) = f.result.downgrade() {
+                s.demand.push(DemandFetch {
+                    start,
+                    end: stop,
+                    result: weak,
+                });
+            }
+            needed.push(f.result);
+            pos = stop;
         }
+        // Sweep fetches are let go once every byte of them was read.
+        s.fetches
+            .retain(|f| f.purpose != Purpose::Sweep || f.served < f.end - f.start);
 
-        // Prefetch once the stream has covered a whole part: a large random read (the kernel
-        // splits a 4 MiB pread into concurrent 1 MiB requests, which look sequential) must not
-        // start a window it will never use.
-        if sequential && s.reads >= 2 && s.last_end - s.start >= part {
-            if s.window == 0 {
-                s.window = part;
-            }
-            // Fetches start on block boundaries (the block cache is keyed by block); the demand
-            // fetch of this read already covers up to the end of its last block.
-            let mut frontier = s.frontier.max(end.div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
-            while frontier < self.size && frontier < end + s.window && s.fetches.len() < MAX_FETCHES
-            {
-                let part_end = ((frontier / part) + 1) * part;
-                let part_end = part_end.min(self.size);
-                if s.fetches.iter().any(|f| f.covers(frontier)) {
-                    frontier = part_end;
-                    continue;
-                }
-                let Some(reservation) = self.ctx.budget.try_prefetch(part_end - frontier) else {
-                    metrics::prefetch(None);
-                    break; // budget exhausted: prefetching pauses, reads go on
-                };
-                metrics::prefetch(Some(part_end - frontier));
-                let f = self.start_fetch(frontier, part_end, Some(reservation));
-                frontier = f.end;
-                insert_sorted(&mut s.fetches, f);
-            }
-            s.frontier = frontier;
+        if !sweeping && sequential {
+            self.grow_window(&mut s, end);
         }
         while s.fetches.len() > MAX_FETCHES {
             s.fetches.pop_front();
         }
         needed
+    }
+
+    /// Follows the sequential run with the read of `offset..end`: continues it (growing the
+    /// window on entering a new part) or starts a new one. Returns whether the read continued
+    /// the run.
+    fn follow_run(&self, s: &mut ReadState, offset: u64, end: u64, sweeping: bool) -> bool {
+        let part = self.ctx.cfg.part_size;
+        let run = &mut s.run;
+        let sequential =
+            (run.reads > 0 && offset + part >= run.last_end && offset <= run.last_end + part)
+                || (run.reads == 0 && offset == 0);
+        if sequential {
+            // Entering a new part grows the window.
+            if run.reads > 0 && end.div_ceil(part) > run.last_end.div_ceil(part) {
+                s.window.bytes =
+                    (s.window.bytes * 2).clamp(part, part * self.ctx.cfg.concurrency as u64);
+            }
+            run.reads += 1;
+            run.last_end = run.last_end.max(end);
+        } else {
+            *run = SequentialRun {
+                start: offset,
+                last_end: end,
+                reads: 1,
+            };
+            s.window = PrefetchWindow::default();
+            if !sweeping {
+                // A seek drops the window's fetches that do not cover the read. The sweep's are
+                // the file's, whatever order the application reads it in.
+                s.fetches
+                    .retain(|f| f.purpose == Purpose::Sweep || (f.start < end && f.end > offset));
+            }
+        }
+        // Window fetches wholly behind the read are consumed (their blocks live on in the
+        // memory tier).
+        let behind = offset.saturating_sub(part);
+        s.fetches
+            .retain(|f| f.purpose == Purpose::Sweep || f.end > behind);
+        sequential
+    }
+
+    /// Keeps the window's fetches running ahead of a sequential run.
+    fn grow_window(&self, s: &mut ReadState, end: u64) {
+        let part = self.ctx.cfg.part_size;
+        // Prefetch once the run has covered a whole part: a large random read (the kernel
+        // splits a 4 MiB pread into concurrent 1 MiB requests, which look sequential) must not
+        // start a window it will never use.
+        if s.run.reads < 2 || s.run.last_end - s.run.start < part {
+            return;
+        }
+        if s.window.bytes == 0 {
+            s.window.bytes = part;
+        }
+        // Fetches start on block boundaries (the block cache is keyed by block); the demand
+        // fetch of this read already covers up to the end of its last block.
+        let mut frontier = s.window.frontier.max(end.div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
+        while frontier < self.size
+            && frontier < end + s.window.bytes
+            && s.fetches.len() < MAX_FETCHES
+        {
+            let part_end = (((frontier / part) + 1) * part).min(self.size);
+            if let Some(f) = s.fetches.iter().find(|f| f.covers(frontier)) {
+                frontier = f.end.max(part_end);
+                continue;
+            }
+            let Some(reservation) = self.ctx.budget.try_prefetch(part_end - frontier) else {
+                metrics::prefetch(None);
+                break; // budget exhausted: prefetching pauses, reads go on
+            };
+            metrics::prefetch(Some(part_end - frontier));
+            let f = self.start_fetch(frontier, part_end, Some(reservation));
+            frontier = f.end;
+            insert_sorted(&mut s.fetches, f);
+        }
+        s.window.frontier = frontier;
+    }
+
+    /// Keeps up to `concurrency` sweep fetches of one part each in flight, in file order, with
+    /// bytes from the prefetch pool. When the pool is used up, the sweep lets go of its oldest
+    /// fetched range that the reads have gone past (its unread bytes were skipped, or are read
+    /// later from the memory tier or on demand) or pauses. A sweep whose fetches are dropped
+    /// unread for more than the whole prefetch pool is not serving a load: it stops.
+    fn pump_sweep(&self, s: &mut ReadState) {
+        let Sweep::On {
+            mut next,
+            mut wasted,
+        } = s.sweep
+        else {
+            return;
+        };
+        let part = self.ctx.cfg.part_size;
+        let give_up = self
+            .ctx
+            .cfg
+            .split()
+            .map_or(part, |(prefetch, _, _)| prefetch);
+        let running = |s: &ReadState| {
+            s.fetches
+                .iter()
+                .filter(|f| f.purpose == Purpose::Sweep && f.result.peek().is_none())
+                .count()
+        };
+        while next < self.size && running(s) < self.ctx.cfg.concurrency {
+            // One part, cut short where a fetch already running takes over.
+            if let Some(f) = s.fetches.iter().find(|f| f.covers(next)) {
+                next = f.end;
+                continue;
+            }
+            if let Some(d) = s.demand.iter().find(|d| d.start <= next && next < d.end) {
+                next = d.end;
+                continue;
+            }
+            let mut stop = (((next / part) + 1) * part).min(self.size);
+            if let Some(n) = s.next_start(next) {
+                stop = stop.min(n);
+            }
+            let Some(reservation) = self.ctx.budget.try_prefetch(stop - next) else {
+                // Gone past: a whole pool behind the furthest read, where no reader of a load
+                // that keeps up with the sweep lingers.
+                let passed = s.fetches.iter().position(|f| {
+                    f.purpose == Purpose::Sweep
+                        && f.end + give_up <= s.furthest
+                        && f.result.peek().is_some()
+                });
+                match passed.and_then(|i| s.fetches.remove(i)) {
+                    Some(f) => {
+                        wasted += (f.end - f.start).saturating_sub(f.served);
+                        if wasted > give_up {
+                            tracing::debug!(key = %self.key, wasted, "reads skip most of the sweep: stopping it");
+                            s.sweep = Sweep::Off;
+                            s.fetches.retain(|f| f.purpose != Purpose::Sweep);
+                            return;
+                        }
+                        continue;
+                    }
+                    None => {
+                        metrics::prefetch(None);
+                        break; // budget exhausted: the sweep pauses, reads go on
+                    }
+                }
+            };
+            metrics::prefetch(Some(stop - next));
+            let mut f = self.start_fetch(next, stop, Some(reservation));
+            f.purpose = Purpose::Sweep;
+            next = stop;
+            insert_sorted(&mut s.fetches, f);
+        }
+        s.sweep = Sweep::On { next, wasted };
     }
 
     /// Starts fetching `start..end` in the background (from the block cache where it can).
@@ -388,7 +633,13 @@ impl Reader {
         }
         .boxed()
         .shared();
-        Fetch { start, end, result }
+        Fetch {
+            start,
+            end,
+            result,
+            purpose: Purpose::Window,
+            served: 0,
+        }
     }
 }
 
@@ -549,6 +800,160 @@ mod tests {
             s.mem.calls(Op::GetRange) <= 12,
             "only the blocks read were fetched"
         );
+    }
+
+    /// A safetensors file of `data` bytes of tensors: the 8-byte length, the JSON header, the
+    /// tensor bytes.
+    fn safetensors(data: usize, seed: u8) -> Bytes {
+        let json =
+            format!(r#"{{"w":{{"dtype":"U8","shape":[{data}],"data_offsets":[0,{data}]}}}}"#);
+        let mut v = (json.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(json.as_bytes());
+        v.extend_from_slice(&data_bytes(data, seed));
+        Bytes::from(v)
+    }
+
+    fn data_bytes(len: usize, seed: u8) -> Vec<u8> {
+        data(len, seed).to_vec()
+    }
+
+    /// Every range of `ranges` is disjoint from the others, and together they are `0..size`.
+    fn assert_fetched_once(mut ranges: Vec<std::ops::Range<u64>>, size: u64) {
+        ranges.sort_by_key(|r| r.start);
+        let mut pos = 0;
+        for r in &ranges {
+            assert_eq!(
+                r.start, pos,
+                "a gap or a byte fetched twice at {pos}: {ranges:?}"
+            );
+            pos = r.end;
+        }
+        assert_eq!(pos, size, "{ranges:?}");
+    }
+
+    #[tokio::test]
+    async fn a_safetensors_load_is_fetched_once_in_order_in_large_ranges() {
+        let obj = safetensors(96 << 20, 6);
+        let size = obj.len() as u64;
+        // A prefetch pool of 4 parts of 8 MiB.
+        let config = cfg(8 * MIB, 4, 80 * MIB);
+        let (prefetch, demand, _) = config.split().unwrap();
+        assert_eq!(prefetch, 32 * MIB);
+        let s = setup(&[("m.safetensors", obj.clone())], config).await;
+        let r = reader(&s, "m.safetensors").await;
+        // The loader reads the header (the first fault of its mmap brings a megabyte)...
+        let header = r.read(0, MIB).await.unwrap();
+        assert_eq!(header, obj.slice(..MIB as usize));
+        assert!(r.sweeping(), "a safetensors header starts the sweep");
+        // ...then copies the tensors out of its mmap: 1 MiB page-fault reads from several
+        // threads, 16 at a time, in an order that looks random within 16 MiB.
+        let mut offsets: Vec<u64> = (1..size.div_ceil(MIB)).map(|i| i * MIB).collect();
+        for (n, chunk) in offsets.chunks_mut(16).enumerate() {
+            chunk.reverse();
+            let turn = n % 7 % chunk.len();
+            chunk.rotate_left(turn);
+        }
+        let r = &r;
+        for batch in offsets.chunks(16) {
+            let reads = batch
+                .iter()
+                .map(|&off| async move { (off, r.read(off, MIB).await) });
+            for (off, got) in futures::future::join_all(reads).await {
+                let end = (off + MIB).min(size);
+                assert_eq!(
+                    got.unwrap(),
+                    obj.slice(off as usize..end as usize),
+                    "at {off}"
+                );
+            }
+        }
+        let ranges = s.mem.ranges_read();
+        // The header's block on demand, then the sweep: whole parts in file order, each byte
+        // fetched once, never more than the prefetch and demand pools in memory.
+        assert_eq!(ranges[0], 0..MIB);
+        assert!(
+            ranges.windows(2).all(|w| w[0].end <= w[1].start),
+            "in file order: {ranges:?}"
+        );
+        assert!(
+            ranges[1..ranges.len() - 1]
+                .iter()
+                .all(|r| r.end - r.start >= 7 * MIB),
+            "large ranges: {ranges:?}"
+        );
+        assert_eq!(ranges.len() as u64, size.div_ceil(8 * MIB) + 1);
+        assert_fetched_once(ranges, size);
+        assert!(
+            s.ctx.budget.peak() <= prefetch + demand,
+            "{}",
+            s.ctx.budget.peak()
+        );
+        assert_eq!(s.ctx.budget.in_use(), 0, "every range read was let go");
+    }
+
+    #[tokio::test]
+    async fn reads_that_skip_most_of_a_model_stop_its_sweep() {
+        let obj = safetensors(160 << 20, 7);
+        let size = obj.len() as u64;
+        let config = cfg(8 * MIB, 4, 80 * MIB);
+        let (prefetch, _, _) = config.split().unwrap();
+        let s = setup(&[("m.safetensors", obj.clone())], config).await;
+        let r = reader(&s, "m.safetensors").await;
+        r.read(0, 4096).await.unwrap();
+        assert!(r.sweeping());
+        // Small reads far apart, back and forth: not a load of the whole file.
+        for i in 0..40u64 {
+            let off = (i * 37 * MIB + 4096 * i) % (size - 4096);
+            let got = r.read(off, 4096).await.unwrap();
+            assert_eq!(got, obj.slice(off as usize..off as usize + 4096));
+        }
+        assert!(!r.sweeping(), "the sweep stopped");
+        let fetched: u64 = s.mem.ranges_read().iter().map(|r| r.end - r.start).sum();
+        // What the reads asked for (a block or two each), and at most the prefetch pool twice
+        // over before the sweep gave up.
+        assert!(
+            fetched <= 41 * 2 * MIB + 2 * prefetch + 8 * MIB,
+            "{} MiB fetched",
+            fetched >> 20
+        );
+    }
+
+    #[tokio::test]
+    async fn a_large_random_pread_is_one_get_per_kernel_request() {
+        let obj = data(64 << 20, 8);
+        let s = setup(&[("m", obj.clone())], cfg(8 * MIB, 8, 160 * MIB)).await;
+        let r = reader(&s, "m").await;
+        let mut gets = 0;
+        for base in [40 * MIB + (12 << 10), 8 * MIB, 50 * MIB + 4096] {
+            // A 4 MiB pread through the page cache arrives as four concurrent 1 MiB requests.
+            let reads = (0..4u64).map(|i| r.read(base + i * MIB, MIB));
+            let got = futures::future::join_all(reads).await;
+            for (i, got) in got.into_iter().enumerate() {
+                let off = (base + i as u64 * MIB) as usize;
+                assert_eq!(got.unwrap(), obj.slice(off..off + MIB as usize));
+            }
+            let ranges = s.mem.ranges_read();
+            assert_eq!(ranges.len() - gets, 4, "one GET per request: {ranges:?}");
+            // Together the blocks the pread touches, each fetched once.
+            let first = base - base % BLOCK_SIZE;
+            let last = (base + 4 * MIB).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+            let mut new: Vec<_> = ranges[gets..]
+                .iter()
+                .map(|r| r.start - first..r.end - first)
+                .collect();
+            new.sort_by_key(|r| r.start);
+            assert_fetched_once(new, last - first);
+            gets = ranges.len();
+        }
+        // The same pread in one request (a file open with direct I/O) is one GET.
+        r.read(20 * MIB + 4096, 4 * MIB).await.unwrap();
+        let last: Vec<_> = s.mem.ranges_read().drain(gets..).collect();
+        assert_eq!(
+            last,
+            vec![20 * MIB..25 * MIB],
+            "one GET of the blocks it touches"
+        );
+        assert_eq!(r.window(), 0);
     }
 
     #[tokio::test]

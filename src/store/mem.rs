@@ -69,6 +69,8 @@ struct State {
     /// Scripted faults per operation: (fault, remaining count).
     faults: HashMap<Op, Vec<(Fault, usize)>>,
     calls: HashMap<Op, u64>,
+    /// The ranges `get_range` answered, in order.
+    ranges: Vec<Range<u64>>,
     /// Write preconditions are not checked (a server without conditional writes).
     careless: bool,
 }
@@ -119,6 +121,11 @@ impl MemStore {
     /// How many times `op` was called (faulted calls included).
     pub fn calls(&self, op: Op) -> u64 {
         *self.state.lock().unwrap().calls.get(&op).unwrap_or(&0)
+    }
+
+    /// The byte ranges of every `get_range` answered so far, in the order they were asked for.
+    pub fn ranges_read(&self) -> Vec<Range<u64>> {
+        self.state.lock().unwrap().ranges.clone()
     }
 
     /// Number of multipart uploads started and neither completed nor aborted.
@@ -236,7 +243,7 @@ impl ObjectStore for MemStore {
         if_version: Option<&Version>,
     ) -> StoreResult<Bytes> {
         self.enter(Op::GetRange).await?;
-        let st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
         let o = st
             .objects
             .get(key)
@@ -247,7 +254,9 @@ impl ObjectStore for MemStore {
             return Err(StoreError::PreconditionFailed(key.to_string()));
         }
         let range = rules::within(key, range, o.data.len() as u64)?;
-        Ok(o.data.slice(range.start as usize..range.end as usize))
+        let data = o.data.slice(range.start as usize..range.end as usize);
+        st.ranges.push(range);
+        Ok(data)
     }
 
     async fn list(
