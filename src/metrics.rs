@@ -41,6 +41,9 @@
 //! | `bucketfs_store_unreachable` | | 1 while the store does not answer |
 //! | `bucketfs_stale_metadata_total` | `what` | `attr` or `listing` answers served as last seen because the store did not answer |
 //! | `bucketfs_read_timeouts_total` | | application reads failed with `EIO` after `--read-timeout` |
+//! | `bucketfs_cache_write_queue_bytes` | | fetched blocks waiting to be written to the disk tier |
+//! | `bucketfs_cache_write_dropped_blocks_total` | | fetched blocks not written to the disk tier because its write queue was full |
+//! | `bucketfs_cache_verifications_total` | | cached files checked in full before being handed to the kernel (not sealed yet, or changed) |
 
 use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
@@ -122,6 +125,9 @@ struct Metrics {
     store_unreachable: Gauge,
     stale_metadata: Family<Labels<1>, Counter>,
     read_timeouts: Counter,
+    cache_write_queue: Gauge,
+    cache_write_dropped: Counter,
+    cache_verifications: Counter,
 }
 
 impl Metrics {
@@ -165,6 +171,9 @@ impl Metrics {
             store_unreachable: Gauge::default(),
             stale_metadata: Family::default(),
             read_timeouts: Counter::default(),
+            cache_write_queue: Gauge::default(),
+            cache_write_dropped: Counter::default(),
+            cache_verifications: Counter::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -347,6 +356,21 @@ impl Metrics {
             "read_timeouts",
             "Application reads failed with EIO after --read-timeout",
             m.read_timeouts.clone(),
+        );
+        r.register(
+            "cache_write_queue_bytes",
+            "Fetched blocks waiting to be written to the disk cache",
+            m.cache_write_queue.clone(),
+        );
+        r.register(
+            "cache_write_dropped_blocks",
+            "Fetched blocks not written to the disk cache because its write queue was full",
+            m.cache_write_dropped.clone(),
+        );
+        r.register(
+            "cache_verifications",
+            "Cached files checked in full before being handed to the kernel",
+            m.cache_verifications.clone(),
         );
         let info: Family<Labels<1>, Gauge> = Family::default();
         info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -652,6 +676,23 @@ pub fn stale_metadata(what: &'static str) {
 /// An application read failed with EIO after `--read-timeout`.
 pub fn read_timeout() {
     METRICS.read_timeouts.inc();
+}
+
+// ---- disk cache writes and seals ----
+
+/// Bytes queued for the disk tier now.
+pub fn cache_write_queue(bytes: u64) {
+    METRICS.cache_write_queue.set(bytes as i64);
+}
+
+/// A fetched block was not written to the disk tier: its write queue was full.
+pub fn cache_write_dropped() {
+    METRICS.cache_write_dropped.inc();
+}
+
+/// A cached file was checked in full before being handed to the kernel.
+pub fn cache_verification() {
+    METRICS.cache_verifications.inc();
 }
 
 #[cfg(test)]

@@ -262,3 +262,42 @@ fn backing_ids_and_cache_files_stay_bounded() {
     drop(held_other);
     assert_eq!(settles(&addr, "bucketfs_passthrough_backing_ids", 0.0), 0.0);
 }
+
+/// After `bucketfs warm` of a file into a shared cache dir, the first open on a fresh mount goes
+/// through passthrough at once: warm sealed the file, so the mount does not check it again.
+#[test]
+fn the_first_open_after_warm_uses_passthrough_without_a_check() {
+    let b = Backend::s3();
+    let cache = tempfile::tempdir().unwrap();
+    let data = pattern(24 * MIB, 30);
+    b.put("model.bin", data.clone());
+    let warm = std::process::Command::new(common::bin())
+        .arg("warm")
+        .arg(&b.source)
+        .arg("model.bin")
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .env(
+            "BUCKETFS_ENDPOINT_URL",
+            std::env::var("BUCKETFS_TEST_S3_ENDPOINT").unwrap_or_default(),
+        )
+        .env("BUCKETFS_FORCE_PATH_STYLE", "true")
+        .output()
+        .unwrap();
+    assert!(
+        warm.status.success(),
+        "bucketfs warm: {}",
+        String::from_utf8_lossy(&warm.stderr)
+    );
+    let (m, addr) = mount(&b, cache.path(), &[]);
+    let f = std::fs::File::open(m.path("model.bin")).unwrap();
+    assert_eq!(opens(&addr, "passthrough"), 1.0, "the first open");
+    assert_eq!(
+        metric(&addr, "bucketfs_cache_verifications_total"),
+        0.0,
+        "the file warm sealed is not checked again"
+    );
+    let mut got = vec![0u8; data.len()];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == data, "the object's bytes");
+}

@@ -853,6 +853,7 @@ impl CachedObject {
         // Read-only from now on (which moves ctime), then the identity the checks are of.
         let _ = data.set_permissions(fs::Permissions::from_mode(0o400));
         let before = FileIdentity::of(&data).ok()?;
+        metrics::cache_verification();
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         for (index, sum) in entries.into_iter().enumerate() {
             let index = index as u64;

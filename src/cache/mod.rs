@@ -13,6 +13,7 @@
 pub mod disk;
 pub mod memory;
 pub mod tiered;
+pub mod write_behind;
 
 use std::sync::Arc;
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::disk::{CLAIM_WAIT, Claim, DiskCache, FillGuard};
+use super::write_behind::{QUEUE_BYTES, WriteBehind};
 use super::{BLOCK_SIZE, BlockCache, BlockKey};
 use crate::metrics::{self, Tier};
 use crate::store::{DynStore, StoreError, Version};
@@ -26,6 +27,8 @@ pub struct TieredCache {
     memory: Arc<dyn BlockCache>,
     /// The node-shared disk tier, if `--cache-dir` is set and usable.
     disk: Option<Arc<DiskCache>>,
+    /// The disk tier's write-behind queue, with the disk tier.
+    writer: Option<WriteBehind>,
 }
 
 /// What [`TieredCache::look_up`] found for a range: blocks in hand, and blocks to fetch (with
@@ -41,10 +44,21 @@ impl TieredCache {
         memory: Arc<dyn BlockCache>,
         disk: Option<Arc<DiskCache>>,
     ) -> TieredCache {
+        Self::with_write_queue(store, memory, disk, QUEUE_BYTES)
+    }
+
+    /// The same, with at most `queue_bytes` queued for the disk (see [`super::write_behind`]).
+    pub fn with_write_queue(
+        store: DynStore,
+        memory: Arc<dyn BlockCache>,
+        disk: Option<Arc<DiskCache>>,
+        queue_bytes: u64,
+    ) -> TieredCache {
         TieredCache {
             store_id: store.describe().into(),
             store,
             memory,
+            writer: disk.clone().map(|d| WriteBehind::new(d, queue_bytes)),
             disk,
         }
     }
@@ -81,9 +95,52 @@ impl TieredCache {
     }
 
     /// The bytes of the looked-up range, as whole blocks: those found, and the others fetched
-    /// from the store (and offered to both tiers).
+    /// from the store (and offered to both tiers; to the disk through the write-behind queue,
+    /// so this does not wait for the disk).
     pub async fn fetch_missing(&self, lookup: Lookup) -> Result<Vec<Bytes>, StoreError> {
-        lookup.range.fetch_missing(self, lookup.sources).await
+        let Lookup { range, sources } = lookup;
+        range.fetch_missing(self, sources, DiskWrite::Behind).await
+    }
+
+    /// Waits until the blocks of an object version queued for the disk are written (blocking:
+    /// call it off the async workers). Bounded by the queue's size.
+    pub fn settle(&self, key: &str, version: &Version) {
+        if let Some(w) = &self.writer {
+            w.settle(&BlockKey {
+                store: self.store_id.clone(),
+                key: key.into(),
+                version: version.0.as_str().into(),
+                index: 0,
+            });
+        }
+    }
+
+    /// Seals a fully cached object version in the disk tier now (verifying it in full, see
+    /// "Seals" in [`super::disk`]), so that the first open of it anywhere on the node hands it to
+    /// the kernel without checking it again. For objects brought in by [`Self::fill`], which
+    /// writes through to the disk. Whether it is complete and sealed.
+    pub async fn seal(&self, key: &str, version: &Version, size: u64) -> bool {
+        let Some(disk) = self.disk.clone() else {
+            return false;
+        };
+        let (store, key, version) = (self.store_id.clone(), key.to_string(), version.0.clone());
+        tokio::task::spawn_blocking(move || {
+            let id = super::disk::ObjectId {
+                store: &store,
+                key: &key,
+                version: &version,
+            };
+            disk.complete_file(&id, size).is_some()
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Waits until every block queued for the disk is written (blocking, as [`Self::settle`]).
+    pub fn flush(&self) {
+        if let Some(w) = &self.writer {
+            w.flush();
+        }
     }
 
     /// Brings `start..end` of an object version into the caches (what `bucketfs warm` does), and
@@ -97,10 +154,21 @@ impl TieredCache {
         end: u64,
     ) -> Result<u64, StoreError> {
         let key: Arc<str> = key.into();
-        let lookup = self.look_up(&key, version, size, start, end).await;
-        let blocks = self.fetch_missing(lookup).await?;
+        let Lookup { range, sources } = self.look_up(&key, version, size, start, end).await;
+        let blocks = range
+            .fetch_missing(self, sources, DiskWrite::Through)
+            .await?;
         Ok(blocks.iter().map(|b| b.len() as u64).sum())
     }
+}
+
+/// How fetched blocks reach the disk tier.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DiskWrite {
+    /// Through the write-behind queue: the caller does not wait for the disk.
+    Behind,
+    /// Before the fetch returns (`bucketfs warm`, whose job is the disk).
+    Through,
 }
 
 /// Where one block of a fetch comes from.
@@ -185,6 +253,7 @@ impl BlockRange {
         &self,
         tiers: &TieredCache,
         mut sources: Vec<BlockSource>,
+        write: DiskWrite,
     ) -> Result<Vec<Bytes>, StoreError> {
         let (key, first, end, size) = (&self.key, self.first, self.end, self.size);
         let mut i = 0usize;
@@ -221,15 +290,24 @@ impl BlockRange {
                     to_disk.push((self.block_key(index), b, guard));
                 }
             }
-            if let (Some(disk), false) = (&tiers.disk, to_disk.is_empty()) {
-                let disk = disk.clone();
-                // The claims (guards) are released once the blocks are on disk.
-                let _ = tokio::task::spawn_blocking(move || {
-                    for (k, b, _guard) in to_disk {
-                        disk.put(&k, size, &b);
+            match (&tiers.disk, &tiers.writer, write) {
+                _ if to_disk.is_empty() => {}
+                (_, Some(writer), DiskWrite::Behind) => {
+                    for (k, b, guard) in to_disk {
+                        writer.offer(k, size, b, guard);
                     }
-                })
-                .await;
+                }
+                (Some(disk), _, _) => {
+                    let disk = disk.clone();
+                    // The claims (guards) are released once the blocks are on disk.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for (k, b, _guard) in to_disk {
+                            disk.put(&k, size, &b);
+                        }
+                    })
+                    .await;
+                }
+                (None, _, _) => {}
             }
         }
         Ok(sources
@@ -316,5 +394,105 @@ async fn disk_lookup(
             tiers.memory.put(&k, b.clone()).await;
         }
         sources[(k.index - first) as usize] = src;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::disk::ObjectId;
+    use crate::cache::memory::MemoryCache;
+    use crate::store::mem::MemStore;
+    use crate::store::{ObjectStore, Precondition};
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    use std::time::Duration;
+
+    const MIB: u64 = 1 << 20;
+
+    fn dropped_metric() -> f64 {
+        crate::metrics::render()
+            .lines()
+            .find_map(|l| l.strip_prefix("bucketfs_cache_write_dropped_blocks_total "))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    /// A disk writer that does not keep up (stopped here) never holds up a cold read: every read
+    /// gets its bytes, blocks that do not fit the write queue are dropped from the disk tier with
+    /// their claims released (so another filler fetches them instead of waiting), and a later
+    /// fill completes the object, which then seals.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_disk_writer_drops_blocks_and_never_holds_up_reads() {
+        let size = 16 * MIB;
+        let obj = Bytes::from((0..size).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
+        let mem = Arc::new(MemStore::new("b"));
+        mem.put("m", obj.clone(), Precondition::None).await.unwrap();
+        let version = mem.head("m").await.unwrap().version;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
+        let tiers = TieredCache::with_write_queue(
+            mem.clone() as DynStore,
+            Arc::new(MemoryCache::new(0)),
+            Some(disk.clone()),
+            4 * MIB,
+        );
+        let writer = tiers.writer.as_ref().unwrap();
+        writer.pause(true);
+        let metric_before = dropped_metric();
+        let key: Arc<str> = "m".into();
+        for part in 0..4u64 {
+            let (start, end) = (part * 4 * MIB, (part + 1) * 4 * MIB);
+            let read = async {
+                let lookup = tiers.look_up(&key, &version, size, start, end).await;
+                tiers.fetch_missing(lookup).await.unwrap()
+            };
+            let blocks = tokio::time::timeout(Duration::from_secs(30), read)
+                .await
+                .expect("a read does not wait for the disk");
+            assert!(
+                blocks.concat() == obj[start as usize..end as usize],
+                "part {part}"
+            );
+        }
+        // The first 4 MiB fit the queue; the other 12 blocks were dropped.
+        assert_eq!(writer.dropped(), 12);
+        assert!(dropped_metric() - metric_before >= 12.0);
+        let block = |index| BlockKey {
+            store: tiers.store_id.clone(),
+            key: key.clone(),
+            version: version.0.as_str().into(),
+            index,
+        };
+        assert!(
+            matches!(disk.claim(&block(1), size), Some(Claim::Theirs)),
+            "a queued block stays claimed until written"
+        );
+        assert!(
+            matches!(disk.claim(&block(9), size), Some(Claim::Mine(_))),
+            "a dropped block's claim is released"
+        );
+        assert!(disk.get(&block(1), size).is_none(), "not written yet");
+
+        writer.pause(false);
+        tiers.flush();
+        for i in 0..16 {
+            assert_eq!(disk.get(&block(i), size).is_some(), i < 4, "block {i}");
+        }
+        // Filled later, the object is whole and sealed, with the object's bytes.
+        assert_eq!(
+            tiers.fill("m", &version, size, 0, size).await.unwrap(),
+            size
+        );
+        let id = ObjectId {
+            store: &tiers.store_id,
+            key: "m",
+            version: &version.0,
+        };
+        let sealed = disk.complete_file(&id, size).expect("complete");
+        let mode = sealed.file.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o400, "sealed");
+        let mut buf = vec![0u8; size as usize];
+        sealed.file.read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf == obj[..], "the cached file holds the object's bytes");
+        assert_eq!(writer.dropped(), 12, "nothing dropped by the fill");
     }
 }

@@ -104,6 +104,9 @@ impl Fs {
             }
         }
         self.release_locks().await;
+        // Blocks fetched for readers and still queued for the disk tier are written.
+        let tiers = self.read.tiers.clone();
+        let _ = tokio::task::spawn_blocking(move || tiers.flush()).await;
         report
     }
 

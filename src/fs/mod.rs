@@ -470,17 +470,21 @@ impl Fs {
         let backing = match self.read.tiers.disk() {
             Some(disk) => {
                 let disk = disk.clone();
+                let tiers = self.read.tiers.clone();
                 let (store, k, v, size) = (
                     self.read.tiers.store_id().clone(),
                     key.clone(),
-                    version.0.clone(),
+                    version.clone(),
                     stat.size,
                 );
                 tokio::task::spawn_blocking(move || {
+                    // Blocks this mount fetched are complete on disk once written.
+                    tiers.settle(&k, &v);
+                    let v = &v.0;
                     let id = crate::cache::disk::ObjectId {
                         store: &store,
                         key: &k,
-                        version: &v,
+                        version: v,
                     };
                     disk.touch(&id);
                     disk.complete_file(&id, size)
@@ -499,6 +503,23 @@ impl Fs {
             backing,
             version: pinned,
         })
+    }
+
+    /// `close()` of a read handle: the blocks of its object still queued for the disk tier are
+    /// written first (a wait bounded by the queue's size), so the next open, here or in another
+    /// process, finds on disk what this handle read.
+    pub(crate) async fn settle_read(&self, fh: u64) {
+        let reader = match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::Read(r)) => r.clone(),
+            _ => return,
+        };
+        if self.read.tiers.disk().is_some() {
+            let tiers = self.read.tiers.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                tiers.settle(reader.key(), reader.version());
+            })
+            .await;
+        }
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<bytes::Bytes> {

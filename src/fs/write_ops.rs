@@ -240,6 +240,7 @@ impl Fs {
     /// wrote since the last commit, nothing else (see "When a handle commits" in `write/`).
     pub async fn flush(&self, fh: u64, owner: u64) -> FsResult<()> {
         let Ok((w, ino)) = self.write_handle(fh) else {
+            self.settle_read(fh).await;
             return Ok(());
         };
         let committed = w.flush(owner).await?;

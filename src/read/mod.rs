@@ -308,6 +308,11 @@ impl Reader {
         &self.key
     }
 
+    /// The object version read.
+    pub fn version(&self) -> &Version {
+        &self.version
+    }
+
     /// The current prefetch window in bytes (for tests and metrics).
     pub fn window(&self) -> u64 {
         self.state.lock().unwrap().window.bytes
