@@ -44,7 +44,7 @@ pub struct Owner {
 /// The body of a lock object (JSON).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockBody {
-    /// Body format, [`PROTOCOL`].
+    /// Body format, `PROTOCOL`.
     pub protocol: u32,
     /// The full object key the lock guards.
     pub path: String,
