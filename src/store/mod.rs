@@ -354,6 +354,47 @@ impl BlockBuilder {
     }
 }
 
+/// Reads a response body of at most `total` bytes into blocks of `block` bytes as its chunks
+/// arrive, copying each byte once: the `get_blocks` of the backends that stream. A body that
+/// brings nothing for `stall` has stalled and fails as `Transient` (see [`retry::Timeouts`]).
+pub(crate) async fn body_blocks<E: std::error::Error>(
+    key: &str,
+    body: impl futures::Stream<Item = Result<Bytes, E>>,
+    block: u64,
+    total: u64,
+    stall: std::time::Duration,
+) -> StoreResult<Vec<Bytes>> {
+    use futures::TryStreamExt;
+    let mut body = std::pin::pin!(body);
+    let mut blocks = BlockBuilder::new(block, total);
+    while let Some(chunk) = retry::Timeouts::bound(stall, "stall", key, async {
+        body.try_next()
+            .await
+            .map_err(|e| StoreError::Transient(format!("{key}: reading body: {}", error_chain(&e))))
+    })
+    .await?
+    {
+        blocks.push(chunk);
+    }
+    Ok(blocks.finish())
+}
+
+/// `err` and its sources, joined: an HTTP client's own message often hides the cause (refused,
+/// timed out...).
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// An HTTP date (`Date`, `Last-Modified`: `Sun, 06 Nov 1994 08:49:37 GMT`).
 pub(crate) fn parse_http_date(text: &str) -> Option<SystemTime> {
     let t =

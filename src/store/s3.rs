@@ -35,8 +35,8 @@ use bytes::Bytes;
 use super::retry::Timeouts;
 use super::rules;
 use super::{
-    BlockBuilder, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
-    Upload, UserMeta, Version,
+    ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload,
+    UserMeta, Version,
 };
 
 /// Largest single part of a server-side multipart copy (S3 allows up to 5 GiB per part).
@@ -323,25 +323,16 @@ impl ObjectStore for S3Store {
         }
         let t = self.timeouts;
         let sent = async { Ok(req.send().await) };
-        let mut body = match Timeouts::bound(t.first_byte, "first_byte", key, sent).await? {
+        let body = match Timeouts::bound(t.first_byte, "first_byte", key, sent).await? {
             Ok(out) => out.body,
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
                 return rules::unsatisfiable(key, &range);
             }
             Err(e) => return Err(classify(key, e)),
         };
-        // The body is copied once, straight into blocks of the exact size.
-        let mut blocks = BlockBuilder::new(block, range.end - range.start);
-        while let Some(chunk) = Timeouts::bound(t.stall, "stall", key, async {
-            body.try_next()
-                .await
-                .map_err(|e| StoreError::Transient(format!("{key}: reading body: {e}")))
-        })
-        .await?
-        {
-            blocks.push(chunk);
-        }
-        Ok(blocks.finish())
+        let mut body = std::pin::pin!(body);
+        let chunks = futures::stream::poll_fn(move |cx| body.as_mut().poll_next(cx));
+        super::body_blocks(key, chunks, block, range.end - range.start, t.stall).await
     }
 
     async fn list(

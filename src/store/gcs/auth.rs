@@ -7,7 +7,7 @@ use gcloud_storage::client::ClientConfig;
 use gcloud_storage::client::google_cloud_auth::credentials::CredentialsFile;
 use gcloud_storage::client::google_cloud_auth::error::Error as AuthError;
 
-use crate::store::{StoreError, StoreResult};
+use crate::store::{StoreError, StoreResult, error_chain};
 
 /// What to tell a user who has no usable credentials.
 pub(super) const CREDENTIALS_HELP: &str = "set GOOGLE_APPLICATION_CREDENTIALS to a service-account or \
@@ -89,21 +89,6 @@ pub(super) fn auth_failure(what: &str, err: &AuthError) -> StoreError {
         }
         _ => StoreError::Unauthorized(format!("{what}: no token: {err}; {CREDENTIALS_HELP}")),
     }
-}
-
-/// `err` and its sources, joined: reqwest's own message hides the cause (refused, timed out...).
-pub(super) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// The innermost cause of `err` (e.g. "Connection refused"), without the URL around it.

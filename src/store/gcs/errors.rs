@@ -3,8 +3,8 @@
 use gcloud_storage::client::google_cloud_auth::error::Error as AuthError;
 use gcloud_storage::http::Error as GcsError;
 
-use super::auth::{auth_failure, error_chain};
-use crate::store::{StoreError, rules};
+use super::auth::auth_failure;
+use crate::store::{StoreError, error_chain, rules};
 
 /// The HTTP status of a failed request, when it got that far.
 pub(super) fn status_of(err: &GcsError) -> Option<u16> {

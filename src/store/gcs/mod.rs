@@ -55,7 +55,6 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
 use gcloud_storage::client::{Client, ClientConfig};
 use gcloud_storage::http::objects::Object;
 use gcloud_storage::http::objects::copy::CopyObjectRequest;
@@ -67,10 +66,10 @@ use gcloud_storage::http::objects::upload::{UploadObjectRequest, UploadType};
 use super::retry::Timeouts;
 use super::rules;
 use super::{
-    BlockBuilder, ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult,
-    Upload, UserMeta, Version,
+    ListPage, ObjectMeta, ObjectStore, Part, Precondition, StoreError, StoreResult, Upload,
+    UserMeta, Version,
 };
-use auth::{application_default_credentials, error_chain};
+use auth::application_default_credentials;
 use date::{NoteResponseDate, RESPONSE_DATE};
 use errors::{classify, status_of};
 use upload::staging_dir;
@@ -303,19 +302,7 @@ impl ObjectStore for GcsStore {
                 });
             }
         };
-        let mut stream = std::pin::pin!(stream);
-        // The body is copied once, straight into blocks of the exact size.
-        let mut blocks = BlockBuilder::new(block, range.end - range.start);
-        while let Some(chunk) = Timeouts::bound(t.stall, "stall", key, async {
-            stream.try_next().await.map_err(|e| {
-                StoreError::Transient(format!("{key}: reading body: {}", error_chain(&e)))
-            })
-        })
-        .await?
-        {
-            blocks.push(chunk);
-        }
-        Ok(blocks.finish())
+        super::body_blocks(key, stream, block, range.end - range.start, t.stall).await
     }
 
     async fn list(
