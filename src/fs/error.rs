@@ -1,6 +1,7 @@
 //! The one place where errors become errnos (and log levels).
 
 use crate::lock::LockError;
+use crate::read::ReadError;
 use crate::store::StoreError;
 use crate::write::WriteError;
 
@@ -38,6 +39,15 @@ pub enum FsError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Lock(#[from] LockError),
+}
+
+impl From<ReadError> for FsError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Stale => FsError::Stale,
+            ReadError::Store(e) => FsError::Store(e),
+        }
+    }
 }
 
 impl FsError {

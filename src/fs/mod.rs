@@ -545,14 +545,14 @@ impl Fs {
     ) -> FsResult<bytes::Bytes> {
         let read = reader.read(offset, size as u64);
         let Some(health) = self.store.health() else {
-            return read.await;
+            return Ok(read.await?);
         };
         let bound = match health.unreachable_since() {
             Some(_) => crate::meta::OUTAGE_PROBE,
             None => health.read_deadline(),
         };
         match tokio::time::timeout(bound, read).await {
-            Ok(r) => r,
+            Ok(r) => Ok(r?),
             Err(_) => {
                 crate::metrics::read_timeout();
                 tracing::warn!(
