@@ -73,7 +73,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -274,23 +273,28 @@ impl Drop for FillGuard {
 /// `fcntl` with an OFD lock of type `kind` on `start..start+len`: `Ok(true)` when set (for
 /// `F_OFD_GETLK`: when no other description holds a conflicting lock).
 fn ofd_lock(file: &File, kind: i32, cmd: i32, start: u64, len: u64) -> io::Result<bool> {
-    // SAFETY: a zeroed flock is a valid value; fields set below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = start as libc::off_t;
-    fl.l_len = len as libc::off_t;
+    use nix::errno::Errno;
+    use nix::fcntl::{FcntlArg, fcntl};
+    let mut fl = libc::flock {
+        l_type: kind as _,
+        l_whence: libc::SEEK_SET as _,
+        l_start: start as _,
+        l_len: len as _,
+        l_pid: 0,
+    };
     loop {
-        // SAFETY: fcntl with a valid fd and a pointer to a live flock.
-        let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
-        if rc == 0 {
-            return Ok(cmd != libc::F_OFD_GETLK || fl.l_type == libc::F_UNLCK as libc::c_short);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) | Some(libc::EACCES) => return Ok(false),
-            _ => return Err(err),
+        let arg = if cmd == libc::F_OFD_GETLK {
+            FcntlArg::F_OFD_GETLK(&mut fl)
+        } else {
+            FcntlArg::F_OFD_SETLK(&fl)
+        };
+        match fcntl(file, arg) {
+            Ok(_) => {
+                return Ok(cmd != libc::F_OFD_GETLK || fl.l_type == libc::F_UNLCK as libc::c_short);
+            }
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN | Errno::EACCES) => return Ok(false),
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -1020,16 +1024,10 @@ mod tests {
             }),
             ("truncate", |f| f.set_len(BLOCK_SIZE).unwrap()),
             ("punch", |f| {
-                // SAFETY: fallocate on a valid descriptor.
-                let rc = unsafe {
-                    libc::fallocate(
-                        f.as_raw_fd(),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        BLOCK_SIZE as i64,
-                        4096,
-                    )
-                };
-                assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+                use nix::fcntl::{FallocateFlags, fallocate};
+                let flags =
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+                fallocate(f, flags, BLOCK_SIZE as i64, 4096).unwrap();
             }),
         ];
         for (what, change) in changes {
