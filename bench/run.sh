@@ -17,11 +17,14 @@
 # stops every process it started, deletes the data.
 #
 # How long, on a 2-CPU machine with nothing else running: the full run
-# `--latency-ms 0,25` (2 GiB model, 2 GiB checkpoint, 3 runs, the peers in the first run only)
-# takes about 38 minutes after the build (estimated from the seconds each step took in smaller
-# runs: step_seconds in the JSON). The first build of bench/mountpoint (the AWS CRT C
-# libraries) adds about 10 minutes, later builds seconds. `--peer-runs 0` skips the peers
-# (about 14 minutes less), `--runs 1` takes about a third.
+# `--latency-ms 0,25` (2 GiB model, 1 GiB checkpoint, 3 runs, the peers in the first run only)
+# takes about 38 minutes after the build (35-45; estimated from the seconds each step took in
+# smaller runs, step_seconds in the JSON): about 1.5 minutes of set-up, 7.5 per round of
+# bucketfs and the baselines (2.5 of it the 1,000 small files at 25 ms), and 14.5 for the
+# peers in round 1 (6.5 of it s3fs, rclone and mountpoint-s3 loading the safetensors file,
+# 5 their small files). The first build of bench/mountpoint (the AWS CRT C libraries) adds
+# about 10 minutes, later builds seconds. `--peer-runs 0` saves the 14.5 minutes, `--runs 1`
+# 15; `--peer-tests ...,replicas` adds about 2.
 #
 # Options of this script (everything else goes to bench.py; see --help):
 #   --no-install   do not install packages (they must be there)
