@@ -164,7 +164,7 @@ def table(recs, markdown):
              "yes" if r["ok"] else "FAILED"] for r in recs]
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     else:
         widths = [max(len(x) for x in col) for col in zip(head, *rows)]
         out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head] + rows]
