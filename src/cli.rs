@@ -242,6 +242,10 @@ pub struct MountArgs {
         help_heading = "Reading"
     )]
     pub read_concurrency: usize,
+    /// Largest file fetched whole ahead of its open when files of a directory are opened one
+    /// after another in listing order (0: never).
+    #[arg(long, env = "BUCKETFS_SMALL_FILE_PREFETCH", default_value = config::SMALL_FILE_PREFETCH.text, value_parser = parse_size, help_heading = "Reading")]
+    pub small_file_prefetch: u64,
 
     #[command(flatten)]
     pub store: StoreArgs,

@@ -174,6 +174,10 @@ pub const MAX_MEMORY: DefaultValue<u64> = size("160MiB");
 /// latency to stop mattering; larger parts only raise memory per request.
 pub const READ_PART_SIZE: DefaultValue<u64> = size("8MiB");
 
+/// Default `--small-file-prefetch`: 256 KiB covers the small files of datasets and configs
+/// (images, labels, JSON), and 16 of them ahead (`fs::small_files`) hold at most 4 MiB.
+pub const SMALL_FILE_PREFETCH: DefaultValue<u64> = size("256KiB");
+
 /// Default `--read-concurrency`: 8 parts of 8 MiB keep a 25 ms-latency link busy at over 2 GB/s
 /// (bandwidth-delay product ~ 64 MiB), and fit the default memory budget.
 pub const READ_CONCURRENCY: usize = 8;
@@ -296,6 +300,8 @@ pub struct MountConfig {
     pub max_memory: Option<u64>,
     pub read_part_size: u64,
     pub read_concurrency: usize,
+    /// `--small-file-prefetch`.
+    pub small_file_prefetch: u64,
     pub store: StoreConfig,
     /// `--cache-dir`, absolute: a background daemon leaves the directory it was started from.
     pub cache_dir: Option<PathBuf>,

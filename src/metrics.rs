@@ -44,6 +44,7 @@
 //! | `bucketfs_cache_write_queue_bytes` | | fetched blocks waiting to be written to the disk tier |
 //! | `bucketfs_cache_write_dropped_blocks_total` | | fetched blocks not written to the disk tier because its write queue was full |
 //! | `bucketfs_cache_verifications_total` | | cached files checked in full before being handed to the kernel (not sealed yet, or changed) |
+//! | `bucketfs_small_file_prefetch_total` | `result` | small files fetched ahead of their open (`fetched`), and opens that found them (`hit`) |
 
 use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
@@ -128,6 +129,7 @@ struct Metrics {
     cache_write_queue: Gauge,
     cache_write_dropped: Counter,
     cache_verifications: Counter,
+    small_file_prefetch: Family<Labels<1>, Counter>,
 }
 
 impl Metrics {
@@ -174,6 +176,7 @@ impl Metrics {
             cache_write_queue: Gauge::default(),
             cache_write_dropped: Counter::default(),
             cache_verifications: Counter::default(),
+            small_file_prefetch: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -371,6 +374,11 @@ impl Metrics {
             "cache_verifications",
             "Cached files checked in full before being handed to the kernel",
             m.cache_verifications.clone(),
+        );
+        r.register(
+            "small_file_prefetch",
+            "Small files fetched ahead of their open, and opens that found them",
+            m.small_file_prefetch.clone(),
         );
         let info: Family<Labels<1>, Gauge> = Family::default();
         info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -693,6 +701,14 @@ pub fn cache_write_dropped() {
 /// A cached file was checked in full before being handed to the kernel.
 pub fn cache_verification() {
     METRICS.cache_verifications.inc();
+}
+
+/// A small file fetched ahead of its open (`fetched`), or an open that found it (`hit`).
+pub fn small_file_prefetch(result: &'static str) {
+    METRICS
+        .small_file_prefetch
+        .get_or_create(&[("result", result)])
+        .inc();
 }
 
 #[cfg(test)]

@@ -387,6 +387,7 @@ fn mount_config(args: &MountArgs) -> Result<MountConfig, Failure> {
         max_memory: args.max_memory,
         read_part_size: args.read_part_size,
         read_concurrency: args.read_concurrency,
+        small_file_prefetch: args.small_file_prefetch,
         cache_dir: config::absolute_dir("--cache-dir", args.cache_dir.clone())
             .map_err(bad_arguments)?,
         cache_max_size: CacheSize::parse(&args.cache_max_size).map_err(bad_arguments)?,
@@ -484,6 +485,7 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
             disk_cache: open_disk_cache(cfg.cache_dir.as_deref(), cfg.cache_max_size)?,
             passthrough: cfg.passthrough,
             locks,
+            small_file_prefetch: cfg.small_file_prefetch,
         },
     )
     .map_err(bad_arguments)?;

@@ -171,6 +171,7 @@ mod tests {
             disk_cache: None,
             passthrough: false,
             locks: crate::lock::LockConfig::default(),
+            small_file_prefetch: 0,
         };
         let fs = Fs::new(mem.clone(), cfg).unwrap();
         (mem, fs, dir)

@@ -10,6 +10,7 @@
 mod attr_ops;
 mod error;
 mod lifecycle;
+mod small_files;
 mod write_ops;
 
 use std::collections::HashMap;
@@ -58,6 +59,8 @@ pub struct FsConfig {
     /// Write locks: where lock objects live (hidden from the listings of every mount) and, on a
     /// writable mount, whether and how writes take them.
     pub locks: crate::lock::LockConfig,
+    /// Largest file fetched whole ahead of its open (`--small-file-prefetch`; 0: off).
+    pub small_file_prefetch: u64,
 }
 
 /// Attributes of an inode, as the kernel sees them.
@@ -175,6 +178,8 @@ pub struct Fs {
     mounted_at: SystemTime,
     /// Shutdown has started: new writes are refused (see `lifecycle`).
     closing: AtomicBool,
+    /// Fetches small files ahead of opens that follow a directory's listing.
+    small_files: small_files::SmallFiles,
 }
 
 impl Fs {
@@ -234,10 +239,13 @@ impl Fs {
                 cached_version: None,
             },
         );
+        let small_files =
+            small_files::SmallFiles::new(meta.clone(), read.clone(), cfg.small_file_prefetch);
         Ok(Arc::new(Fs {
             store,
             meta,
             read,
+            small_files,
             write,
             writing: Mutex::new(HashMap::new()),
             cfg,
@@ -495,6 +503,7 @@ impl Fs {
             None => None,
         };
         let pinned = version.0.clone();
+        self.small_files.opened(&key, &pinned, stat.size);
         let reader = Reader::new(self.read.clone(), key, version, stat.size);
         let fh = self.add_handle(Handle::Read(Arc::new(reader)));
         Ok(Opened {
@@ -719,6 +728,7 @@ mod tests {
             disk_cache: None,
             passthrough: false,
             locks: crate::lock::LockConfig::default(),
+            small_file_prefetch: 0,
         }
     }
 
@@ -919,5 +929,97 @@ mod tests {
         assert_eq!(names, want, "every entry once, in order");
         assert_eq!(mem.calls(Op::List) - before, 3, "one LIST per page of 1000");
         fs.releasedir(fh);
+    }
+
+    /// A mount with small-file prefetch of `objects` (all in `d/`), `d` listed: its attributes.
+    async fn listed_with_prefetch(
+        objects: impl Iterator<Item = (String, Bytes)>,
+    ) -> (Arc<MemStore>, Arc<Fs>, Attr) {
+        let mem = Arc::new(MemStore::new("b"));
+        for (key, body) in objects {
+            mem.put(&key, body, Precondition::None).await.unwrap();
+        }
+        let cfg = FsConfig {
+            small_file_prefetch: 1024,
+            ..cfg(Duration::from_secs(60))
+        };
+        let fs = Fs::new(mem.clone(), cfg).unwrap();
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap();
+        assert!(!ls(&fs, d.ino).await.is_empty());
+        (mem, fs, d)
+    }
+
+    #[tokio::test]
+    async fn small_files_opened_in_listing_order_are_fetched_ahead() {
+        use crate::store::mem::Op;
+        let bodies = (0..40).map(|i| (format!("d/f{i:02}"), Bytes::from(format!("file {i:02}"))));
+        let (mem, fs, d) = listed_with_prefetch(bodies).await;
+        let cat = |i: usize| {
+            let fs = fs.clone();
+            async move {
+                let f = fs.lookup(d.ino, &format!("f{i:02}")).await.unwrap();
+                let o = fs.open(f.ino, OpenMode::READ).await.unwrap();
+                let got = fs.read(o.fh, 0, 4096).await.unwrap();
+                fs.release(o.fh).await;
+                assert_eq!(&got[..], format!("file {i:02}").as_bytes());
+            }
+        };
+        cat(0).await;
+        cat(1).await;
+        // The second open in order fetched the next ones; wait for them.
+        let want = 2 + small_files::AHEAD as u64;
+        for _ in 0..100 {
+            if mem.calls(Op::GetRange) >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(mem.calls(Op::GetRange), want);
+        let heads = mem.calls(Op::Head);
+        for i in 2..2 + small_files::AHEAD {
+            cat(i).await;
+        }
+        // Read from memory: no GET of their own (only the prefetches the later opens started),
+        // and no HEAD (the listing carried the attributes).
+        assert_eq!(mem.calls(Op::Head), heads);
+        // The later opens fetched the next AHEAD files (f18 to f33), once each.
+        for _ in 0..100 {
+            if mem.calls(Op::GetRange) >= want + small_files::AHEAD as u64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(mem.calls(Op::GetRange), want + small_files::AHEAD as u64);
+    }
+
+    #[tokio::test]
+    async fn a_file_changed_after_its_prefetch_is_read_at_its_new_version() {
+        use crate::store::mem::Op;
+        let bodies = (0..4).map(|i| (format!("d/f{i}"), Bytes::from_static(b"old")));
+        let (mem, fs, d) = listed_with_prefetch(bodies).await;
+        for i in 0..2 {
+            let f = fs.lookup(d.ino, &format!("f{i}")).await.unwrap();
+            let o = fs.open(f.ino, OpenMode::READ).await.unwrap();
+            fs.release(o.fh).await;
+        }
+        while mem.calls(Op::GetRange) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // f2 and f3 are fetched ahead at the old version; f2 changes, and its metadata is
+        // asked for again (as when the TTL runs out).
+        mem.put("d/f2", Bytes::from_static(b"new!"), Precondition::None)
+            .await
+            .unwrap();
+        fs.meta.invalidate("d/f2");
+        let f = fs.lookup(d.ino, "f2").await.unwrap();
+        let o = fs.open(f.ino, OpenMode::READ).await.unwrap();
+        assert_eq!(&fs.read(o.fh, 0, 100).await.unwrap()[..], b"new!");
+        // f3 did not change: its prefetched bytes serve it.
+        let gets = mem.calls(Op::GetRange);
+        let f = fs.lookup(d.ino, "f3").await.unwrap();
+        let o = fs.open(f.ino, OpenMode::READ).await.unwrap();
+        assert_eq!(&fs.read(o.fh, 0, 100).await.unwrap()[..], b"old");
+        assert_eq!(mem.calls(Op::GetRange), gets);
     }
 }

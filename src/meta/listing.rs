@@ -135,6 +135,13 @@ impl DirStream {
         self.bytes
     }
 
+    /// Fetches the first page: whether it held the whole directory (then kept, see
+    /// [`Meta::fresh_listing`]).
+    pub(super) async fn first_page_is_all(&mut self) -> StoreResult<bool> {
+        self.fetch_page().await?;
+        Ok(self.served.is_none() && self.progress.as_ref().is_some_and(|p| p.done))
+    }
+
     /// Lists again from the start, at the next call, if anything was listed.
     pub fn rewind(&mut self) {
         if self.progress.is_some() || self.served.is_some() {

@@ -19,11 +19,19 @@
 //!   nor is the directory of lock objects when `--lock-prefix` puts it elsewhere.
 //!
 //! ## Cache
-//! `lookup` asks the store (a HEAD of `key` and a one-key LIST of `key/`, at once) and keeps the
-//! answer: a positive one for `--metadata-ttl`, a negative one ("nothing there") for the
-//! shorter `--negative-metadata-ttl`, since that is the answer a user notices when it is stale. A directory listing refreshes the entries of
+//! `lookup` answers from the complete listing of the parent directory when one is fresh (had
+//! less than `--metadata-ttl` ago; a name it lacks, less than `--negative-metadata-ttl` ago). In
+//! a directory not listed yet, the lookup lists it: one LIST page, kept if it holds the whole
+//! directory (a larger directory is remembered as such and its names asked one by one), shared
+//! by concurrent lookups. What a listing cannot say is still asked: an S3 listing carries no user
+//! metadata, so an object's kind (a symlink is an object with a mode) and attributes come from
+//! its HEAD, and a directory's from its marker's HEAD. So the kernel never caches an attribute a
+//! listing guessed. Without a listing, `lookup` asks a HEAD of `key` and a one-key LIST of
+//! `key/`, at once. Answers are kept: a positive one for `--metadata-ttl`, a negative one
+//! ("nothing there") for the shorter `--negative-metadata-ttl`, since that is the answer a user
+//! notices when it is stale. A listing with attributes (GCS, `file://`) refreshes the entries of
 //! every child it saw, so `ls -l` costs one LIST, not one HEAD per file.
-//!
+
 //! ## During an outage
 //! Answers stay in the cache past their TTL (up to [`META_CACHE_BYTES`], counted in bytes, least
 //! recently used first out), and so does each directory's last complete listing (up to
@@ -213,12 +221,34 @@ pub struct Listing {
     pub seen: Instant,
 }
 
+impl Listing {
+    /// The entry named `name`.
+    pub fn entry(&self, name: &str) -> Option<&DirEntry> {
+        let at = self
+            .entries
+            .binary_search_by(|e| e.name.as_str().cmp(name))
+            .ok()?;
+        Some(&self.entries[at])
+    }
+}
+
+/// The directory key (`""` or ending with `/`) and the name of `path_key`.
+pub fn split_key(path_key: &str) -> (&str, &str) {
+    match path_key.rfind('/') {
+        Some(i) => (&path_key[..=i], &path_key[i + 1..]),
+        None => ("", path_key),
+    }
+}
+
 /// One entry of a directory listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {
     pub name: String,
     pub stat: Stat,
 }
+
+type ListingFlights =
+    std::collections::HashMap<String, Arc<tokio::sync::OnceCell<Option<Arc<Listing>>>>>;
 
 /// The metadata cache and the listing logic over a store.
 pub struct Meta {
@@ -236,6 +266,11 @@ pub struct Meta {
     stream_bytes: AtomicU64,
     /// Keys asked for per LIST request ([`LIST_PAGE`]).
     list_page: AtomicUsize,
+    /// Directories found larger than one page by a lookup, and when: their names are looked up
+    /// one by one.
+    large_dirs: moka::sync::Cache<String, Instant>,
+    /// The LIST a lookup is waiting for, per directory, which concurrent lookups share.
+    listing_flights: std::sync::Mutex<ListingFlights>,
     /// Keys already warned about, so a listing repeated every second does not flood the log.
     warned: moka::sync::Cache<String, ()>,
     /// Paths served as last seen recently: one log line per path and minute.
@@ -290,6 +325,8 @@ impl Meta {
             listings,
             stream_bytes: AtomicU64::new(0),
             list_page: AtomicUsize::new(LIST_PAGE),
+            large_dirs: moka::sync::Cache::new(10_000),
+            listing_flights: Default::default(),
             warned: moka::sync::Cache::new(10_000),
             stale_warned: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -373,20 +410,68 @@ impl Meta {
     /// What the last complete listing of its directory said about `path_key`, if one is kept
     /// and names it (listings do not carry every attribute, so this serves outages only).
     fn in_last_listing(&self, path_key: &str) -> Option<Stat> {
-        let (dir, name) = match path_key.rfind('/') {
-            Some(i) => (&path_key[..=i], &path_key[i + 1..]),
-            None => ("", path_key),
-        };
-        let listing = self.listings.get(dir)?;
-        let at = listing
-            .entries
-            .binary_search_by(|e| e.name.as_str().cmp(name))
-            .ok()?;
-        Some(listing.entries[at].stat.clone())
+        let (dir, name) = split_key(path_key);
+        Some(self.listings.get(dir)?.entry(name)?.stat.clone())
+    }
+
+    /// The complete listing of the directory `dir_key` had less than `--metadata-ttl` ago.
+    pub fn fresh_listing(&self, dir_key: &str) -> Option<Arc<Listing>> {
+        self.listings
+            .get(dir_key)
+            .filter(|l| l.seen.elapsed() < self.ttl)
+    }
+
+    /// A fresh complete listing of `dir_key` to answer lookups from: the one kept, or one LIST
+    /// page of the directory now, if the whole directory fits in it (one request instead of a
+    /// HEAD and a LIST per name looked up). A larger directory is remembered as such for the
+    /// TTL, and its names are asked for one by one. Concurrent lookups share the one LIST.
+    async fn listing_of(self: &Arc<Self>, dir_key: &str) -> Option<Arc<Listing>> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        if let Some(l) = self.fresh_listing(dir_key) {
+            return Some(l);
+        }
+        if self
+            .large_dirs
+            .get(dir_key)
+            .is_some_and(|at| at.elapsed() < self.ttl)
+        {
+            return None;
+        }
+        let flight = self
+            .listing_flights
+            .lock()
+            .unwrap()
+            .entry(dir_key.to_string())
+            .or_default()
+            .clone();
+        let listing = flight
+            .get_or_init(|| async {
+                let mut stream = self.open_dir(dir_key);
+                match stream.first_page_is_all().await {
+                    Ok(true) => self.fresh_listing(dir_key),
+                    Ok(false) => {
+                        self.large_dirs.insert(dir_key.to_string(), Instant::now());
+                        None
+                    }
+                    Err(_) => None,
+                }
+            })
+            .await
+            .clone();
+        let mut flights = self.listing_flights.lock().unwrap();
+        if flights
+            .get(dir_key)
+            .is_some_and(|f| Arc::ptr_eq(f, &flight))
+        {
+            flights.remove(dir_key);
+        }
+        listing
     }
 
     /// What `path_key` (a full key without trailing slash) is: a directory, a file, or nothing.
-    pub async fn resolve(&self, path_key: &str) -> StoreResult<Option<Stat>> {
+    pub async fn resolve(self: &Arc<Self>, path_key: &str) -> StoreResult<Option<Stat>> {
         let known = self.cache.get(path_key);
         if let Some(k) = &known
             && k.seen.elapsed()
@@ -416,8 +501,34 @@ impl Meta {
         Ok(stat)
     }
 
-    async fn resolve_uncached(&self, path_key: &str) -> StoreResult<Option<Stat>> {
+    async fn resolve_uncached(self: &Arc<Self>, path_key: &str) -> StoreResult<Option<Stat>> {
         let dir_prefix = format!("{path_key}/");
+        let (dir, name) = split_key(path_key);
+        if let Some(listing) = self.listing_of(dir).await {
+            match listing.entry(name) {
+                // Absence from a listing holds as long as a negative answer does.
+                None if listing.seen.elapsed() < self.negative_ttl => return Ok(None),
+                None => {}
+                // A directory's own metadata is its marker's: one HEAD, nothing else to ask.
+                Some(e) if e.stat.kind == Kind::Dir => {
+                    return match self.store.head(&dir_prefix).await {
+                        Ok(m) => Ok(Some(Stat::dir_of(&m))),
+                        Err(StoreError::NotFound(_)) => Ok(Some(Stat::dir())),
+                        Err(e) => Err(e),
+                    };
+                }
+                Some(e) if e.stat.user.is_some() => return Ok(Some(e.stat.clone())),
+                // An S3 listing does not say what kind of file an object is, nor its
+                // attributes: the object's HEAD does (and no LIST is needed: no directory).
+                Some(_) => {
+                    return match self.store.head(path_key).await {
+                        Ok(m) => Ok(Some(Stat::object(m))),
+                        Err(StoreError::NotFound(_)) => Ok(None),
+                        Err(e) => Err(e),
+                    };
+                }
+            }
+        }
         let (head, list) = tokio::join!(
             self.store.head(path_key),
             self.store.list(&dir_prefix, Some("/"), None, 1)
@@ -448,7 +559,7 @@ impl Meta {
     }
 
     /// Re-reads a file's metadata from the store (ignoring the cache) and caches the answer.
-    pub async fn refresh_file(&self, path_key: &str) -> StoreResult<Option<Stat>> {
+    pub async fn refresh_file(self: &Arc<Self>, path_key: &str) -> StoreResult<Option<Stat>> {
         self.invalidate(path_key);
         self.resolve(path_key).await
     }
