@@ -4,7 +4,7 @@
 # `cargo test`, and stops the servers again, also on failure or interrupt.
 #
 #   ./scripts/test.sh                      # cargo fmt --check, clippy -D warnings, then
-#                                          # cargo test --locked --all-targets -- --test-threads=4
+#                                          # cargo test --locked --all-targets --no-fail-fast -- --test-threads=4
 #   ./scripts/test.sh --test s3 -- foo     # cargo test --locked --test s3 -- foo
 #
 # Arguments are passed to `cargo test` (default: --all-targets). Without a
@@ -38,7 +38,8 @@ trap 'exit 143' TERM
 bucketfs_start_servers
 
 if [[ $# -eq 0 ]]; then
-    set -- --all-targets
+    # Every test file runs even after one fails, so a run reports all failures at once.
+    set -- --all-targets --no-fail-fast
 fi
 has_separator=0
 for arg in "$@"; do
