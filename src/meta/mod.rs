@@ -604,7 +604,8 @@ mod tests {
     use crate::store::{ObjectStore, Precondition};
     use bytes::Bytes;
 
-    const LOCKS: &str = crate::lock::DEFAULT_PREFIX;
+    /// The default `--lock-prefix` (`lock::DEFAULT_PREFIX`, a layer meta does not use).
+    const LOCKS: &str = ".bucketfs/locks/";
 
     async fn store_with(keys: &[&str]) -> Arc<MemStore> {
         let s = Arc::new(MemStore::new("b"));
