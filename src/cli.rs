@@ -79,7 +79,7 @@ pub enum LocksCommand {
 pub struct LockPrefixArg {
     /// Key prefix of the lock objects, from the bucket root; hidden from listings. Every replica
     /// writing a bucket must use the same one.
-    #[arg(long, env = "BUCKETFS_LOCK_PREFIX", default_value = crate::lock::DEFAULT_PREFIX, value_parser = parse_lock_prefix)]
+    #[arg(long, env = "BUCKETFS_LOCK_PREFIX", default_value = crate::config::LOCK_PREFIX, value_parser = parse_lock_prefix)]
     pub lock_prefix: String,
 }
 

@@ -200,6 +200,10 @@ pub const MIN_WRITE_PART_SIZE: u64 = 5 << 20;
 /// Largest `--write-part-size`: a part is held in memory while it uploads.
 pub const MAX_WRITE_PART_SIZE: u64 = 1 << 30;
 
+/// Default `--lock-prefix`: under the `.bucketfs/` name every mount hides at the bucket root, so
+/// no application file can collide with a lock object; the same for every replica.
+pub const LOCK_PREFIX: &str = ".bucketfs/locks/";
+
 /// Default `--lock-wait`: a write to a path another replica is writing fails at once with
 /// EBUSY, which is what a job that did not expect a second writer should learn.
 pub const LOCK_WAIT: DefaultValue<Duration> = duration("0s");
@@ -755,6 +759,7 @@ mod tests {
             READ_PART_SIZE.text,
             CACHE_MAX_SIZE,
             WRITE_PART_SIZE.text,
+            LOCK_PREFIX,
             LOCK_WAIT.text,
             LEASE.text,
             READ_TIMEOUT.text,

@@ -342,7 +342,7 @@ fn sigterm_commits_a_file_still_held_open_and_exits_0() {
     let (tx, _rx) = std::sync::mpsc::channel();
     write_chunks(&mut f, WRITTEN, 0, tx);
     let locks = || {
-        b.rt.block_on(b.store.list(bucketfs::lock::DEFAULT_PREFIX, None, None, 10))
+        b.rt.block_on(b.store.list(bucketfs::config::LOCK_PREFIX, None, None, 10))
             .unwrap()
             .objects
     };

@@ -71,9 +71,6 @@ pub use object::{
 
 use crate::store::{DynStore, Precondition, StoreError, Version};
 
-/// Default `--lock-prefix`, under the `.bucketfs/` name every mount hides at the bucket root.
-pub const DEFAULT_PREFIX: &str = ".bucketfs/locks/";
-
 /// Default `--lease` (see [`crate::config::LEASE`] for why).
 pub const DEFAULT_LEASE: Duration = crate::config::LEASE.value;
 
@@ -98,7 +95,7 @@ pub struct LockConfig {
 impl Default for LockConfig {
     fn default() -> Self {
         LockConfig {
-            prefix: DEFAULT_PREFIX.to_string(),
+            prefix: crate::config::LOCK_PREFIX.to_string(),
             enabled: true,
             lease: DEFAULT_LEASE,
             wait: crate::config::LOCK_WAIT.value,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::*;
+use crate::config::LOCK_PREFIX;
 use crate::store::ObjectStore;
 use crate::store::mem::{Fault, MemStore, Op};
 
@@ -15,7 +16,7 @@ fn replica(store: &Arc<MemStore>, name: &str, wait: Duration) -> Arc<Locks> {
     Locks::new(
         store.clone(),
         &LockConfig {
-            prefix: DEFAULT_PREFIX.into(),
+            prefix: LOCK_PREFIX.into(),
             enabled: true,
             lease: LEASE,
             wait,
@@ -46,8 +47,8 @@ fn busy_holder(r: Result<Held, LockError>) -> String {
 }
 
 async fn lock_object(store: &Arc<MemStore>, key: &str) -> Option<Observed> {
-    LockSpace::new(store.clone(), DEFAULT_PREFIX)
-        .read(&LockSpace::new(store.clone(), DEFAULT_PREFIX).name_of(key))
+    LockSpace::new(store.clone(), LOCK_PREFIX)
+        .read(&LockSpace::new(store.clone(), LOCK_PREFIX).name_of(key))
         .await
         .unwrap()
 }
@@ -340,17 +341,17 @@ async fn an_unreadable_lock_object_is_respected_for_long() {
 async fn the_store_check_passes_an_honest_store_and_refuses_a_careless_one() {
     let mem: DynStore = Arc::new(MemStore::new("b"));
     assert_eq!(
-        check_store(&mem, DEFAULT_PREFIX).await.unwrap(),
+        check_store(&mem, LOCK_PREFIX).await.unwrap(),
         StoreCheck {
             conditional_delete: true
         }
     );
-    let listed = mem.list(DEFAULT_PREFIX, None, None, 10).await.unwrap();
+    let listed = mem.list(LOCK_PREFIX, None, None, 10).await.unwrap();
     assert!(listed.objects.is_empty(), "the probe cleans up");
     let careless = Arc::new(MemStore::new("b"));
     careless.ignore_preconditions(true);
     let careless: DynStore = careless;
-    let err = check_store(&careless, DEFAULT_PREFIX).await.unwrap_err();
+    let err = check_store(&careless, LOCK_PREFIX).await.unwrap_err();
     assert!(
         matches!(&err, CheckError::NotEnforced(why) if why.contains("create-if-absent")),
         "{err}"

@@ -604,8 +604,7 @@ mod tests {
     use crate::store::{ObjectStore, Precondition};
     use bytes::Bytes;
 
-    /// The default `--lock-prefix` (`lock::DEFAULT_PREFIX`, a layer meta does not use).
-    const LOCKS: &str = ".bucketfs/locks/";
+    const LOCKS: &str = crate::config::LOCK_PREFIX;
 
     async fn store_with(keys: &[&str]) -> Arc<MemStore> {
         let s = Arc::new(MemStore::new("b"));
