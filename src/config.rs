@@ -174,6 +174,14 @@ pub const MAX_MEMORY: DefaultValue<u64> = size("160MiB");
 /// latency to stop mattering; larger parts only raise memory per request.
 pub const READ_PART_SIZE: DefaultValue<u64> = size("8MiB");
 
+/// Size of one cached block. 1 MiB: the largest read the kernel sends us (256 pages), so a read
+/// touches at most two blocks, and a random read fetches at most ~1 MiB more than it asked for.
+/// Read parts are whole blocks.
+pub const BLOCK_SIZE: u64 = 1 << 20;
+
+/// Largest `--read-part-size`: each part in flight is held in memory.
+pub const MAX_READ_PART_SIZE: u64 = 1 << 30;
+
 /// Default `--small-file-prefetch`: 256 KiB covers the small files of datasets and configs
 /// (images, labels, JSON), and 16 of them ahead (`fs::small_files`) hold at most 4 MiB.
 pub const SMALL_FILE_PREFETCH: DefaultValue<u64> = size("256KiB");
@@ -328,9 +336,41 @@ impl MountConfig {
                 "--lease must be at least 2s (the store's clock counts whole seconds)".into(),
             );
         }
+        check_read(self.read_part_size, self.read_concurrency, self.max_memory)?;
         self.store.check(&self.source)?;
         Ok(self)
     }
+}
+
+/// Checks the read options: `--read-part-size` whole blocks and at most
+/// [`MAX_READ_PART_SIZE`], `--read-concurrency` at least 1, and `--max-memory` (when given; the
+/// derived default never falls below it) at least two parts, one fetching while one is read.
+pub fn check_read(
+    part_size: u64,
+    concurrency: usize,
+    max_memory: Option<u64>,
+) -> Result<(), String> {
+    if part_size < BLOCK_SIZE || !part_size.is_multiple_of(BLOCK_SIZE) {
+        return Err(format!(
+            "--read-part-size must be a multiple of {} MiB",
+            BLOCK_SIZE >> 20
+        ));
+    }
+    if part_size > MAX_READ_PART_SIZE {
+        return Err("--read-part-size must be at most 1GiB".into());
+    }
+    if concurrency == 0 {
+        return Err("--read-concurrency must be at least 1".into());
+    }
+    if let Some(m) = max_memory
+        && m < 2 * part_size
+    {
+        return Err(format!(
+            "--max-memory must be at least two read parts ({} MiB)",
+            (2 * part_size) >> 20
+        ));
+    }
+    Ok(())
 }
 
 /// `--negative-metadata-ttl`, else its default, which never outlasts `--metadata-ttl`.
@@ -785,5 +825,36 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert_eq!(parse_mode("0644").unwrap(), 0o644);
         assert!(parse_mode("999").is_err());
+    }
+
+    #[test]
+    fn checks_read_options_alone_and_together() {
+        let mib = 1 << 20;
+        assert!(check_read(READ_PART_SIZE.value, READ_CONCURRENCY, None).is_ok());
+        assert!(check_read(8 * mib, 1, Some(16 * mib)).is_ok());
+        for (part, concurrency, memory, says) in [
+            (
+                3 * mib / 2,
+                8,
+                None,
+                "--read-part-size must be a multiple of 1 MiB",
+            ),
+            (
+                mib / 2,
+                8,
+                None,
+                "--read-part-size must be a multiple of 1 MiB",
+            ),
+            (2 << 30, 8, None, "--read-part-size must be at most 1GiB"),
+            (8 * mib, 0, None, "--read-concurrency must be at least 1"),
+            (
+                8 * mib,
+                8,
+                Some(15 * mib),
+                "--max-memory must be at least two read parts (16 MiB)",
+            ),
+        ] {
+            assert_eq!(check_read(part, concurrency, memory).unwrap_err(), says);
+        }
     }
 }

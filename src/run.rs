@@ -247,6 +247,10 @@ fn store_failure(e: StoreError) -> Failure {
 }
 
 fn run_warm(args: WarmArgs) -> Result<(), Failure> {
+    // Warm holds no memory tier: two parts per GET in flight bound what it reads ahead.
+    let max_memory = 2 * args.read_part_size * args.concurrency as u64;
+    config::check_read(args.read_part_size, args.concurrency, Some(max_memory))
+        .map_err(bad_arguments)?;
     init_logging(&args.log_level, args.log_format, None)?;
     let source = Source::parse(&args.source).map_err(bad_arguments)?;
     let store_config = store_config(&args.store, &source)?;
@@ -265,9 +269,8 @@ fn run_warm(args: WarmArgs) -> Result<(), Failure> {
     let cfg = ReadConfig {
         part_size: args.read_part_size,
         concurrency: args.concurrency,
-        max_memory: 2 * args.read_part_size * args.concurrency as u64,
+        max_memory,
     };
-    cfg.split().map_err(bad_arguments)?;
     let ctx = Arc::new(crate::read::ReadContext {
         // Warm fills the disk; a token memory tier keeps nothing around.
         tiers: Arc::new(crate::cache::tiered::TieredCache::new(
@@ -487,8 +490,7 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
             locks,
             small_file_prefetch: cfg.small_file_prefetch,
         },
-    )
-    .map_err(bad_arguments)?;
+    );
     health.set_fs(fs.clone());
     let served = crate::mount::serve(
         fs,

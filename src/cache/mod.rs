@@ -20,9 +20,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-/// Size of one cached block. 1 MiB: the largest read the kernel sends us (256 pages), so a read
-/// touches at most two blocks, and a random read fetches at most ~1 MiB more than it asked for.
-pub const BLOCK_SIZE: u64 = 1 << 20;
+/// Size of one cached block (stated in `config`, where read options are checked against it).
+pub use crate::config::BLOCK_SIZE;
 
 /// The identity of one block of one object version.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

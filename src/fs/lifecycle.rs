@@ -173,7 +173,7 @@ mod tests {
             locks: crate::lock::LockConfig::default(),
             small_file_prefetch: 0,
         };
-        let fs = Fs::new(mem.clone(), cfg).unwrap();
+        let fs = Fs::new(mem.clone(), cfg);
         (mem, fs, dir)
     }
 

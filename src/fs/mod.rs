@@ -183,9 +183,9 @@ pub struct Fs {
 }
 
 impl Fs {
-    /// Builds the filesystem; fails only on read settings that contradict each other.
-    pub fn new(store: DynStore, cfg: FsConfig) -> Result<Arc<Fs>, String> {
-        let (prefetch, demand, mut tier) = cfg.read.split()?;
+    /// Builds the filesystem (its options were checked by `config`).
+    pub fn new(store: DynStore, cfg: FsConfig) -> Arc<Fs> {
+        let (prefetch, demand, mut tier) = cfg.read.split();
         // Uploads get their own pool, taken from the memory tier: two parts in flight.
         let upload = match (&cfg.write, cfg.read_only) {
             (Some(w), false) => (2 * w.part_size).min(tier).max(crate::cache::BLOCK_SIZE),
@@ -241,7 +241,7 @@ impl Fs {
         );
         let small_files =
             small_files::SmallFiles::new(meta.clone(), read.clone(), cfg.small_file_prefetch);
-        Ok(Arc::new(Fs {
+        Arc::new(Fs {
             store,
             meta,
             read,
@@ -254,7 +254,7 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             mounted_at: SystemTime::now(),
             closing: AtomicBool::new(false),
-        }))
+        })
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -739,7 +739,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let fs = Fs::new(mem.clone(), cfg(ttl)).unwrap();
+        let fs = Fs::new(mem.clone(), cfg(ttl));
         (mem, fs)
     }
 
@@ -943,7 +943,7 @@ mod tests {
             small_file_prefetch: 1024,
             ..cfg(Duration::from_secs(60))
         };
-        let fs = Fs::new(mem.clone(), cfg).unwrap();
+        let fs = Fs::new(mem.clone(), cfg);
         let d = fs.lookup(ROOT_INO, "d").await.unwrap();
         assert!(!ls(&fs, d.ino).await.is_empty());
         (mem, fs, d)

@@ -676,7 +676,7 @@ mod tests {
             staging_dir: staging.path().to_path_buf(),
         });
         cfg.locks.replica = id.to_string();
-        Fs::new(mem.clone(), cfg).unwrap()
+        Fs::new(mem.clone(), cfg)
     }
 
     fn bytes(s: &'static str) -> Bytes {

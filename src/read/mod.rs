@@ -97,35 +97,18 @@ impl Default for ReadConfig {
     }
 }
 
-/// How the memory budget is split: (prefetch pool, demand pool, memory tier).
 impl ReadConfig {
-    pub fn split(&self) -> Result<(u64, u64, u64), String> {
-        if self.part_size < BLOCK_SIZE || !self.part_size.is_multiple_of(BLOCK_SIZE) {
-            return Err(format!(
-                "--read-part-size must be a multiple of {} MiB",
-                BLOCK_SIZE >> 20
-            ));
-        }
-        if self.part_size > 1 << 30 {
-            return Err("--read-part-size must be at most 1GiB".into());
-        }
-        if self.concurrency == 0 {
-            return Err("--read-concurrency must be at least 1".into());
-        }
-        if self.max_memory < 2 * self.part_size {
-            return Err(format!(
-                "--max-memory must be at least two read parts ({} MiB)",
-                (2 * self.part_size) >> 20
-            ));
-        }
+    /// How the memory budget is split: (prefetch pool, demand pool, memory tier). The options
+    /// were checked by `config::check_read`.
+    pub fn split(&self) -> (u64, u64, u64) {
         // Prefetch at most half the budget; demand gets up to 4 parts of the rest (enough for the
         // kernel's concurrent reads of a few random-access files), the memory tier the remainder.
         let prefetch = (self.concurrency as u64 * self.part_size).min(self.max_memory / 2);
         let prefetch = prefetch.max(self.part_size);
-        let rest = self.max_memory - prefetch;
+        let rest = self.max_memory.saturating_sub(prefetch);
         let demand = (4 * self.part_size).min(rest / 2).max(BLOCK_SIZE * 2);
         let tier = rest.saturating_sub(demand);
-        Ok((prefetch, demand, tier))
+        (prefetch, demand, tier)
     }
 }
 

@@ -60,11 +60,7 @@ impl Reader {
             return;
         };
         let part = self.ctx.cfg.part_size;
-        let give_up = self
-            .ctx
-            .cfg
-            .split()
-            .map_or(part, |(prefetch, _, _)| prefetch);
+        let give_up = self.ctx.cfg.split().0;
         let running = |s: &ReadState| {
             s.fetches
                 .iter()

@@ -37,7 +37,7 @@ async fn setup(objects: &[(&str, Bytes)], cfg: ReadConfig) -> Setup {
         ..RetryPolicy::default()
     };
     let store: DynStore = Arc::new(Retrying::new(mem.clone(), fast));
-    let (prefetch, demand, tier_bytes) = cfg.split().unwrap();
+    let (prefetch, demand, tier_bytes) = cfg.split();
     let tier = Arc::new(MemoryCache::new(tier_bytes));
     let ctx = Arc::new(ReadContext {
         tiers: Arc::new(TieredCache::new(store.clone(), tier.clone(), None)),
@@ -186,7 +186,7 @@ async fn a_safetensors_load_is_fetched_once_in_order_in_large_ranges() {
     let size = obj.len() as u64;
     // A prefetch pool of 4 parts of 8 MiB.
     let config = cfg(8 * MIB, 4, 80 * MIB);
-    let (prefetch, demand, _) = config.split().unwrap();
+    let (prefetch, demand, _) = config.split();
     assert_eq!(prefetch, 32 * MIB);
     let s = setup(&[("m.safetensors", obj.clone())], config).await;
     let r = reader(&s, "m.safetensors").await;
@@ -245,7 +245,7 @@ async fn reads_that_skip_most_of_a_model_stop_its_sweep() {
     let obj = safetensors(160 << 20, 7);
     let size = obj.len() as u64;
     let config = cfg(8 * MIB, 4, 80 * MIB);
-    let (prefetch, _, _) = config.split().unwrap();
+    let (prefetch, _, _) = config.split();
     let s = setup(&[("m.safetensors", obj.clone())], config).await;
     let r = reader(&s, "m.safetensors").await;
     r.read(0, 4096).await.unwrap();
@@ -315,7 +315,7 @@ async fn the_budget_holds_under_many_concurrent_readers() {
         .map(|(k, v)| (k.as_str(), v.clone()))
         .collect();
     let config = cfg(4 * MIB, 8, 24 * MIB);
-    let (prefetch, demand, tier) = config.split().unwrap();
+    let (prefetch, demand, tier) = config.split();
     let s = Arc::new(setup(&refs, config).await);
     s.mem
         .inject(Op::GetRange, Fault::Delay(Duration::from_millis(2)), 10_000);
