@@ -24,6 +24,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
@@ -324,13 +325,35 @@ impl FuseAdapter {
     /// Runs the request `op` as a task, timed for `/metrics` from decoding to reply.
     fn spawn<F>(&self, op: &'static str, f: impl FnOnce(Arc<Fs>) -> F)
     where
-        F: std::future::Future<Output = ()> + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
     {
         let start = Instant::now();
         let request = f(self.fs.clone());
         self.rt.spawn(async move {
             request.await;
             metrics::fuse_request(op, start.elapsed());
+        });
+    }
+
+    /// Runs `work` as the task of request `op`: `ok` answers its result, an error is answered
+    /// with its errno.
+    fn answer<R: Answer, T, W>(
+        &self,
+        op: &'static str,
+        reply: R,
+        work: impl FnOnce(Arc<Fs>) -> W,
+        ok: impl FnOnce(R, T) + Send + 'static,
+    ) where
+        W: Future<Output = Result<T, FsError>> + Send + 'static,
+    {
+        self.spawn(op, |fs| {
+            let work = work(fs);
+            async move {
+                match work.await {
+                    Ok(v) => ok(reply, v),
+                    Err(e) => reply.fail(errno(op, e)),
+                }
+            }
         });
     }
 }
@@ -386,6 +409,50 @@ fn utf8_name(name: &OsStr) -> Result<String, Errno> {
     name.to_str().map(str::to_string).ok_or(Errno::EINVAL)
 }
 
+/// `name` as UTF-8 with the reply still to give, or `None` once `EINVAL` was answered.
+fn named<R: Answer>(name: &OsStr, reply: R) -> Option<(String, R)> {
+    match utf8_name(name) {
+        Ok(n) => Some((n, reply)),
+        Err(e) => {
+            reply.fail(e);
+            None
+        }
+    }
+}
+
+/// A reply that can carry an errno instead of its answer.
+trait Answer: Send + 'static {
+    fn fail(self, e: Errno);
+}
+
+macro_rules! answers {
+    ($($reply:ty),*) => {
+        $(impl Answer for $reply {
+            fn fail(self, e: Errno) {
+                self.error(e)
+            }
+        })*
+    };
+}
+answers!(
+    ReplyEmpty,
+    ReplyEntry,
+    ReplyAttr,
+    ReplyData,
+    ReplyWrite,
+    ReplyCreate
+);
+
+/// Answers a request that made an inode: its entry, valid for `ttl`.
+fn entry(ttl: Duration) -> impl FnOnce(ReplyEntry, Attr) + Send + 'static {
+    move |reply, a| reply.entry(&ttl, &file_attr(&a), Generation(0))
+}
+
+/// Answers a request that changed nothing the kernel holds.
+fn done(reply: ReplyEmpty, (): ()) {
+    reply.ok()
+}
+
 /// How an open file for writing is handed to the kernel (see the module docs).
 const WRITE_OPEN: FopenFlags = FopenFlags::FOPEN_DIRECT_IO;
 
@@ -428,17 +495,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let ttl = self.ttl;
-        let name = match utf8_name(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let Some((name, reply)) = named(name, reply) else {
+            return;
         };
-        self.spawn("lookup", |fs| async move {
-            match fs.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                Err(e) => reply.error(errno("lookup", e)),
-            }
-        });
+        let work = |fs: Arc<Fs>| async move { fs.lookup(parent.0, &name).await };
+        self.answer("lookup", reply, work, entry(self.ttl));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -448,11 +509,9 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.ttl;
-        self.spawn("getattr", |fs| async move {
-            match fs.getattr(ino.0).await {
-                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
-                Err(e) => reply.error(errno("getattr", e)),
-            }
+        let work = |fs: Arc<Fs>| async move { fs.getattr(ino.0).await };
+        self.answer("getattr", reply, work, move |reply, a| {
+            reply.attr(&ttl, &file_attr(&a))
         });
     }
 
@@ -499,14 +558,10 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn("read", |fs| async move {
-            match fs.read(fh.0, offset, size).await {
-                Ok(data) => {
-                    metrics::fuse_read(data.len() as u64);
-                    reply.data(&data)
-                }
-                Err(e) => reply.error(errno("read", e)),
-            }
+        let work = |fs: Arc<Fs>| async move { fs.read(fh.0, offset, size).await };
+        self.answer("read", reply, work, |reply, data| {
+            metrics::fuse_read(data.len() as u64);
+            reply.data(&data)
         });
     }
 
@@ -540,31 +595,21 @@ impl Filesystem for FuseAdapter {
         let ttl = self.ttl;
         let who = caller(req);
         let passthrough = self.passthrough.clone();
-        let name = match utf8_name(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let Some((name, reply)) = named(name, reply) else {
+            return;
         };
         let mode = OpenMode {
             write: true,
             ..OpenMode::from_flags(flags)
         };
-        self.spawn("create", |fs| async move {
-            match fs
-                .create_as(parent.0, &name, mode, perm & !umask, who)
+        let work = move |fs: Arc<Fs>| async move {
+            fs.create_as(parent.0, &name, mode, perm & !umask, who)
                 .await
-            {
-                Ok((a, fh)) => {
-                    passthrough.opened_for_write(a.ino, fh);
-                    reply.created(
-                        &ttl,
-                        &file_attr(&a),
-                        Generation(0),
-                        FileHandle(fh),
-                        WRITE_OPEN,
-                    )
-                }
-                Err(e) => reply.error(errno("create", e)),
-            }
+        };
+        self.answer("create", reply, work, move |reply, (a, fh)| {
+            passthrough.opened_for_write(a.ino, fh);
+            let attr = file_attr(&a);
+            reply.created(&ttl, &attr, Generation(0), FileHandle(fh), WRITE_OPEN)
         });
     }
 
@@ -582,14 +627,10 @@ impl Filesystem for FuseAdapter {
     ) {
         let data = bytes::Bytes::copy_from_slice(data);
         let owner = lock_owner.map(|o| o.0);
-        self.spawn("write", |fs| async move {
-            match fs.write(fh.0, offset, data, owner).await {
-                Ok(n) => {
-                    metrics::fuse_write(n as u64);
-                    reply.written(n)
-                }
-                Err(e) => reply.error(errno("write", e)),
-            }
+        let work = move |fs: Arc<Fs>| async move { fs.write(fh.0, offset, data, owner).await };
+        self.answer("write", reply, work, |reply, n| {
+            metrics::fuse_write(n as u64);
+            reply.written(n)
         });
     }
 
@@ -601,12 +642,8 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn("fsync", |fs| async move {
-            match fs.fsync(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("fsync", e)),
-            }
-        });
+        let work = |fs: Arc<Fs>| async move { fs.fsync(fh.0).await };
+        self.answer("fsync", reply, work, done);
     }
 
     fn setattr(
@@ -636,25 +673,19 @@ impl Filesystem for FuseAdapter {
             atime: atime.map(time),
             mtime: mtime.map(time),
         };
-        self.spawn("setattr", |fs| async move {
-            match fs.set_attrs(ino.0, change, fh.map(|f| f.0)).await {
-                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
-                Err(e) => reply.error(errno("setattr", e)),
-            }
+        let work =
+            move |fs: Arc<Fs>| async move { fs.set_attrs(ino.0, change, fh.map(|f| f.0)).await };
+        self.answer("setattr", reply, work, move |reply, a| {
+            reply.attr(&ttl, &file_attr(&a))
         });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = match utf8_name(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let Some((name, reply)) = named(name, reply) else {
+            return;
         };
-        self.spawn("unlink", |fs| async move {
-            match fs.unlink(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("unlink", e)),
-            }
-        });
+        let work = |fs: Arc<Fs>| async move { fs.unlink(parent.0, &name).await };
+        self.answer("unlink", reply, work, done);
     }
 
     fn mkdir(
@@ -666,18 +697,14 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let ttl = self.ttl;
         let who = caller(req);
-        let name = match utf8_name(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let Some((name, reply)) = named(name, reply) else {
+            return;
         };
-        self.spawn("mkdir", |fs| async move {
-            match fs.mkdir_as(parent.0, &name, mode & !umask, who).await {
-                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                Err(e) => reply.error(errno("mkdir", e)),
-            }
-        });
+        let work = move |fs: Arc<Fs>| async move {
+            fs.mkdir_as(parent.0, &name, mode & !umask, who).await
+        };
+        self.answer("mkdir", reply, work, entry(self.ttl));
     }
 
     fn mknod(
@@ -690,19 +717,14 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let ttl = self.ttl;
         let who = caller(req);
-        let name = match utf8_name(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let Some((name, reply)) = named(name, reply) else {
+            return;
         };
         let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
-        self.spawn("mknod", |fs| async move {
-            match fs.mknod(parent.0, &name, mode, rdev, who).await {
-                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                Err(e) => reply.error(errno("mknod", e)),
-            }
-        });
+        let work =
+            move |fs: Arc<Fs>| async move { fs.mknod(parent.0, &name, mode, rdev, who).await };
+        self.answer("mknod", reply, work, entry(self.ttl));
     }
 
     fn symlink(
@@ -714,28 +736,19 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         use std::os::unix::ffi::OsStrExt;
-        let ttl = self.ttl;
         let who = caller(req);
-        let name = match utf8_name(link_name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let Some((name, reply)) = named(link_name, reply) else {
+            return;
         };
         let target = target.as_os_str().as_bytes().to_vec();
-        self.spawn("symlink", |fs| async move {
-            match fs.symlink(parent.0, &name, &target, who).await {
-                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                Err(e) => reply.error(errno("symlink", e)),
-            }
-        });
+        let work =
+            move |fs: Arc<Fs>| async move { fs.symlink(parent.0, &name, &target, who).await };
+        self.answer("symlink", reply, work, entry(self.ttl));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.spawn("readlink", |fs| async move {
-            match fs.readlink(ino.0).await {
-                Ok(target) => reply.data(&target),
-                Err(e) => reply.error(errno("readlink", e)),
-            }
-        });
+        let work = |fs: Arc<Fs>| async move { fs.readlink(ino.0).await };
+        self.answer("readlink", reply, work, |reply, target| reply.data(&target));
     }
 
     fn link(
@@ -752,16 +765,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = match utf8_name(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
+        let Some((name, reply)) = named(name, reply) else {
+            return;
         };
-        self.spawn("rmdir", |fs| async move {
-            match fs.rmdir(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("rmdir", e)),
-            }
-        });
+        let work = |fs: Arc<Fs>| async move { fs.rmdir(parent.0, &name).await };
+        self.answer("rmdir", reply, work, done);
     }
 
     fn rename(
@@ -783,15 +791,11 @@ impl Filesystem for FuseAdapter {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
-        self.spawn("rename", |fs| async move {
-            match fs
-                .rename(parent.0, &name, newparent.0, &newname, no_replace)
+        let work = move |fs: Arc<Fs>| async move {
+            fs.rename(parent.0, &name, newparent.0, &newname, no_replace)
                 .await
-            {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("rename", e)),
-            }
-        });
+        };
+        self.answer("rename", reply, work, done);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -876,12 +880,8 @@ impl Filesystem for FuseAdapter {
     ) {
         // Every close(2): commit what this file table wrote, and tell the application if that
         // failed.
-        self.spawn("flush", |fs| async move {
-            match fs.flush(fh.0, lock_owner.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("flush", e)),
-            }
-        });
+        let work = |fs: Arc<Fs>| async move { fs.flush(fh.0, lock_owner.0).await };
+        self.answer("flush", reply, work, done);
     }
 
     fn getxattr(
