@@ -38,6 +38,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import readers  # noqa: E402
 import report  # noqa: E402
 
 BUCKET = "bucketfs-bench"
@@ -284,12 +285,23 @@ class Mount:
             if self.mnt in mount_table():
                 try:
                     os.listdir(self.mnt)
-                    return
+                    # bucketfs is ready (its kernel readahead set, which a file takes at open)
+                    # once /readyz says so.
+                    if not self.http or self.ready():
+                        return
                 except OSError:
                     pass
             time.sleep(0.05)
         raise Failed(f"{self.kind} did not mount within {self.ctx.args.mount_timeout} s: "
                      + self.ctx.scrub(tail(self.logfile, 5)))
+
+    def ready(self):
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://{self.http}/readyz", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def peak_rss_kib(self):
         """VmHWM of the daemon: the most memory it has held since it started."""
@@ -603,6 +615,23 @@ def direct(ctx, endpoint, listing):
             "peak_rss_kib": res.get("peak_rss_kib")}
 
 
+def direct_random(ctx, endpoint, run):
+    """The baseline of random reads: the ranges of the random-read test of this run (the same
+    offsets), each one ranged GET, one after another: one round trip per read, which no reader
+    of one range at a time beats."""
+    a = ctx.args
+    offsets = readers.random_offsets(ctx.model_bytes, a.random_read_size, a.random_reads, run)
+    argv = [os.path.join(a.bin_dir, "examples", "direct_download"), BUCKET, MODEL_KEY,
+            "--endpoint-url", endpoint, "--force-path-style",
+            "--offsets", ",".join(map(str, offsets)), "--read-size", str(a.random_read_size)]
+    code, out, err, _ = run_child(argv, a.timeout)
+    if code != 0:
+        raise Failed(f"direct_download exited with {code}: {err.strip()[-300:]}")
+    res = json.loads(out)
+    return {"bytes": res["bytes"], "seconds": res["seconds"], "reads": res["reads"],
+            "peak_rss_kib": res.get("peak_rss_kib")}
+
+
 def on_mount(ctx, mount, test, run):
     a = ctx.args
     py = sys.executable
@@ -700,6 +729,8 @@ def measure(ctx, scenario, latency, run, endpoint, proxy, index):
             res = direct(ctx, endpoint, scenario == "direct-list")
         elif scenario == "direct-load":
             res = download_then_load(ctx, endpoint)
+        elif scenario == "direct-random":
+            res = direct_random(ctx, endpoint, run)
         elif scenario.startswith("direct-small"):
             res = direct_small(ctx, endpoint, 16 if scenario == "direct-small16" else 1)
         else:
@@ -1310,6 +1341,9 @@ def scenarios(args, first_round=True):
     out = ["direct"]
     if "safetensors" in byte_tests["bucketfs"]:
         out.append("direct-load")
+    if "random" in byte_tests["bucketfs"] or any("random" in byte_tests[p] for p in PEERS
+                                                    if p in mounts):
+        out.append("direct-random")
     out += [f"{m}/{t}" for m in mounts for t in byte_tests[m]]
     for test in SMALL_TESTS:
         on = [f"{m}/{test}" for m in mounts if test in small_tests[m]]

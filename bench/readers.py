@@ -22,11 +22,16 @@ import sys
 import time
 
 
+def random_offsets(size, read_size, count, seed):
+    """The offsets of the random-read test (page-aligned, each read inside the file); the
+    direct baseline of random reads (bench.py) GETs the same ranges."""
+    rng = random.Random(seed)
+    span = max(size - read_size, 0)
+    return [rng.randrange(0, span // 4096 + 1) * 4096 for _ in range(count)]
+
+
 def cmd_random(a):
-    size = os.stat(a.local).st_size
-    rng = random.Random(a.seed)
-    span = max(size - a.size, 0)
-    offsets = [rng.randrange(0, span // 4096 + 1) * 4096 for _ in range(a.count)]
+    offsets = random_offsets(os.stat(a.local).st_size, a.size, a.count, a.seed)
     blocks = []
     t0 = time.perf_counter()
     fd = os.open(a.path, os.O_RDONLY)

@@ -36,6 +36,7 @@ LABELS = {
     "direct": "direct ranged GETs (baseline)",
     "direct-list": "direct LIST (baseline)",
     "direct-load": "download to disk, then load (baseline 2)",
+    "direct-random": "direct random 4 MiB GETs, one after another (baseline 3)",
     "direct-small": "direct GETs, one after another (baseline)",
     "direct-small16": "direct GETs, 16 threads (baseline)",
     "bucketfs/seq": "bucketfs sequential (dd)",
@@ -163,6 +164,8 @@ def summarize(runs):
         row["ratio_nocache"] = (ratio_to(row, "bucketfs/" + test) if mount == "bucketfs+cache"
                                 else None)
         row["ratio_load"] = ratio_to(row, "direct-load") if test == "safetensors" else None
+        # Random preads vs the same ranges as direct GETs one after another.
+        row["ratio_random"] = ratio_to(row, "direct-random") if test == "random" else None
     order = {s: i for i, s in enumerate(dict.fromkeys(r["scenario"] for r in runs))}
     group_order = {g: i for i, (g, _, _) in enumerate(GROUPS)}
     rows.sort(key=lambda r: (group_order[r["group"]], r["latency_ms"], order[r["scenario"]]))
@@ -209,6 +212,7 @@ _COMMON_HEAD = [("scenario", lambda r: r["label"]), ("latency", lambda r: f"{r['
 COLUMNS = {
     "read": _COMMON_HEAD + [("vs baseline", _ratio),
                             ("vs download+load", lambda r: _xfmt(r.get("ratio_load"))),
+                            ("vs direct random GETs", lambda r: _xfmt(r.get("ratio_random"))),
                             ("vs no cache", lambda r: _xfmt(r.get("ratio_nocache"))),
                             ("peak RSS MiB", _rss),
                             ("daemon CPU s/GiB",
@@ -236,7 +240,8 @@ COLUMNS = {
                              ("runs ok", _runs)],
 }
 COLUMNS["list"] = [c for c in COLUMNS["read"]
-                   if c[0] not in ("vs download+load", "vs no cache", "daemon CPU s/GiB")]
+                   if c[0] not in ("vs download+load", "vs direct random GETs", "vs no cache",
+                                   "daemon CPU s/GiB")]
 
 
 def _one_table(rows, columns, markdown):

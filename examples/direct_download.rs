@@ -9,6 +9,10 @@
 //! `--list` instead lists every key under KEY as a prefix (ListObjectsV2 pages), the baseline of
 //! the listing benchmark.
 //!
+//! `--offsets A,B,...` instead GETs `--read-size` bytes at each offset, one after another (after
+//! the HEAD, as an open does): the baseline of random `pread`s at the same offsets, which no
+//! reader of one range at a time can beat, since each read costs at least one round trip.
+//!
 //! ```text
 //! cargo run --release --example direct_download -- BUCKET KEY --endpoint-url http://127.0.0.1:8333 \
 //!     --force-path-style --part-size 8MiB --concurrency 16
@@ -50,6 +54,13 @@ struct Args {
     /// List the keys under KEY instead of downloading.
     #[arg(long)]
     list: bool,
+    /// Instead of the whole object: one ranged GET of --read-size bytes at each of these offsets,
+    /// one after another.
+    #[arg(long, value_delimiter = ',')]
+    offsets: Vec<u64>,
+    /// Bytes per GET with --offsets.
+    #[arg(long, default_value = "4MiB", value_parser = parse_part_size)]
+    read_size: u64,
 }
 
 /// Reads one byte of every 64 (every cache line), so the download cannot be optimised away.
@@ -167,6 +178,48 @@ async fn download(args: &Args, client: Client) -> Result<String, Error> {
     ))
 }
 
+async fn random_reads(args: &Args, client: Client) -> Result<String, Error> {
+    let started = Instant::now();
+    let head = client
+        .head_object()
+        .bucket(&args.bucket)
+        .key(&args.key)
+        .send()
+        .await
+        .map_err(|e| format!("HEAD {}: {}", args.key, DisplayErrorContext(e)))?;
+    let size = head.content_length().unwrap_or(0).max(0) as u64;
+    let etag: Arc<str> = head.e_tag().unwrap_or("*").into();
+    let bucket: Arc<str> = args.bucket.as_str().into();
+    let key: Arc<str> = args.key.as_str().into();
+    let (mut bytes, mut sum) = (0u64, 0u64);
+    for &start in &args.offsets {
+        let end = (start + args.read_size).min(size);
+        if start >= end {
+            return Err(format!("offset {start} is past the end of {key} ({size} bytes)").into());
+        }
+        let (n, s) = get_part(
+            client.clone(),
+            bucket.clone(),
+            key.clone(),
+            etag.clone(),
+            start,
+            end,
+            None,
+        )
+        .await?;
+        bytes += n;
+        sum = sum.wrapping_add(s);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(format!(
+        "{{\"bytes\":{bytes},\"seconds\":{seconds:.6},\"mib_per_s\":{:.3},\"reads\":{},\
+         \"read_size\":{},\"touch\":{sum}}}",
+        bytes as f64 / (1 << 20) as f64 / seconds,
+        args.offsets.len(),
+        args.read_size
+    ))
+}
+
 async fn list(args: &Args, client: Client) -> Result<String, Error> {
     let started = Instant::now();
     let mut pages = client
@@ -198,6 +251,8 @@ async fn main() {
     let client = common::s3_client(&args.store, false).await;
     let result = if args.list {
         list(&args, client).await
+    } else if !args.offsets.is_empty() {
+        random_reads(&args, client).await
     } else {
         download(&args, client).await
     };

@@ -246,6 +246,12 @@ pub struct MountArgs {
     /// after another in listing order (0: never).
     #[arg(long, env = "BUCKETFS_SMALL_FILE_PREFETCH", default_value = config::SMALL_FILE_PREFETCH.text, value_parser = parse_size, help_heading = "Reading")]
     pub small_file_prefetch: u64,
+    /// The kernel's readahead of the mount: how far ahead of a buffered reader, and how much
+    /// around an mmap page fault, the kernel asks for data (0: the kernel's default, 128KiB).
+    /// Setting it needs root (write access to /sys); otherwise the mount goes on with the
+    /// kernel's default and says so in the log.
+    #[arg(long, env = "BUCKETFS_READ_AHEAD", default_value = config::READ_AHEAD.text, value_parser = parse_size, help_heading = "Reading")]
+    pub read_ahead: u64,
 
     #[command(flatten)]
     pub store: StoreArgs,

@@ -186,6 +186,17 @@ pub const MAX_READ_PART_SIZE: u64 = 1 << 30;
 /// (images, labels, JSON), and 16 of them ahead (`fs::small_files`) hold at most 4 MiB.
 pub const SMALL_FILE_PREFETCH: DefaultValue<u64> = size("256KiB");
 
+/// Default `--read-ahead`, the kernel's readahead of the mount: buffered reads reach the daemon as
+/// readahead requests no larger than this, so with the kernel's 128 KiB a 4 MiB `pread` becomes
+/// a chain of small windows, one round trip after another. 16 MiB lets such a read go out as one
+/// batch of parallel requests (the kernel splits it into 1 MiB requests) and a sequential reader
+/// keep 16 MiB of requests in flight. The cost is page cache: a page fault of an `mmap` reads up
+/// to this much around the faulting page (fault-around), which a model load reads anyway.
+pub const READ_AHEAD: DefaultValue<u64> = size("16MiB");
+
+/// Largest `--read-ahead`: the kernel fills up to this much page cache per open file.
+pub const MAX_READ_AHEAD: u64 = 1 << 30;
+
 /// Default `--read-concurrency`: 8 parts of 8 MiB keep a 25 ms-latency link busy at over 2 GB/s
 /// (bandwidth-delay product ~ 64 MiB), and fit the default memory budget.
 pub const READ_CONCURRENCY: usize = 8;
@@ -314,6 +325,8 @@ pub struct MountConfig {
     pub read_concurrency: usize,
     /// `--small-file-prefetch`.
     pub small_file_prefetch: u64,
+    /// `--read-ahead`: the kernel's readahead of the mount in bytes (0: the kernel's own).
+    pub read_ahead: u64,
     pub store: StoreConfig,
     /// `--cache-dir`, absolute: a background daemon leaves the directory it was started from.
     pub cache_dir: Option<PathBuf>,
@@ -330,6 +343,9 @@ impl MountConfig {
     pub fn check(self) -> Result<MountConfig, String> {
         if !(MIN_WRITE_PART_SIZE..=MAX_WRITE_PART_SIZE).contains(&self.write_part_size) {
             return Err("--write-part-size must be between 5MiB and 1GiB".into());
+        }
+        if self.read_ahead > MAX_READ_AHEAD || !self.read_ahead.is_multiple_of(4096) {
+            return Err("--read-ahead must be a multiple of 4KiB, at most 1GiB".into());
         }
         if self.locks.lease < MIN_LEASE {
             return Err(
@@ -755,7 +771,7 @@ mod tests {
         ] {
             assert_eq!(parse_duration(d.text).unwrap(), d.value, "{}", d.text);
         }
-        for d in [MAX_MEMORY, READ_PART_SIZE, WRITE_PART_SIZE] {
+        for d in [MAX_MEMORY, READ_PART_SIZE, WRITE_PART_SIZE, READ_AHEAD] {
             assert_eq!(parse_size(d.text).unwrap(), d.value, "{}", d.text);
         }
         for d in [FILE_MODE, DIR_MODE] {
@@ -764,6 +780,7 @@ mod tests {
         assert!(CacheSize::parse(CACHE_MAX_SIZE).is_ok());
         assert!((MIN_WRITE_PART_SIZE..=MAX_WRITE_PART_SIZE).contains(&WRITE_PART_SIZE.value));
         assert!(LEASE.value >= MIN_LEASE && READ_TIMEOUT.value >= MIN_READ_TIMEOUT);
+        assert!(READ_AHEAD.value <= MAX_READ_AHEAD && READ_AHEAD.value.is_multiple_of(4096));
     }
 
     /// Each default the command line spells is written here only: a `"30s"` elsewhere in `src/`
@@ -797,6 +814,7 @@ mod tests {
             DIR_MODE.text,
             MAX_MEMORY.text,
             READ_PART_SIZE.text,
+            READ_AHEAD.text,
             CACHE_MAX_SIZE,
             WRITE_PART_SIZE.text,
             LOCK_PREFIX,

@@ -41,7 +41,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the endpoints report on, shared with the mount's lifecycle.
 pub struct Health {
     mountpoint: PathBuf,
-    /// Set once the kernel mount exists; cleared when shutdown starts.
+    /// Set once the mount answers (and its readahead is set); cleared when shutdown starts.
     mounted: AtomicBool,
     /// A stat of the root is running: a hung mount must not pile up one blocked thread per probe.
     probing: AtomicBool,
@@ -59,7 +59,7 @@ impl Health {
         })
     }
 
-    /// The kernel mount exists (`true`) or is going away (`false`).
+    /// The mount answers (`true`) or is going away (`false`).
     pub fn set_mounted(&self, mounted: bool) {
         self.mounted.store(mounted, Ordering::Relaxed);
     }

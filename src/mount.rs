@@ -13,6 +13,18 @@
 //! The exit is clean (`Ok`) unless a file's changes were lost. A second signal at any point
 //! detaches the mount lazily and exits at once with an error: uploads not finished then are
 //! lost (the next mount aborts their multipart uploads).
+//!
+//! ## The kernel's readahead (`--read-ahead`)
+//! Buffered reads reach the daemon as the kernel's readahead requests, never larger than the
+//! mount's readahead (`ra_pages` of its backing device info, 128 KiB by default). A FUSE daemon
+//! cannot raise it in `FUSE_INIT` (the kernel offers its default and takes the smaller of that
+//! and the answer), so at 128 KiB a 4 MiB `pread` at a random offset becomes a ramp of 128 KiB
+//! windows, one round trip after another. Root can raise it afterwards, in
+//! `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb` of the mount's device. It is written once the mount
+//! answers its first `stat` (so `FUSE_INIT` is done and cannot lower it again) and before the
+//! mount is reported ready: a file's readahead state is set when it is opened, so every reader
+//! started after readiness gets the new value. Without root (a laptop) the mount goes on with
+//! the kernel's value and says so in the log.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -30,7 +42,9 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Bound on the whole shutdown, uploads included (`--shutdown-timeout`).
     pub shutdown_timeout: Duration,
-    /// Told when the mount exists and when it goes away (`/readyz`), if served.
+    /// `--read-ahead`: the kernel's readahead of the mount in bytes (0: leave the kernel's).
+    pub read_ahead: u64,
+    /// Told when the mount answers and when it goes away (`/readyz`), if served.
     pub health: Option<Arc<Health>>,
     /// Called once the mount answers a `stat` of its root (a background mount's parent then
     /// returns).
@@ -80,9 +94,6 @@ pub fn serve(
         .map_err(|e| format!("cannot mount at {}: {e}", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
-    if let Some(h) = &opts.health {
-        h.set_mounted(true);
-    }
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -101,7 +112,7 @@ pub fn serve(
         // The mount is ready once the kernel hands a stat of its root to this daemon.
         let root = mountpoint.to_path_buf();
         let mut answered = Some(tokio::task::spawn_blocking(move || {
-            std::fs::metadata(root).map(|m| m.ino())
+            std::fs::metadata(root).map(|m| (m.ino(), m.dev()))
         }));
         let mut unanswered = None;
         let ended_externally = loop {
@@ -111,15 +122,21 @@ pub fn serve(
                 {
                     answered = None;
                     match r {
-                        Ok(Ok(ino)) if ino == crate::fs::ROOT_INO => {
+                        Ok(Ok((ino, dev))) if ino == crate::fs::ROOT_INO => {
                             tracing::info!("the mount answers");
+                            if opts.read_ahead > 0 {
+                                set_read_ahead(dev, opts.read_ahead);
+                            }
+                            if let Some(h) = &opts.health {
+                                h.set_mounted(true);
+                            }
                             if let Some(ready) = opts.on_ready {
                                 ready();
                             }
                         }
                         other => {
                             let why = match other {
-                                Ok(Ok(ino)) => format!("its root has inode {ino}, not the mount's"),
+                                Ok(Ok((ino, _))) => format!("its root has inode {ino}, not the mount's"),
                                 Ok(Err(e)) => e.to_string(),
                                 Err(e) => e.to_string(),
                             };
@@ -179,6 +196,37 @@ pub fn serve(
         tracing::info!("unmounted");
         lost
     })
+}
+
+/// Where the kernel keeps the readahead (in KiB) of the filesystem on device `dev`: a FUSE
+/// mount's backing device info is named after its anonymous device number.
+pub fn read_ahead_path(dev: u64) -> PathBuf {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    PathBuf::from(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"))
+}
+
+/// Sets the kernel's readahead of the mount on `dev` to `bytes` (see the module docs); a mount
+/// that cannot (not root, `/sys` read-only) goes on with the kernel's value.
+fn set_read_ahead(dev: u64, bytes: u64) {
+    let path = read_ahead_path(dev);
+    let kib = bytes / 1024;
+    match std::fs::write(&path, format!("{kib}\n")) {
+        Ok(()) => tracing::info!(
+            read_ahead_kib = kib,
+            "set the kernel readahead of the mount"
+        ),
+        Err(e) => {
+            let current = std::fs::read_to_string(&path).unwrap_or_default();
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                kernel_read_ahead_kib = current.trim(),
+                "cannot set the kernel readahead of the mount (needs root and a writable /sys): \
+                 large and random reads are slower; --read-ahead 0 leaves the kernel's value \
+                 without this warning"
+            );
+        }
+    }
 }
 
 /// The second signal: detach the mount and give up on what is still running.

@@ -391,6 +391,7 @@ fn mount_config(args: &MountArgs) -> Result<MountConfig, Failure> {
         read_part_size: args.read_part_size,
         read_concurrency: args.read_concurrency,
         small_file_prefetch: args.small_file_prefetch,
+        read_ahead: args.read_ahead,
         cache_dir: config::absolute_dir("--cache-dir", args.cache_dir.clone())
             .map_err(bad_arguments)?,
         cache_max_size: CacheSize::parse(&args.cache_max_size).map_err(bad_arguments)?,
@@ -501,6 +502,7 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
             read_only: cfg.read_only,
             allow_other: cfg.allow_other,
             shutdown_timeout: cfg.shutdown_timeout,
+            read_ahead: cfg.read_ahead,
             health: Some(health),
             on_ready: Some(crate::daemon::report_ready),
         },

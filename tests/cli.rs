@@ -137,6 +137,11 @@ fn bad_option_values_are_refused_before_the_mount_point_is_looked_at() {
             "--read-timeout must be at least 1s",
         ),
         ("--cache-max-size", "150%", "a percentage is 1% to 100%"),
+        (
+            "--read-ahead",
+            "1000",
+            "--read-ahead must be a multiple of 4KiB",
+        ),
         ("--prefix", "a//b", "--prefix"),
     ] {
         let o = run(

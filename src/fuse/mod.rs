@@ -8,8 +8,12 @@
 //! - max read size: fuser negotiates `max_pages` from its 16 MiB write limit; the kernel caps it
 //!   at 256 pages, so each read request carries up to 1 MiB (instead of 128 KiB by default): 8x
 //!   fewer round trips through the kernel for large sequential reads.
-//! - readahead: 1 MiB (`max_readahead`), so the kernel asks for the next megabyte while the
-//!   application consumes this one; our own prefetcher looks further ahead.
+//! - readahead: `FUSE_INIT` can only lower the kernel's readahead (it offers its default,
+//!   128 KiB, and keeps the smaller of that and the answer), so `init` leaves it as offered and
+//!   the mount raises it afterwards through sysfs (`--read-ahead`, 16 MiB by default, needs root;
+//!   see `mount.rs`): then a large `pread` reaches the daemon at once, as parallel 1 MiB
+//!   requests, instead of as a chain of 128 KiB windows, and a page fault of an `mmap` brings
+//!   that much around it. Our own prefetcher looks further ahead.
 //! - keep-cache: an open of an unchanged object version keeps the kernel page cache, so a file
 //!   read twice is served from memory the second time.
 //! - attribute and entry TTLs: the `--metadata-ttl`, the same promise as our metadata cache.
@@ -39,9 +43,6 @@ use fuser::{
 use crate::fs::{Attr, AttrChange, Caller, Fs, FsError, OpenMode, ROOT_INO};
 use crate::meta::Kind;
 use crate::metrics;
-
-/// Largest readahead we ask the kernel for (see the module docs).
-const MAX_READAHEAD: u32 = 1 << 20;
 
 /// Entries asked of `fs` at a time for a `readdir` reply: as many as the smallest entries
 /// (32 bytes) a 4 KiB reply holds, so a batch is seldom cut short by much.
@@ -469,7 +470,6 @@ fn errno(op: &'static str, e: FsError) -> Errno {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_readahead(MAX_READAHEAD);
         // Enough concurrent background (readahead, async read) requests to keep parallel ranged
         // GETs busy; the kernel default of 12 throttles large sequential reads.
         let _ = config.set_max_background(64);
