@@ -252,6 +252,11 @@ pub struct MountArgs {
     /// kernel's default and says so in the log.
     #[arg(long, env = "BUCKETFS_READ_AHEAD", default_value = config::READ_AHEAD.text, value_parser = parse_size, help_heading = "Reading")]
     pub read_ahead: u64,
+    /// Largest file (as its directory's listing shows it) whose attributes are asked with a GET
+    /// of its bytes instead of a HEAD, where listings do not carry attributes (S3): the lookup
+    /// and the read of a small file in one request (0: a HEAD, and the read its own GET).
+    #[arg(long, env = "BUCKETFS_SMALL_FILE_GET", default_value = config::SMALL_FILE_GET.text, value_parser = parse_size, help_heading = "Reading")]
+    pub small_file_get: u64,
 
     #[command(flatten)]
     pub store: StoreArgs,

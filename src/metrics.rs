@@ -44,7 +44,7 @@
 //! | `bucketfs_cache_write_queue_bytes` | | fetched blocks waiting to be written to the disk tier |
 //! | `bucketfs_cache_write_dropped_blocks_total` | | fetched blocks not written to the disk tier because its write queue was full |
 //! | `bucketfs_cache_verifications_total` | | cached files checked in full before being handed to the kernel (not sealed yet, or changed) |
-//! | `bucketfs_small_file_prefetch_total` | `result` | small files fetched ahead of their open (`fetched`), and opens that found them (`hit`) |
+//! | `bucketfs_small_file_prefetch_total` | `result` | small files fetched ahead of their open (`fetched`), opens that found them (`hit`), and small files read whole by the GET that asked their attributes (`read_at_lookup`) |
 
 use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;

@@ -392,6 +392,7 @@ fn mount_config(args: &MountArgs) -> Result<MountConfig, Failure> {
         read_concurrency: args.read_concurrency,
         small_file_prefetch: args.small_file_prefetch,
         read_ahead: args.read_ahead,
+        small_file_get: args.small_file_get,
         cache_dir: config::absolute_dir("--cache-dir", args.cache_dir.clone())
             .map_err(bad_arguments)?,
         cache_max_size: CacheSize::parse(&args.cache_max_size).map_err(bad_arguments)?,
@@ -490,6 +491,7 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
             passthrough: cfg.passthrough,
             locks,
             small_file_prefetch: cfg.small_file_prefetch,
+            small_file_get: cfg.small_file_get,
         },
     );
     health.set_fs(fs.clone());

@@ -430,6 +430,40 @@ async fn user_metadata(s: DynStore, p: String) {
     assert_eq!(read_all(&s, &up_key).await, b"parts");
 }
 
+/// `get_with_meta` answers what `head` does, with the bytes of an object of at most `max` bytes,
+/// without them for a larger or an empty one. (A local file's access time moves as it is read.)
+async fn get_with_meta_answers_like_head(s: DynStore, p: String) {
+    let head = async |key: &str| {
+        let mut m = s.head(key).await.unwrap();
+        m.user.as_mut().map(|u| u.remove("atime"));
+        m
+    };
+    let get = async |key: &str, max: u64| {
+        let (mut m, bytes) = s.get_with_meta(key, max).await.unwrap();
+        m.user.as_mut().map(|u| u.remove("atime"));
+        (m, bytes)
+    };
+    let key = format!("{p}small");
+    let m = meta(&[("mode", "33152"), ("mtime", "1600000000")]);
+    s.put_with(&key, b("small body"), Precondition::None, &m)
+        .await
+        .unwrap();
+    let (got, bytes) = get(&key, 64).await;
+    assert_eq!(got, head(&key).await);
+    assert_eq!(bytes.as_deref(), Some(&b"small body"[..]));
+    assert_eq!(get(&key, 4).await, (head(&key).await, None));
+    let empty = format!("{p}empty");
+    s.put_with(&empty, Bytes::new(), Precondition::None, &m)
+        .await
+        .unwrap();
+    assert_eq!(get(&empty, 64).await, (head(&empty).await, None));
+    let missing = s.get_with_meta(&format!("{p}missing"), 64).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+}
+
 /// A directory marker carries its own metadata, also once the directory has entries (whose
 /// creation, on a real directory, moves its modification time, as POSIX says). SeaweedFS keeps
 /// no user metadata on directory markers, so this does not run on it.
@@ -518,10 +552,10 @@ mod metadata {
             mod $store { $(#[tokio::test] async fn $case() { super::super::$case(super::super::$store().await, "t/".into()).await } )* }
         };
     }
-    on!(mem_store: user_metadata, directory_marker_metadata, keys_over_the_limit_are_too_long);
-    on!(local_store: user_metadata, directory_marker_metadata);
-    on!(s3_store: user_metadata, keys_over_the_limit_are_too_long);
-    on!(gcs_store: user_metadata, directory_marker_metadata);
+    on!(mem_store: user_metadata, directory_marker_metadata, keys_over_the_limit_are_too_long, get_with_meta_answers_like_head);
+    on!(local_store: user_metadata, directory_marker_metadata, get_with_meta_answers_like_head);
+    on!(s3_store: user_metadata, keys_over_the_limit_are_too_long, get_with_meta_answers_like_head);
+    on!(gcs_store: user_metadata, directory_marker_metadata, get_with_meta_answers_like_head);
 }
 
 on_fake_gcs!(

@@ -172,6 +172,7 @@ mod tests {
             passthrough: false,
             locks: crate::lock::LockConfig::default(),
             small_file_prefetch: 0,
+            small_file_get: 0,
         };
         let fs = Fs::new(mem.clone(), cfg);
         (mem, fs, dir)

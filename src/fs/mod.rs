@@ -61,6 +61,9 @@ pub struct FsConfig {
     pub locks: crate::lock::LockConfig,
     /// Largest file fetched whole ahead of its open (`--small-file-prefetch`; 0: off).
     pub small_file_prefetch: u64,
+    /// Largest listed file whose attributes are asked with a GET of its bytes where listings
+    /// lack them (`--small-file-get`; 0: a HEAD).
+    pub small_file_get: u64,
 }
 
 /// Attributes of an inode, as the kernel sees them.
@@ -238,6 +241,10 @@ impl Fs {
                 lookups: 1,
                 cached_version: None,
             },
+        );
+        meta.get_small_files(
+            cfg.small_file_get.min(crate::cache::BLOCK_SIZE),
+            small_files::into_memory(&read),
         );
         let small_files =
             small_files::SmallFiles::new(meta.clone(), read.clone(), cfg.small_file_prefetch);
@@ -503,7 +510,7 @@ impl Fs {
             None => None,
         };
         let pinned = version.0.clone();
-        self.small_files.opened(&key, &pinned, stat.size);
+        self.small_files.opened(&key, &pinned, stat.size).await;
         let reader = Reader::new(self.read.clone(), key, version, stat.size);
         let fh = self.add_handle(Handle::Read(Arc::new(reader)));
         Ok(Opened {
@@ -729,6 +736,7 @@ mod tests {
             passthrough: false,
             locks: crate::lock::LockConfig::default(),
             small_file_prefetch: 0,
+            small_file_get: 0,
         }
     }
 

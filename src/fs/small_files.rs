@@ -11,26 +11,31 @@
 //! [`AHEAD`] small files of the listing are fetched, [`IN_FLIGHT`] at a time; each file once.
 //!
 //! ## What, and where it goes
-//! A prefetch asks what the open will ask (`Meta::resolve`, the same cached answer: on S3 the
-//! object's HEAD, since an S3 listing does not carry a file's kind and attributes; on GCS and
-//! `file://` nothing, the listing does), then GETs the whole object pinned to that version, and
-//! puts it in the memory tier as the object's block 0, keyed by its version, where the read path
-//! looks first. So the prefetched bytes live inside `--max-memory` (the memory tier's share,
+//! A prefetch asks what the open will ask (`Meta::resolve`, the same cached or shared answer: on
+//! S3 the object's HEAD, since an S3 listing does not carry a file's kind and attributes, or for
+//! a file of at most `--small-file-get` bytes the GET that brings its bytes with them; on GCS and
+//! `file://` nothing, the listing does), then, unless that answer brought the bytes, GETs the
+//! whole object pinned to that version, and puts it in the memory tier as the object's block 0,
+//! keyed by its version, where the read path looks first ([`into_memory`] is where a lookup's
+//! GET puts them too). So the prefetched bytes live inside `--max-memory` (the memory tier's share,
 //! evicted like any block), an open that resolves to another version (the object changed and the
 //! TTL ran out) never sees them, and nothing in the read path knows about prefetch. Objects over
 //! one block are never prefetched.
 //!
 //! ## Cost
-//! At most [`AHEAD`] files fetched that are never opened, per directory walked in order; on S3
-//! one HEAD and one GET per prefetched file, on GCS and `file://` one GET.
+//! At most [`AHEAD`] files fetched that are never opened, per directory walked in order; one
+//! GET per prefetched file (on S3 a file over `--small-file-get` also costs its HEAD), which the
+//! open would have asked anyway.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use crate::cache::{BLOCK_SIZE, BlockKey};
 use crate::meta::{Kind, Meta};
 use crate::read::ReadContext;
+use crate::store::Version;
 
 /// Files fetched ahead of the last one opened: enough to hide a 25 ms round trip behind reads of
 /// small files from the page cache, few enough that a walk that stops wastes little.
@@ -52,6 +57,36 @@ pub struct SmallFiles {
     /// (key, version) of files fetched ahead, until their open.
     ready: moka::sync::Cache<(String, String), ()>,
     in_flight: Arc<Semaphore>,
+    /// Key -> its prefetch, from when it is issued until it ends: so that an open and its
+    /// prefetch never both GET the file (see [`SmallFiles::opened`]).
+    fetches: Arc<std::sync::Mutex<std::collections::HashMap<String, Fetch>>>,
+}
+
+/// Where the prefetch of a file is.
+enum Fetch {
+    /// Waiting for its turn ([`IN_FLIGHT`]).
+    Queued,
+    /// Still waiting, but the file was opened meanwhile: its read fetches it, the prefetch not.
+    Opened,
+    /// Fetching; the semaphore is closed when it ends.
+    Running(Arc<Semaphore>),
+}
+
+/// Ends a running prefetch (also one cut short): its entry goes, and opens waiting on it go on.
+struct Ended {
+    fetches: Arc<std::sync::Mutex<std::collections::HashMap<String, Fetch>>>,
+    key: String,
+    done: Arc<Semaphore>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let mut fetches = self.fetches.lock().unwrap();
+        if matches!(fetches.get(&self.key), Some(Fetch::Running(d)) if Arc::ptr_eq(d, &self.done)) {
+            fetches.remove(&self.key);
+        }
+        self.done.close();
+    }
 }
 
 impl SmallFiles {
@@ -64,14 +99,29 @@ impl SmallFiles {
             issued: moka::sync::Cache::new(16 * 1024),
             ready: moka::sync::Cache::new(16 * 1024),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+            fetches: Default::default(),
         }
     }
 
-    /// `key` (of `size` bytes, at `version`) was opened for reading: counts a hit if it was
-    /// fetched ahead, and fetches the next small files if the opens follow the listing.
-    pub fn opened(&self, key: &str, version: &str, size: u64) {
+    /// `key` (of `size` bytes, at `version`) is being opened for reading: waits for its
+    /// prefetch if one is fetching it (one GET, which the read would otherwise make again), or
+    /// calls off one still waiting for its turn; counts a hit if it was fetched ahead; and
+    /// fetches the next small files if the opens follow the listing.
+    pub async fn opened(&self, key: &str, version: &str, size: u64) {
         if self.limit == 0 || size > self.limit {
             return;
+        }
+        let running = match self.fetches.lock().unwrap().get_mut(key) {
+            Some(Fetch::Running(done)) => Some(done.clone()),
+            Some(queued) => {
+                *queued = Fetch::Opened;
+                None
+            }
+            None => None,
+        };
+        if let Some(done) = running {
+            // Closed when the prefetch ends.
+            let _ = done.acquire().await;
         }
         let id = (key.to_string(), version.to_string());
         if self.ready.contains_key(&id) {
@@ -107,12 +157,30 @@ impl SmallFiles {
                 continue;
             }
             self.issued.insert((key.clone(), listed), ());
+            self.fetches
+                .lock()
+                .unwrap()
+                .insert(key.clone(), Fetch::Queued);
             let (meta, read, permits) =
                 (self.meta.clone(), self.read.clone(), self.in_flight.clone());
-            let ready = self.ready.clone();
+            let (ready, fetches) = (self.ready.clone(), self.fetches.clone());
             tokio::spawn(async move {
                 let Ok(_permit) = permits.acquire_owned().await else {
                     return;
+                };
+                let done = Arc::new(Semaphore::new(0));
+                {
+                    let mut all = fetches.lock().unwrap();
+                    if matches!(all.get(&key), Some(Fetch::Opened)) {
+                        all.remove(&key);
+                        return;
+                    }
+                    all.insert(key.clone(), Fetch::Running(done.clone()));
+                }
+                let _ended = Ended {
+                    fetches,
+                    key: key.clone(),
+                    done,
                 };
                 if let Some(version) = fetch(&meta, &read, &key).await {
                     // Known by the version the open will resolve to.
@@ -126,24 +194,205 @@ impl SmallFiles {
 
 /// Fetches `key` whole at the version an open would resolve now, into the memory tier: the
 /// version fetched, or `None` (gone, changed kind, too large, or a store error: the open will
-/// ask again itself).
+/// ask again itself). Asking what the open will ask may have brought the bytes already (the GET
+/// of a small file that answers its attributes): then nothing more is fetched.
 async fn fetch(meta: &Arc<Meta>, read: &ReadContext, key: &str) -> Option<String> {
     let stat = meta.resolve(key).await.ok()??;
     let version = stat.version.clone()?;
     if stat.kind != Kind::File || stat.size == 0 || stat.size > BLOCK_SIZE {
         return None;
     }
+    let block = first_block(read, key, &version);
+    if read.tiers.memory().get(&block).await.is_some() {
+        return Some(version.0);
+    }
     let bytes = read
         .store
         .get_range(key, 0..stat.size, Some(&version))
         .await
         .ok()?;
-    let block = BlockKey {
+    read.tiers.memory().put(&block, bytes).await;
+    Some(version.0)
+}
+
+/// The cache key of the one block of a small file at `version`, where the read path looks first.
+fn first_block(read: &ReadContext, key: &str, version: &Version) -> BlockKey {
+    BlockKey {
         store: read.tiers.store_id().clone(),
         key: key.into(),
         version: version.0.as_str().into(),
         index: 0,
-    };
-    read.tiers.memory().put(&block, bytes).await;
-    Some(version.0)
+    }
+}
+
+/// Where a lookup puts the bytes of a small file that the GET answering its attributes brought
+/// (`meta::Meta::get_small_files`): the memory tier, as the file's block 0 at that version, so
+/// the read that follows finds them like prefetched ones.
+pub fn into_memory(read: &Arc<ReadContext>) -> crate::meta::BodySink {
+    let read = read.clone();
+    Arc::new(move |key: String, version: Version, bytes: Bytes| {
+        let read = read.clone();
+        Box::pin(async move {
+            let block = first_block(&read, &key, &version);
+            read.tiers.memory().put(&block, bytes).await;
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use bytes::Bytes;
+
+    use super::super::tests::cfg;
+    use super::super::{Fs, FsConfig, OpenMode, ROOT_INO};
+    use crate::store::attrs::FileAttrs;
+    use crate::store::mem::{MemStore, Op};
+    use crate::store::{ObjectStore, Precondition};
+
+    const N: usize = 12;
+
+    /// A store whose listings carry no attributes (as S3's), with `N` small files in `d/`, the
+    /// fourth of them `chmod 600`ed with an mtime of its own, and one large file `d/z`.
+    async fn s3_like() -> std::sync::Arc<MemStore> {
+        let mem = std::sync::Arc::new(MemStore::new("b"));
+        mem.list_without_metadata(true);
+        for i in 0..N {
+            let attrs = FileAttrs {
+                mode: (i == 3).then_some(libc::S_IFREG | 0o600),
+                mtime: (i == 3).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30)),
+                ..FileAttrs::default()
+            };
+            let body = Bytes::from(format!("file {i:02}"));
+            mem.put_with(
+                &format!("d/f{i:02}"),
+                body,
+                Precondition::None,
+                &attrs.to_meta(),
+            )
+            .await
+            .unwrap();
+        }
+        let big = Bytes::from(vec![7u8; 5000]);
+        mem.put("d/z", big, Precondition::None).await.unwrap();
+        mem
+    }
+
+    fn fs_over(mem: &std::sync::Arc<MemStore>, prefetch: u64) -> std::sync::Arc<Fs> {
+        let cfg = FsConfig {
+            small_file_prefetch: prefetch,
+            small_file_get: 1024,
+            ..cfg(Duration::from_secs(60))
+        };
+        Fs::new(mem.clone(), cfg)
+    }
+
+    /// `cat d/f{i}`: lookup, open, read, release; the bytes and the attributes the kernel gets.
+    async fn cat(fs: &Fs, dir: u64, name: &str) -> (Bytes, super::super::Attr) {
+        let attr = fs.lookup(dir, name).await.unwrap();
+        let o = fs.open(attr.ino, OpenMode::READ).await.unwrap();
+        let got = fs.read(o.fh, 0, 1 << 16).await.unwrap();
+        fs.release(o.fh).await;
+        (got, attr)
+    }
+
+    fn requests(mem: &MemStore) -> u64 {
+        [Op::Head, Op::GetRange, Op::List]
+            .into_iter()
+            .map(|op| mem.calls(op))
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_small_file_is_looked_up_and_read_with_one_get() {
+        for prefetch in [0, 1024] {
+            let mem = s3_like().await;
+            let fs = fs_over(&mem, prefetch);
+            let d = fs.lookup(ROOT_INO, "d").await.unwrap().ino;
+            let before = (mem.calls(Op::Head), mem.calls(Op::GetRange));
+            let start = requests(&mem);
+            for i in 0..N {
+                let (got, attr) = cat(&fs, d, &format!("f{i:02}")).await;
+                assert_eq!(&got[..], format!("file {i:02}").as_bytes());
+                assert_eq!(attr.size, 7);
+                let (perm, secs) = if i == 3 { (0o600, 1 << 30) } else { (0o644, 0) };
+                assert_eq!(attr.perm, perm, "prefetch {prefetch}, f{i:02}");
+                if secs > 0 {
+                    assert_eq!(
+                        attr.mtime,
+                        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+                    );
+                }
+                // The attributes the kernel asks again are the lookup's.
+                assert_eq!(fs.getattr(attr.ino).await.unwrap(), attr);
+            }
+            // Let prefetches started by the last opens finish: they find every file fetched.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(
+                mem.calls(Op::Head),
+                before.0,
+                "prefetch {prefetch}: no HEAD"
+            );
+            assert_eq!(
+                mem.calls(Op::GetRange) - before.1,
+                N as u64,
+                "prefetch {prefetch}: one GET per file"
+            );
+            assert_eq!(
+                requests(&mem) - start,
+                N as u64 + 1,
+                "and the one LIST of d/"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_cats_of_one_directory_share_each_get() {
+        let mem = s3_like().await;
+        let fs = fs_over(&mem, 1024);
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap().ino;
+        // Slow GETs: a lookup comes while another one's GET of the same file is on its way.
+        let slow = crate::store::mem::Fault::Delay(Duration::from_millis(20));
+        mem.inject(Op::GetRange, slow, 100);
+        let gets = mem.calls(Op::GetRange);
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let fs = fs.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (t..N).step_by(2) {
+                    let (got, _) = cat(&fs, d, &format!("f{i:02}")).await;
+                    assert_eq!(&got[..], format!("file {i:02}").as_bytes());
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(mem.calls(Op::GetRange) - gets, N as u64);
+        assert_eq!(mem.calls(Op::Head), 1, "the HEAD of the marker d/ only");
+    }
+
+    #[tokio::test]
+    async fn a_larger_file_is_asked_with_a_head_and_stat_alone_costs_one_request() {
+        let mem = s3_like().await;
+        let fs = fs_over(&mem, 0);
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap().ino;
+        let (heads, gets) = (mem.calls(Op::Head), mem.calls(Op::GetRange));
+        // Over --small-file-get: a HEAD, and the read a GET.
+        let (got, attr) = cat(&fs, d, "z").await;
+        assert_eq!((got.len(), attr.size), (5000, 5000));
+        assert_eq!(
+            (mem.calls(Op::Head) - heads, mem.calls(Op::GetRange) - gets),
+            (1, 1)
+        );
+        // A small file only stat'ed costs its one GET; read later, nothing more.
+        let attr = fs.lookup(d, "f05").await.unwrap();
+        assert_eq!(mem.calls(Op::GetRange) - gets, 2);
+        let o = fs.open(attr.ino, OpenMode::READ).await.unwrap();
+        assert_eq!(&fs.read(o.fh, 0, 100).await.unwrap()[..], b"file 05");
+        assert_eq!(mem.calls(Op::GetRange) - gets, 2);
+        assert_eq!(mem.calls(Op::Head) - heads, 1);
+    }
 }

@@ -26,7 +26,10 @@
 //! by concurrent lookups. What a listing cannot say is still asked: an S3 listing carries no user
 //! metadata, so an object's kind (a symlink is an object with a mode) and attributes come from
 //! its HEAD, and a directory's from its marker's HEAD. So the kernel never caches an attribute a
-//! listing guessed. Without a listing, `lookup` asks a HEAD of `key` and a one-key LIST of
+//! listing guessed. A listed file of at most `--small-file-get` bytes is asked with a GET of its
+//! bytes instead ([`Meta::get_small_files`]): the response carries what a HEAD says, the bytes go
+//! to the memory tier, and the read that usually follows a lookup costs no request of its own.
+//! Concurrent questions about one path (lookups, opens, prefetches) share one request. Without a listing, `lookup` asks a HEAD of `key` and a one-key LIST of
 //! `key/`, at once. Answers are kept: a positive one for `--metadata-ttl`, a negative one
 //! ("nothing there") for the shorter `--negative-metadata-ttl`, since that is the answer a user
 //! notices when it is stale. A listing with attributes (GCS, `file://`) refreshes the entries of
@@ -247,8 +250,58 @@ pub struct DirEntry {
     pub stat: Stat,
 }
 
-type ListingFlights =
-    std::collections::HashMap<String, Arc<tokio::sync::OnceCell<Option<Arc<Listing>>>>>;
+/// Questions to the store being asked now, by key, which concurrent askers of the same key
+/// share: one request, one answer for all of them.
+struct Flights<T> {
+    asked: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::OnceCell<T>>>>,
+}
+
+impl<T: Clone> Flights<T> {
+    fn new() -> Self {
+        Flights {
+            asked: Default::default(),
+        }
+    }
+
+    /// The answer of `ask` for `key`, or of the same question already on its way.
+    async fn share<F: Future<Output = T>>(&self, key: &str, ask: impl FnOnce() -> F) -> T {
+        let flight = self
+            .asked
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let answer = flight.get_or_init(ask).await.clone();
+        self.forget_flight(key, &flight);
+        answer
+    }
+
+    fn forget_flight(&self, key: &str, flight: &Arc<tokio::sync::OnceCell<T>>) {
+        let mut asked = self.asked.lock().unwrap();
+        if asked.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            asked.remove(key);
+        }
+    }
+
+    /// Later askers of `key` ask again rather than share what is on its way.
+    fn forget(&self, key: &str) {
+        self.asked.lock().unwrap().remove(key);
+    }
+}
+
+/// Where the bytes of the small files that a lookup read whole go (the memory tier), with the
+/// version they are of.
+pub type BodySink = Arc<
+    dyn Fn(String, Version, bytes::Bytes) -> futures::future::BoxFuture<'static, ()> + Send + Sync,
+>;
+
+/// Small files whose attributes are asked with a GET of their bytes (see the module docs).
+struct SmallGets {
+    /// Largest size, as the listing shows it.
+    max: u64,
+    sink: BodySink,
+}
 
 /// The metadata cache and the listing logic over a store.
 pub struct Meta {
@@ -270,7 +323,12 @@ pub struct Meta {
     /// one by one.
     large_dirs: moka::sync::Cache<String, Instant>,
     /// The LIST a lookup is waiting for, per directory, which concurrent lookups share.
-    listing_flights: std::sync::Mutex<ListingFlights>,
+    listing_flights: Flights<Option<Arc<Listing>>>,
+    /// The question about a path on its way, per path key, which concurrent lookups, opens and
+    /// small-file prefetches share.
+    resolve_flights: Flights<StoreResult<Option<Stat>>>,
+    /// Small listed files asked with a GET instead of a HEAD, when set.
+    small_gets: std::sync::OnceLock<SmallGets>,
     /// Keys already warned about, so a listing repeated every second does not flood the log.
     warned: moka::sync::Cache<String, ()>,
     /// Paths served as last seen recently: one log line per path and minute.
@@ -326,7 +384,9 @@ impl Meta {
             stream_bytes: AtomicU64::new(0),
             list_page: AtomicUsize::new(LIST_PAGE),
             large_dirs: moka::sync::Cache::new(10_000),
-            listing_flights: Default::default(),
+            listing_flights: Flights::new(),
+            resolve_flights: Flights::new(),
+            small_gets: std::sync::OnceLock::new(),
             warned: moka::sync::Cache::new(10_000),
             stale_warned: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -357,6 +417,7 @@ impl Meta {
     /// Forgets what is known about `path_key`, e.g. after this mount changed it.
     pub fn invalidate(&self, path_key: &str) {
         self.cache.invalidate(path_key);
+        self.resolve_flights.forget(path_key);
         if let Some(i) = path_key.rfind('/') {
             self.listings.invalidate(&path_key[..=i]);
         } else {
@@ -439,15 +500,8 @@ impl Meta {
         {
             return None;
         }
-        let flight = self
-            .listing_flights
-            .lock()
-            .unwrap()
-            .entry(dir_key.to_string())
-            .or_default()
-            .clone();
-        let listing = flight
-            .get_or_init(|| async {
+        self.listing_flights
+            .share(dir_key, || async {
                 let mut stream = self.open_dir(dir_key);
                 match stream.first_page_is_all().await {
                     Ok(true) => self.fresh_listing(dir_key),
@@ -459,15 +513,31 @@ impl Meta {
                 }
             })
             .await
-            .clone();
-        let mut flights = self.listing_flights.lock().unwrap();
-        if flights
-            .get(dir_key)
-            .is_some_and(|f| Arc::ptr_eq(f, &flight))
-        {
-            flights.remove(dir_key);
+    }
+
+    /// From now on, a listed file of at most `max` bytes, on a store whose listings lack
+    /// attributes but whose GETs carry them (S3), has its attributes asked with one GET of its
+    /// bytes instead of a HEAD; the bytes go to `sink`. Set once; `max` 0 leaves HEADs.
+    pub fn get_small_files(&self, max: u64, sink: BodySink) {
+        if max > 0 && self.store.get_carries_meta() {
+            let _ = self.small_gets.set(SmallGets { max, sink });
         }
-        listing
+    }
+
+    /// The metadata of the listed object `path_key` (listed with `size` bytes): its HEAD, or for
+    /// a small file a GET whose bytes go to the sink (see [`Meta::get_small_files`]).
+    async fn object_meta(&self, path_key: &str, size: u64) -> StoreResult<ObjectMeta> {
+        let Some(small) = self.small_gets.get().filter(|g| size > 0 && size <= g.max) else {
+            return self.store.head(path_key).await;
+        };
+        let (meta, body) = self.store.get_with_meta(path_key, small.max).await?;
+        if let Some(body) = body
+            && Stat::object(meta.clone()).kind == Kind::File
+        {
+            crate::metrics::small_file_prefetch("read_at_lookup");
+            (small.sink)(path_key.to_string(), meta.version.clone(), body).await;
+        }
+        Ok(meta)
     }
 
     /// What `path_key` (a full key without trailing slash) is: a directory, a file, or nothing.
@@ -482,7 +552,13 @@ impl Meta {
         {
             return Ok(k.stat.clone());
         }
-        let asked = self.resolve_uncached(path_key);
+        // The answer is kept before the flight ends, so no question comes between the two and
+        // asks the store again.
+        let asked = self.resolve_flights.share(path_key, || async {
+            let stat = self.resolve_uncached(path_key).await?;
+            self.remember(path_key.to_string(), stat.clone());
+            Ok(stat)
+        });
         let last_seen = match known {
             Some(k) => Some(k.stat),
             None => self.in_last_listing(path_key).map(Some),
@@ -497,7 +573,6 @@ impl Meta {
                 }
             },
         };
-        self.remember(path_key.to_string(), stat.clone());
         Ok(stat)
     }
 
@@ -519,9 +594,10 @@ impl Meta {
                 }
                 Some(e) if e.stat.user.is_some() => return Ok(Some(e.stat.clone())),
                 // An S3 listing does not say what kind of file an object is, nor its
-                // attributes: the object's HEAD does (and no LIST is needed: no directory).
-                Some(_) => {
-                    return match self.store.head(path_key).await {
+                // attributes: the object's HEAD does, or the GET of a small file (and no LIST
+                // is needed: no directory).
+                Some(e) => {
+                    return match self.object_meta(path_key, e.stat.size).await {
                         Ok(m) => Ok(Some(Stat::object(m))),
                         Err(StoreError::NotFound(_)) => Ok(None),
                         Err(e) => Err(e),

@@ -73,6 +73,12 @@ impl Answer for Vec<Bytes> {
     }
 }
 
+impl Answer for (ObjectMeta, Option<Bytes>) {
+    fn received(&self) -> u64 {
+        self.1.as_ref().map_or(0, |b| b.len() as u64)
+    }
+}
+
 impl Answer for ObjectMeta {}
 impl Answer for (ObjectMeta, SystemTime) {}
 impl Answer for ListPage {}
@@ -168,6 +174,22 @@ impl<D: Decorator> ObjectStore for Decorated<D> {
             .around(request, || {
                 self.inner.get_blocks(key, range.clone(), if_version, block)
             })
+            .await
+    }
+
+    fn get_carries_meta(&self) -> bool {
+        self.inner.get_carries_meta()
+    }
+
+    async fn get_with_meta(&self, key: &str, max: u64) -> StoreResult<(ObjectMeta, Option<Bytes>)> {
+        if !self.inner.get_carries_meta() {
+            // Two requests of the store inside: each decorated on its own.
+            return super::head_then_get(self, key, max).await;
+        }
+        // It answers a lookup, and its bytes are few: bounded like a HEAD.
+        let request = Request::new("get", Class::Metadata);
+        self.decorator
+            .around(request, || self.inner.get_with_meta(key, max))
             .await
     }
 

@@ -73,6 +73,8 @@ struct State {
     ranges: Vec<Range<u64>>,
     /// Write preconditions are not checked (a server without conditional writes).
     careless: bool,
+    /// Listings carry no user metadata, as on S3.
+    bare_listings: bool,
 }
 
 #[derive(Debug)]
@@ -111,6 +113,12 @@ impl MemStore {
     /// conditional writes, or starts again (`false`).
     pub fn ignore_preconditions(&self, ignore: bool) {
         self.state.lock().unwrap().careless = ignore;
+    }
+
+    /// Lists objects without their user metadata (`true`), as S3 does; `get_with_meta` is then
+    /// one GET, as on S3.
+    pub fn list_without_metadata(&self, bare: bool) {
+        self.state.lock().unwrap().bare_listings = bare;
     }
 
     /// Removes every queued fault.
@@ -259,6 +267,24 @@ impl ObjectStore for MemStore {
         Ok(data)
     }
 
+    fn get_carries_meta(&self) -> bool {
+        self.state.lock().unwrap().bare_listings
+    }
+
+    async fn get_with_meta(&self, key: &str, max: u64) -> StoreResult<(ObjectMeta, Option<Bytes>)> {
+        if !self.get_carries_meta() {
+            return super::head_then_get(self, key, max).await;
+        }
+        self.enter(Op::GetRange).await?;
+        let st = self.state.lock().unwrap();
+        let o = st
+            .objects
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        let small = !o.data.is_empty() && o.data.len() as u64 <= max;
+        Ok((Self::meta(key, o), small.then(|| o.data.clone())))
+    }
+
     async fn list(
         &self,
         prefix: &str,
@@ -281,7 +307,10 @@ impl ObjectStore for MemStore {
             .objects
             .range((from, Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, o)| Self::meta(k, o));
+            .map(|(k, o)| ObjectMeta {
+                user: (!st.bare_listings).then(|| o.user.clone()),
+                ..Self::meta(k, o)
+            });
         Ok(page_of(all, prefix, delimiter, page, max_keys))
     }
 

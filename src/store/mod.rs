@@ -186,6 +186,21 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         if_version: Option<&Version>,
     ) -> StoreResult<Bytes>;
 
+    /// Whether [`ObjectStore::get_with_meta`] is one request (the response of a GET carries
+    /// what a HEAD says), rather than a HEAD and then a GET.
+    fn get_carries_meta(&self) -> bool {
+        false
+    }
+
+    /// What `head` says of `key`, and its bytes if it holds at most `max` bytes (`None` for a
+    /// larger or empty object), in one request where the store can ([`Self::get_carries_meta`]:
+    /// an S3 GET of bytes `0..max` answers with the object's metadata and total size). This is
+    /// how a lookup of a small file asks for its attributes, so that its read needs no request
+    /// of its own. Otherwise a `head`, then a `get_range` pinned to the version it saw.
+    async fn get_with_meta(&self, key: &str, max: u64) -> StoreResult<(ObjectMeta, Option<Bytes>)> {
+        head_then_get(self, key, max).await
+    }
+
     /// Like `get_range`, but cut into blocks of `block` bytes (the last may be shorter), each in
     /// its own allocation, so a cache can keep one block without keeping the whole response.
     /// Backends that stream their responses fill the blocks directly, without a second copy.
@@ -279,6 +294,27 @@ pub async fn list_all<S: ObjectStore + ?Sized>(
             Some(next) => page = Some(next),
             None => return Ok(objects),
         }
+    }
+}
+
+/// `get_with_meta` as two requests: `head`, then the bytes of the version it saw if they are at
+/// most `max` (an object changed in between is answered without its bytes).
+pub(crate) async fn head_then_get<S: ObjectStore + ?Sized>(
+    store: &S,
+    key: &str,
+    max: u64,
+) -> StoreResult<(ObjectMeta, Option<Bytes>)> {
+    let meta = store.head(key).await?;
+    if meta.size == 0 || meta.size > max {
+        return Ok((meta, None));
+    }
+    match store
+        .get_range(key, 0..meta.size, Some(&meta.version))
+        .await
+    {
+        Ok(bytes) => Ok((meta, Some(bytes))),
+        Err(StoreError::PreconditionFailed(_) | StoreError::NotFound(_)) => Ok((meta, None)),
+        Err(e) => Err(e),
     }
 }
 

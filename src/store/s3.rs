@@ -168,6 +168,22 @@ fn version(etag: Option<&str>) -> Version {
     }
 }
 
+/// The `x-amz-meta-*` headers of a response, by their lowercase names.
+fn user_meta(headers: Option<&std::collections::HashMap<String, String>>) -> UserMeta {
+    headers
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The object's whole size from a ranged GET's `Content-Range` (`bytes 0-4095/4096`).
+fn total_size(content_range: Option<&str>) -> Option<u64> {
+    content_range?.rsplit_once('/')?.1.trim().parse().ok()
+}
+
 /// Keeps the `Date` header (the server's clock) of the response to the request it is attached to.
 #[derive(Clone, Debug, Default)]
 struct ResponseDate(Arc<Mutex<Option<SystemTime>>>);
@@ -215,15 +231,7 @@ impl S3Store {
             size: out.content_length().unwrap_or(0).max(0) as u64,
             version: version(out.e_tag()),
             last_modified: system_time(out.last_modified()),
-            user: Some(
-                out.metadata()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            ),
+            user: Some(user_meta(out.metadata())),
         })
     }
 
@@ -333,6 +341,52 @@ impl ObjectStore for S3Store {
         let mut body = std::pin::pin!(body);
         let chunks = futures::stream::poll_fn(move |cx| body.as_mut().poll_next(cx));
         super::body_blocks(key, chunks, block, range.end - range.start, t.stall).await
+    }
+
+    fn get_carries_meta(&self) -> bool {
+        true
+    }
+
+    async fn get_with_meta(&self, key: &str, max: u64) -> StoreResult<(ObjectMeta, Option<Bytes>)> {
+        if max == 0 {
+            return Ok((self.head(key).await?, None));
+        }
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes=0-{}", max - 1));
+        let t = self.timeouts;
+        let sent = async { Ok(req.send().await) };
+        let out = match Timeouts::bound(t.first_byte, "first_byte", key, sent).await? {
+            Ok(out) => out,
+            // An empty object has no byte 0 to send: its HEAD says the rest.
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
+                return Ok((self.head(key).await?, None));
+            }
+            Err(e) => return Err(classify(key, e)),
+        };
+        let sent = out.content_length().unwrap_or(0).max(0) as u64;
+        let meta = ObjectMeta {
+            key: key.to_string(),
+            size: total_size(out.content_range()).unwrap_or(sent),
+            version: version(out.e_tag()),
+            last_modified: system_time(out.last_modified()),
+            user: Some(user_meta(out.metadata())),
+        };
+        if meta.size > max || meta.size == 0 || sent != meta.size {
+            // Larger than asked for: only its attributes are wanted (the body is dropped unread).
+            return Ok((meta, None));
+        }
+        let mut body = std::pin::pin!(out.body);
+        let chunks = futures::stream::poll_fn(move |cx| body.as_mut().poll_next(cx));
+        let mut blocks = super::body_blocks(key, chunks, meta.size, meta.size, t.stall).await?;
+        let bytes = match blocks.len() {
+            1 => blocks.pop(),
+            _ => None,
+        };
+        Ok((meta, bytes.filter(|b| b.len() as u64 == sent)))
     }
 
     async fn list(
