@@ -64,8 +64,10 @@
 //! ## Full disks
 //! A write that fails (disk full, read-only, permissions) turns the tier's writes off with one
 //! warning; reads go on from the bucket and the blocks already cached. Writes are tried again
-//! after a backoff (1 s, doubling up to a minute), so a disk that was freed is used again; the
-//! `bucketfs_cache_disk_writable` gauge and `bucketfs_cache_write_errors_total` show it. When
+//! after a backoff (1 s, doubling with each failed retry up to a minute; writes that were already
+//! under way when the pause began and fail too count as the same failure), so a disk that was
+//! freed is used again; the `bucketfs_cache_disk_writable` gauge and
+//! `bucketfs_cache_write_errors_total` show it. When
 //! the filesystem is full (`ENOSPC`, `EDQUOT`) even below `--cache-max-size` — other data filled
 //! it — the process first evicts its least recently used objects to make room.
 
@@ -382,6 +384,14 @@ impl DiskCache {
         w.off_until.is_none_or(|t| Instant::now() >= t)
     }
 
+    /// How long until writes are tried again after an error (zero if they are on).
+    pub fn writes_resume_in(&self) -> Duration {
+        let w = self.writes.lock().unwrap();
+        w.off_until.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        })
+    }
+
     /// The cached object for `id` of `size` bytes, creating its files if `create`.
     pub fn object(&self, id: &ObjectId<'_>, size: u64, create: bool) -> Option<CachedObject> {
         let (data, meta) = self.paths(id);
@@ -418,6 +428,19 @@ impl DiskCache {
     /// `current` is the meta file of the object being written, which is not evicted for it.
     fn write_failed(&self, e: &io::Error, current: &Path) {
         metrics::cache_write_error();
+        let mut w = self.writes.lock().unwrap();
+        if w.off_until.is_some_and(|t| Instant::now() < t) {
+            // Begun before the pause: one more report of the same failure, not a failed retry.
+            // A burst of them neither stretches the pause to its maximum at once nor evicts
+            // again for each.
+            return;
+        }
+        let first = w.off_until.is_none();
+        let pause = w.backoff;
+        w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
+        w.off_until = Some(Instant::now() + pause);
+        drop(w);
+        metrics::cache_disk_writable(false);
         if is_full(e) {
             let freed = self.evict_to_make_room(current);
             tracing::debug!(
@@ -425,13 +448,6 @@ impl DiskCache {
                 "disk cache filesystem full; evicted least recently used objects"
             );
         }
-        let mut w = self.writes.lock().unwrap();
-        let first = w.off_until.is_none();
-        let pause = w.backoff;
-        w.backoff = (w.backoff * 2).min(BACKOFF_MAX);
-        w.off_until = Some(Instant::now() + pause);
-        drop(w);
-        metrics::cache_disk_writable(false);
         if first {
             tracing::warn!(
                 dir = %self.root.display(),
@@ -735,9 +751,15 @@ impl CachedObject {
         if data.metadata()?.len() != self.size {
             data.set_len(self.size)?;
         }
-        let tmp = self
-            .meta
-            .with_extension(format!("meta.{}", std::process::id()));
+        // A name of this call's own: fills of one object start together (a warm's parallel
+        // parts, a mount's prefetch), and two creators sharing one temporary file unlink it under
+        // each other (`ENOENT`, which paused the tier's writes) or truncate the published meta.
+        static CREATES: AtomicU64 = AtomicU64::new(0);
+        let tmp = self.meta.with_extension(format!(
+            "meta.{}.{}",
+            std::process::id(),
+            CREATES.fetch_add(1, Ordering::Relaxed)
+        ));
         let result = (|| {
             let f = OpenOptions::new()
                 .write(true)
@@ -1053,6 +1075,61 @@ mod tests {
                     .all(|&b| b == 2)
             );
         }
+    }
+
+    /// Many fills of one object starting at once in one process (`bucketfs warm`'s parallel
+    /// parts, a mount's prefetch) all find its files, and none of them turns the tier's writes
+    /// off: its files are created once, whoever comes first.
+    #[test]
+    fn concurrent_first_fills_of_an_object_all_find_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
+        let size = 64 * BLOCK_SIZE;
+        let threads = 16;
+        for round in 0..200 {
+            let start = Arc::new(std::sync::Barrier::new(threads));
+            let fills: Vec<_> = (0..threads as u64)
+                .map(|i| {
+                    let (c, start) = (c.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        let mut k = key(i);
+                        k.key = Arc::from(format!("o{round}"));
+                        start.wait();
+                        c.claim(&k, size)
+                            .is_some_and(|c| matches!(c, Claim::Mine(_)))
+                    })
+                })
+                .collect();
+            for (i, f) in fills.into_iter().enumerate() {
+                assert!(f.join().unwrap(), "round {round}: block {i} claimed");
+            }
+            assert!(c.writable(), "round {round}: writes stay on");
+        }
+        // And the blocks go to disk.
+        let mut k = key(3);
+        k.key = Arc::from("o7");
+        c.put(&k, size, &vec![9u8; BLOCK_SIZE as usize]);
+        assert!(c.get(&k, size).is_some());
+    }
+
+    /// Writes that were under way when the tier paused, failing one after another, are one
+    /// failure: the pause is the first backoff, not the longest; a failed retry doubles it.
+    #[test]
+    fn a_burst_of_write_errors_pauses_writes_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
+        let e = io::Error::from_raw_os_error(libc::EIO);
+        for _ in 0..16 {
+            c.write_failed(&e, Path::new("m"));
+        }
+        assert!(!c.writable());
+        assert!(c.writes_resume_in() <= BACKOFF_FIRST);
+        c.writes.lock().unwrap().off_until = Some(Instant::now());
+        c.write_failed(&e, Path::new("m"));
+        assert!(
+            c.writes_resume_in() > BACKOFF_FIRST,
+            "a failed retry waits longer"
+        );
     }
 
     #[test]
