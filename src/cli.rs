@@ -243,7 +243,8 @@ pub struct MountArgs {
     )]
     pub read_concurrency: usize,
     /// Largest file fetched whole ahead of its open when files of a directory are opened one
-    /// after another in listing order (0: never).
+    /// after another in listing order; also asks the attributes of the next names ahead when they
+    /// are looked up in listing order, where listings lack them (0: neither).
     #[arg(long, env = "BUCKETFS_SMALL_FILE_PREFETCH", default_value = config::SMALL_FILE_PREFETCH.text, value_parser = parse_size, help_heading = "Reading")]
     pub small_file_prefetch: u64,
     /// The kernel's readahead of the mount: how far ahead of a buffered reader, and how much

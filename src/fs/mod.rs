@@ -376,7 +376,10 @@ impl Fs {
             .ok_or(FsError::NotFound)?;
         let key = match stat.kind {
             Kind::Dir => format!("{path_key}/"),
-            _ => path_key,
+            _ => {
+                self.small_files.looked_up(&path_key);
+                path_key
+            }
         };
         Ok(self.remember(parent, name, key, stat))
     }

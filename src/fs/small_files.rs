@@ -9,6 +9,14 @@
 //! a lookup made), that comes after the previous open in the same directory by at most
 //! [`AHEAD`] entries of the listing (sorted by name, as `ls` and a glob sort). Then the next
 //! [`AHEAD`] small files of the listing are fetched, [`IN_FLIGHT`] at a time; each file once.
+//! An open of a file whose prefetch is fetching it waits for that GET rather than make its own;
+//! one whose prefetch is still waiting for its turn calls it off and reads the file itself.
+//!
+//! Lookups that follow the listing the same way (`ls -l`, `find`, a loader that `stat`s each
+//! file first) get the same help for attributes where the listing lacks them (S3): the next
+//! [`AHEAD`] names are asked ahead, [`IN_FLIGHT`] at a time, with the question their lookups would
+//! ask (`Meta::resolve`: a HEAD, or a small file's GET), which those lookups then share or find
+//! answered. Both are off with `--small-file-prefetch 0`.
 //!
 //! ## What, and where it goes
 //! A prefetch asks what the open will ask (`Meta::resolve`, the same cached or shared answer: on
@@ -25,7 +33,8 @@
 //! ## Cost
 //! At most [`AHEAD`] files fetched that are never opened, per directory walked in order; one
 //! GET per prefetched file (on S3 a file over `--small-file-get` also costs its HEAD), which the
-//! open would have asked anyway.
+//! open would have asked anyway. Asking ahead of lookups costs at most [`AHEAD`] questions (HEADs
+//! or small GETs) of names never looked up, per directory walked in order.
 
 use std::sync::Arc;
 
@@ -52,6 +61,10 @@ pub struct SmallFiles {
     limit: u64,
     /// Directory key -> position in its listing of the last file opened there.
     last_open: moka::sync::Cache<String, usize>,
+    /// The same for the last file looked up there.
+    last_lookup: moka::sync::Cache<String, usize>,
+    /// Key -> when the listing was had that its question was asked ahead from (once per listing).
+    asked: moka::sync::Cache<String, tokio::time::Instant>,
     /// (key, version) of files fetched or being fetched ahead (each is fetched once).
     issued: moka::sync::Cache<(String, String), ()>,
     /// (key, version) of files fetched ahead, until their open.
@@ -96,11 +109,63 @@ impl SmallFiles {
             read,
             limit: limit.min(BLOCK_SIZE),
             last_open: moka::sync::Cache::new(1024),
+            last_lookup: moka::sync::Cache::new(1024),
+            asked: moka::sync::Cache::new(16 * 1024),
             issued: moka::sync::Cache::new(16 * 1024),
             ready: moka::sync::Cache::new(16 * 1024),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
             fetches: Default::default(),
         }
+    }
+
+    /// `path_key` was looked up: if the lookups of its directory follow its listing (`ls -l`,
+    /// `find`, a loader that `stat`s before it opens), asks ahead what the lookups of the next
+    /// [`AHEAD`] names will ask, where the listing does not say it (S3: a HEAD, or a small
+    /// file's GET), [`IN_FLIGHT`] at a time, so they find their answers at hand.
+    pub fn looked_up(&self, path_key: &str) {
+        if self.limit == 0 {
+            return;
+        }
+        let (dir, name) = crate::meta::split_key(path_key);
+        let Some((listing, at)) = self.in_order(&self.last_lookup, dir, name) else {
+            return;
+        };
+        for e in listing.entries[at + 1..].iter().take(AHEAD) {
+            let key = format!("{dir}{}", e.name);
+            if e.stat.kind == Kind::Dir
+                || e.stat.user.is_some()
+                || self.asked.get(&key) == Some(listing.seen)
+            {
+                continue;
+            }
+            self.asked.insert(key.clone(), listing.seen);
+            let (meta, permits) = (self.meta.clone(), self.in_flight.clone());
+            tokio::spawn(async move {
+                if let Ok(_permit) = permits.acquire_owned().await {
+                    let _ = meta.resolve(&key).await;
+                }
+            });
+        }
+    }
+
+    /// The fresh listing of `dir` and the position of `name` in it, if it comes after the last
+    /// position recorded in `last` by at most [`AHEAD`] entries (which it becomes).
+    fn in_order(
+        &self,
+        last: &moka::sync::Cache<String, usize>,
+        dir: &str,
+        name: &str,
+    ) -> Option<(Arc<crate::meta::Listing>, usize)> {
+        let listing = self.meta.fresh_listing(dir)?;
+        let at = listing
+            .entries
+            .binary_search_by(|e| e.name.as_str().cmp(name))
+            .ok()?;
+        let previous = last.get(dir);
+        last.insert(dir.to_string(), at);
+        previous
+            .is_some_and(|p| p < at && at <= p + AHEAD)
+            .then_some((listing, at))
     }
 
     /// `key` (of `size` bytes, at `version`) is being opened for reading: waits for its
@@ -129,20 +194,9 @@ impl SmallFiles {
             crate::metrics::small_file_prefetch("hit");
         }
         let (dir, name) = crate::meta::split_key(key);
-        let Some(listing) = self.meta.fresh_listing(dir) else {
+        let Some((listing, at)) = self.in_order(&self.last_open, dir, name) else {
             return;
         };
-        let Ok(at) = listing
-            .entries
-            .binary_search_by(|e| e.name.as_str().cmp(name))
-        else {
-            return;
-        };
-        let previous = self.last_open.get(dir);
-        self.last_open.insert(dir.to_string(), at);
-        if !previous.is_some_and(|p| p < at && at <= p + AHEAD) {
-            return;
-        }
         for e in listing.entries[at + 1..].iter().take(AHEAD) {
             if e.stat.kind != Kind::File || e.stat.size > self.limit || e.stat.size == 0 {
                 continue;
@@ -327,23 +381,18 @@ mod tests {
                 // The attributes the kernel asks again are the lookup's.
                 assert_eq!(fs.getattr(attr.ino).await.unwrap(), attr);
             }
+            // The large file: its HEAD (asked ahead by the lookups in order, with prefetch).
+            assert_eq!(fs.lookup(d, "z").await.unwrap().size, 5000);
             // Let prefetches started by the last opens finish: they find every file fetched.
             tokio::time::sleep(Duration::from_millis(50)).await;
+            let heads = mem.calls(Op::Head) - before.0;
+            assert_eq!(heads, 1, "prefetch {prefetch}: z's HEAD only");
+            let gets = mem.calls(Op::GetRange) - before.1;
             assert_eq!(
-                mem.calls(Op::Head),
-                before.0,
-                "prefetch {prefetch}: no HEAD"
+                gets, N as u64,
+                "prefetch {prefetch}: one GET per small file"
             );
-            assert_eq!(
-                mem.calls(Op::GetRange) - before.1,
-                N as u64,
-                "prefetch {prefetch}: one GET per file"
-            );
-            assert_eq!(
-                requests(&mem) - start,
-                N as u64 + 1,
-                "and the one LIST of d/"
-            );
+            assert_eq!(requests(&mem) - start, N as u64 + 2, "and the LIST of d/");
         }
     }
 
@@ -369,9 +418,42 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
+        assert_eq!(fs.lookup(d, "z").await.unwrap().size, 5000);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(mem.calls(Op::GetRange) - gets, N as u64);
-        assert_eq!(mem.calls(Op::Head), 1, "the HEAD of the marker d/ only");
+        assert_eq!(
+            mem.calls(Op::Head),
+            2,
+            "the HEADs of the marker d/ and of z only"
+        );
+    }
+
+    #[tokio::test]
+    async fn lookups_in_listing_order_ask_the_next_names_ahead() {
+        let mem = s3_like().await;
+        let fs = fs_over(&mem, 1024);
+        let d = fs.lookup(ROOT_INO, "d").await.unwrap().ino;
+        let (heads, gets) = (mem.calls(Op::Head), mem.calls(Op::GetRange));
+        fs.lookup(d, "f00").await.unwrap();
+        fs.lookup(d, "f01").await.unwrap();
+        // The second lookup in order asked for the next names (f02.. and z), once each.
+        let asked = || (mem.calls(Op::Head) - heads, mem.calls(Op::GetRange) - gets);
+        for _ in 0..100 {
+            if asked() == (1, N as u64) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(asked(), (1, N as u64));
+        // Their lookups and reads (`ls -l`, then `cat`) ask nothing more.
+        for i in 2..N {
+            let (got, attr) = cat(&fs, d, &format!("f{i:02}")).await;
+            assert_eq!(&got[..], format!("file {i:02}").as_bytes());
+            assert_eq!(attr.perm, if i == 3 { 0o600 } else { 0o644 });
+        }
+        assert_eq!(fs.lookup(d, "z").await.unwrap().size, 5000);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(asked(), (1, N as u64));
     }
 
     #[tokio::test]
