@@ -29,7 +29,10 @@
 //! arrives as several concurrent kernel requests that look sequential. Those requests share the
 //! blocks at their edges: a demand fetch is held (weakly) while reads wait on it, so a 4 MiB
 //! `pread` split into four requests costs four GETs that together fetch each block it touches
-//! once, instead of four GETs of two blocks each.
+//! once, instead of four GETs of two blocks each. The kernel sends those requests at once only
+//! when the read fits the mount's readahead (`--read-ahead`, see `mount.rs`); at the kernel's
+//! default of 128 KiB, the same `pread` arrives as a chain of 128 KiB windows, one round trip
+//! after another.
 //!
 //! ## Files read whole: the sweep
 //! A model load reads the file's index first and then all of the data, through `mmap` page faults
