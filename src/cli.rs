@@ -258,6 +258,11 @@ pub struct MountArgs {
     /// and the read of a small file in one request (0: a HEAD, and the read its own GET).
     #[arg(long, env = "BUCKETFS_SMALL_FILE_GET", default_value = config::SMALL_FILE_GET.text, value_parser = parse_size, help_heading = "Reading")]
     pub small_file_get: u64,
+    /// Memory for the inodes of the files the kernel looked up (`ls -l`, `find`, opens): past it
+    /// the kernel is asked to forget the least recently used ones (not open files, nor
+    /// directories). Outside --max-memory.
+    #[arg(long, env = "BUCKETFS_MAX_INODE_MEMORY", default_value = config::MAX_INODE_MEMORY.text, value_parser = parse_size, help_heading = "Mount")]
+    pub max_inode_memory: u64,
 
     #[command(flatten)]
     pub store: StoreArgs,

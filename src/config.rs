@@ -205,6 +205,13 @@ pub const MAX_READ_AHEAD: u64 = 1 << 30;
 /// nothing; what a `stat` alone wastes stays below 64 KiB a file.
 pub const SMALL_FILE_GET: DefaultValue<u64> = size("64KiB");
 
+/// Default `--max-inode-memory`: 32 MiB holds 50k to 80k inodes of files with short names (400
+/// to 600 bytes each, the more with s3fs-style attributes, see `fs::inodes`), which
+/// covers the working set of a training job or notebook; past it the kernel is asked to drop the
+/// least recently used ones, so `ls -l` of a million files stays within it. The kernel's own
+/// inodes and dentries for them (about 1 KiB each, in the kernel) are bounded with it.
+pub const MAX_INODE_MEMORY: DefaultValue<u64> = size("32MiB");
+
 /// Default `--read-concurrency`: 8 parts of 8 MiB keep a 25 ms-latency link busy at over 2 GB/s
 /// (bandwidth-delay product ~ 64 MiB), and fit the default memory budget.
 pub const READ_CONCURRENCY: usize = 8;
@@ -337,6 +344,8 @@ pub struct MountConfig {
     pub read_ahead: u64,
     /// `--small-file-get`.
     pub small_file_get: u64,
+    /// `--max-inode-memory`.
+    pub max_inode_memory: u64,
     pub store: StoreConfig,
     /// `--cache-dir`, absolute: a background daemon leaves the directory it was started from.
     pub cache_dir: Option<PathBuf>,

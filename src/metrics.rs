@@ -45,6 +45,9 @@
 //! | `bucketfs_cache_write_dropped_blocks_total` | | fetched blocks not written to the disk tier because its write queue was full |
 //! | `bucketfs_cache_verifications_total` | | cached files checked in full before being handed to the kernel (not sealed yet, or changed) |
 //! | `bucketfs_small_file_prefetch_total` | `result` | small files fetched ahead of their open (`fetched`), opens that found them (`hit`), and small files read whole by the GET that asked their attributes (`read_at_lookup`) |
+//! | `bucketfs_inodes` | | inodes the daemon keeps for the kernel |
+//! | `bucketfs_inode_bytes` | | what they cost, as counted against `--max-inode-memory` |
+//! | `bucketfs_inodes_dropped_total` | | entries the kernel was asked to drop because the inode table was over its cap |
 
 use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
@@ -130,6 +133,9 @@ struct Metrics {
     cache_write_dropped: Counter,
     cache_verifications: Counter,
     small_file_prefetch: Family<Labels<1>, Counter>,
+    inodes: Gauge,
+    inode_bytes: Gauge,
+    inodes_dropped: Counter,
 }
 
 impl Metrics {
@@ -177,6 +183,9 @@ impl Metrics {
             cache_write_dropped: Counter::default(),
             cache_verifications: Counter::default(),
             small_file_prefetch: Family::default(),
+            inodes: Gauge::default(),
+            inode_bytes: Gauge::default(),
+            inodes_dropped: Counter::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -379,6 +388,21 @@ impl Metrics {
             "small_file_prefetch",
             "Small files fetched ahead of their open, and opens that found them",
             m.small_file_prefetch.clone(),
+        );
+        r.register(
+            "inodes",
+            "Inodes the daemon keeps for the kernel",
+            m.inodes.clone(),
+        );
+        r.register(
+            "inode_bytes",
+            "Bytes of the inode table, as counted against --max-inode-memory",
+            m.inode_bytes.clone(),
+        );
+        r.register(
+            "inodes_dropped",
+            "Entries the kernel was asked to drop because the inode table was over its cap",
+            m.inodes_dropped.clone(),
         );
         let info: Family<Labels<1>, Gauge> = Family::default();
         info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -709,6 +733,17 @@ pub fn small_file_prefetch(result: &'static str) {
         .small_file_prefetch
         .get_or_create(&[("result", result)])
         .inc();
+}
+
+/// The inode table holds `count` inodes costing `bytes`.
+pub fn inode_table(count: usize, bytes: u64) {
+    METRICS.inodes.set(count as i64);
+    METRICS.inode_bytes.set(bytes as i64);
+}
+
+/// The kernel was asked to drop `n` entries (the inode table was over its cap).
+pub fn inodes_dropped(n: usize) {
+    METRICS.inodes_dropped.inc_by(n as u64);
 }
 
 #[cfg(test)]

@@ -93,6 +93,9 @@ pub fn serve(
     let mut session = fuser::Session::new(adapter, mountpoint, &config)
         .map_err(|e| format!("cannot mount at {}: {e}", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
+    // Bounds the inode table (see `fs::inodes`).
+    crate::fuse::drop_entries_through(&fs, session.notifier())
+        .map_err(|e| format!("cannot start the FUSE notification thread: {e}"))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();

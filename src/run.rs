@@ -393,6 +393,7 @@ fn mount_config(args: &MountArgs) -> Result<MountConfig, Failure> {
         small_file_prefetch: args.small_file_prefetch,
         read_ahead: args.read_ahead,
         small_file_get: args.small_file_get,
+        max_inode_memory: args.max_inode_memory,
         cache_dir: config::absolute_dir("--cache-dir", args.cache_dir.clone())
             .map_err(bad_arguments)?,
         cache_max_size: CacheSize::parse(&args.cache_max_size).map_err(bad_arguments)?,
@@ -492,6 +493,7 @@ fn run_mount(args: MountArgs) -> Result<(), Failure> {
             locks,
             small_file_prefetch: cfg.small_file_prefetch,
             small_file_get: cfg.small_file_get,
+            max_inode_bytes: cfg.max_inode_memory,
         },
     );
     health.set_fs(fs.clone());

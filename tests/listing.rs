@@ -2,6 +2,8 @@
 //! thousand entries (several store pages of 1000 keys) lists every name exactly once, with a
 //! file that a directory of the same name shadows across a page boundary; `telldir`/`seekdir`
 //! give back the same entries, `rewinddir` lists again; the first `readdir` asks for one page.
+//! A directory of more files than the inode table may hold (`--max-inode-memory`) is listed with
+//! a `stat` of every entry: the table stays under its cap, and every entry stats right.
 
 mod common;
 
@@ -167,4 +169,100 @@ fn s3_lists_every_name_once() {
 #[test]
 fn gcs_lists_every_name_once() {
     lists_every_name_once(Backend::gcs());
+}
+
+/// Files of `inodes_bounded_by_their_cap`, and the inode table's cap there: with 400 to 600
+/// bytes per inode, the cap holds 400 to 650 of the 3000.
+const MANY: usize = 3000;
+const INODE_CAP: u64 = 256 << 10;
+
+/// Size of the file `many/f{i}`: they differ, so a stat answered for the wrong name shows.
+fn size_of_file(i: usize) -> u64 {
+    (i % 97) as u64 + 1
+}
+
+fn inodes_bounded_by_their_cap(b: Backend) {
+    b.put_all((0..MANY).map(|i| {
+        let body = vec![b'x'; size_of_file(i) as usize];
+        (format!("many/f{i:05}"), Bytes::from(body))
+    }));
+    let http = free_addr();
+    let cap = INODE_CAP.to_string();
+    let m = b.mount(&[
+        "--read-only",
+        "--http-addr",
+        &http,
+        "--max-inode-memory",
+        &cap,
+    ]);
+    // Open all along: never dropped, and still readable at the end.
+    let mut open = std::fs::File::open(m.path("many/f00000")).unwrap();
+    let bytes = "bucketfs_inode_bytes";
+    let mut peak = 0.0f64;
+    // `ls -l`: readdir, and a stat of every entry in readdir order.
+    let stat_all = |peak: &mut f64| {
+        let mut seen = 0;
+        for (n, e) in std::fs::read_dir(m.path("many")).unwrap().enumerate() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            let i: usize = name.strip_prefix('f').unwrap().parse().unwrap();
+            let md = std::fs::symlink_metadata(e.path()).unwrap();
+            assert!(md.is_file(), "{name}");
+            assert_eq!(md.len(), size_of_file(i), "{name}");
+            if n % 100 == 0 {
+                *peak = peak.max(metric(&http, bytes));
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, MANY);
+    };
+    stat_all(&mut peak);
+    let dropped = metric(&http, "bucketfs_inodes_dropped_total");
+    // Without the cap the table would hold every entry: 3000 inodes, about 1.8 MB.
+    assert!(dropped > 0.0, "the kernel was asked to drop entries");
+    // The kernel's FORGETs come as it releases the inodes; a few may still be on their way
+    // when a sample is taken.
+    assert!(
+        peak <= 1.5 * INODE_CAP as f64,
+        "inode table {peak} bytes, cap {INODE_CAP}"
+    );
+    let mut settled = f64::MAX;
+    for _ in 0..50 {
+        settled = metric(&http, bytes);
+        if settled <= INODE_CAP as f64 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        settled <= INODE_CAP as f64,
+        "{settled} bytes after the listing"
+    );
+    let inodes = metric(&http, "bucketfs_inodes");
+    assert!(
+        inodes > 0.0 && (inodes as usize) < MANY / 2,
+        "{inodes} inodes kept"
+    );
+    // Every entry still stats right: dropped names are looked up again.
+    stat_all(&mut peak);
+    assert!(
+        peak <= 1.5 * INODE_CAP as f64,
+        "{peak} bytes, cap {INODE_CAP}"
+    );
+    use std::io::Read;
+    let mut body = Vec::new();
+    open.read_to_end(&mut body).unwrap();
+    assert_eq!(body.len() as u64, size_of_file(0));
+    assert_eq!(open.metadata().unwrap().len(), size_of_file(0));
+    drop(open);
+}
+
+#[test]
+fn local_inodes_bounded_by_their_cap() {
+    inodes_bounded_by_their_cap(Backend::local());
+}
+
+#[test]
+fn s3_inodes_bounded_by_their_cap() {
+    inodes_bounded_by_their_cap(Backend::s3());
 }

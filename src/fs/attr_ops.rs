@@ -337,7 +337,7 @@ impl Fs {
             user: Some(user),
         };
         self.expire_dir(parent);
-        Ok(self.remember(parent, name, key, stat))
+        Ok(self.remember(parent, name, stat))
     }
 
     /// `readlink`: the body of a symlink object.

@@ -173,6 +173,7 @@ mod tests {
             locks: crate::lock::LockConfig::default(),
             small_file_prefetch: 0,
             small_file_get: 0,
+            max_inode_bytes: u64::MAX,
         };
         let fs = Fs::new(mem.clone(), cfg);
         (mem, fs, dir)

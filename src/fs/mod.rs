@@ -2,13 +2,15 @@
 //!
 //! `fuse/` decodes kernel requests and calls these async methods; everything here can be tested
 //! without a kernel. Inode numbers are assigned on first lookup of a (parent, name) pair and live
-//! until the kernel forgets them (lookup counting), so a path keeps its number while in use.
+//! until the kernel forgets them (lookup counting), so a path keeps its number while in use; the
+//! table of them is bounded in bytes (see `inodes`).
 //!
 //! LOCK ORDERING: `inodes` and `handles` are never held at the same time, and never across an
 //! `.await`.
 
 mod attr_ops;
 mod error;
+mod inodes;
 mod lifecycle;
 mod small_files;
 mod write_ops;
@@ -64,6 +66,8 @@ pub struct FsConfig {
     /// Largest listed file whose attributes are asked with a GET of its bytes where listings
     /// lack them (`--small-file-get`; 0: a HEAD).
     pub small_file_get: u64,
+    /// Cap of the inode table in bytes (`--max-inode-memory`; see `inodes`).
+    pub max_inode_bytes: u64,
 }
 
 /// Attributes of an inode, as the kernel sees them.
@@ -137,29 +141,14 @@ pub struct Opened {
     pub version: String,
 }
 
-struct Inode {
-    parent: u64,
-    name: String,
-    /// Full object key; for directories it ends with `/` (or is the empty bucket root).
-    key: String,
-    stat: Stat,
-    /// When `stat` was last confirmed by the store.
-    checked: Instant,
-    /// Kernel references (lookups minus forgets).
-    lookups: u64,
-    /// Version whose bytes the kernel page cache may hold (the last one opened).
-    cached_version: Option<Version>,
-}
+use inodes::{InodeEdit, InodeTable};
 
-#[derive(Default)]
-struct InodeTable {
-    by_ino: HashMap<u64, Inode>,
-    by_name: HashMap<(u64, String), u64>,
-    next: u64,
-}
+/// Asks the kernel to drop the entries (parent inode, name) (see `inodes`).
+pub type EntryDropper = Box<dyn Fn(Vec<(u64, Arc<str>)>) + Send + Sync>;
 
 enum Handle {
-    Read(Arc<Reader>),
+    /// A reader, and its inode.
+    Read(Arc<Reader>, u64),
     Write(Arc<WriteHandle>, u64),
     /// A listing paged in as the kernel reads it, and the directory's inode.
     Dir(Arc<tokio::sync::Mutex<crate::meta::DirStream>>, u64),
@@ -175,6 +164,9 @@ pub struct Fs {
     writing: Mutex<HashMap<u64, Arc<WriteHandle>>>,
     cfg: FsConfig,
     inodes: Mutex<InodeTable>,
+    /// How the kernel is asked to drop entries when the inode table is over its cap; without
+    /// one (no kernel: unit tests) the table is not bounded.
+    dropper: std::sync::OnceLock<EntryDropper>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     /// Shown as the mtime of directories, which a bucket does not record.
@@ -226,22 +218,7 @@ impl Fs {
             cfg.prefix.is_empty(),
             &cfg.locks.prefix,
         );
-        let mut table = InodeTable {
-            next: ROOT_INO + 1,
-            ..Default::default()
-        };
-        table.by_ino.insert(
-            ROOT_INO,
-            Inode {
-                parent: ROOT_INO,
-                name: String::new(),
-                key: cfg.prefix.clone(),
-                stat: Stat::dir(),
-                checked: Instant::now(),
-                lookups: 1,
-                cached_version: None,
-            },
-        );
+        let table = InodeTable::new(cfg.prefix.clone(), cfg.max_inode_bytes);
         meta.get_small_files(
             cfg.small_file_get.min(crate::cache::BLOCK_SIZE),
             small_files::into_memory(&read),
@@ -257,6 +234,7 @@ impl Fs {
             writing: Mutex::new(HashMap::new()),
             cfg,
             inodes: Mutex::new(table),
+            dropper: std::sync::OnceLock::new(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             mounted_at: SystemTime::now(),
@@ -305,8 +283,8 @@ impl Fs {
     /// (key, kind) of an inode.
     fn inode_key(&self, ino: u64) -> FsResult<(String, Kind)> {
         let t = self.inodes.lock().unwrap();
-        let i = t.by_ino.get(&ino).ok_or(FsError::NotFound)?;
-        Ok((i.key.clone(), i.stat.kind))
+        let kind = t.get(ino).ok_or(FsError::NotFound)?.stat.kind();
+        Ok((t.key(ino).ok_or(FsError::NotFound)?, kind))
     }
 
     fn dir_key(&self, ino: u64) -> FsResult<String> {
@@ -316,38 +294,34 @@ impl Fs {
         }
     }
 
-    /// Records that the kernel now holds a reference to (parent, name) with `stat`.
-    fn remember(&self, parent: u64, name: &str, key: String, stat: Stat) -> Attr {
-        let mut t = self.inodes.lock().unwrap();
-        let existing = t.by_name.get(&(parent, name.to_string())).copied();
-        let ino = match existing {
-            Some(ino) if t.by_ino.get(&ino).is_some_and(|i| i.stat.kind == stat.kind) => {
-                let i = t.by_ino.get_mut(&ino).unwrap();
-                i.stat = stat.clone();
-                i.checked = Instant::now();
-                i.lookups += 1;
-                ino
-            }
-            _ => {
-                let ino = t.next;
-                t.next += 1;
-                t.by_ino.insert(
-                    ino,
-                    Inode {
-                        parent,
-                        name: name.to_string(),
-                        key,
-                        stat: stat.clone(),
-                        checked: Instant::now(),
-                        lookups: 1,
-                        cached_version: None,
-                    },
-                );
-                t.by_name.insert((parent, name.to_string()), ino);
-                ino
-            }
+    /// Records that the kernel now holds a reference to (parent, name) with `stat`; over the
+    /// table's cap, asks the kernel to drop the least recently used entries.
+    fn remember(&self, parent: u64, name: &str, stat: Stat) -> Attr {
+        let (ino, to_drop, usage) = {
+            let mut t = self.inodes.lock().unwrap();
+            let ino = t.remember(parent, name, &stat);
+            let to_drop = match self.dropper.get() {
+                Some(_) => t.shed(),
+                None => Vec::new(),
+            };
+            (ino, to_drop, t.usage())
         };
+        crate::metrics::inode_table(usage.0, usage.1);
+        if !to_drop.is_empty() {
+            crate::metrics::inodes_dropped(to_drop.len());
+            (self.dropper.get().expect("checked"))(to_drop);
+        }
         self.attr(ino, &stat)
+    }
+
+    /// Sets how the kernel is asked to drop entries (once; see `inodes`).
+    pub fn set_entry_dropper(&self, dropper: EntryDropper) {
+        let _ = self.dropper.set(dropper);
+    }
+
+    /// (inodes, bytes) the inode table holds.
+    pub fn inode_usage(&self) -> (usize, u64) {
+        self.inodes.lock().unwrap().usage()
     }
 
     pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
@@ -367,53 +341,33 @@ impl Fs {
             // first commit, and without asking the store.
             let mut stat = self.inode_stat(ino)?;
             stat.size = w.size().await;
-            return Ok(self.remember(parent, name, path_key, stat));
+            return Ok(self.remember(parent, name, stat));
         }
         let stat = self
             .meta
             .resolve(&path_key)
             .await?
             .ok_or(FsError::NotFound)?;
-        let key = match stat.kind {
-            Kind::Dir => format!("{path_key}/"),
-            _ => {
-                self.small_files.looked_up(&path_key);
-                path_key
-            }
-        };
-        Ok(self.remember(parent, name, key, stat))
+        if stat.kind != Kind::Dir {
+            self.small_files.looked_up(&path_key);
+        }
+        Ok(self.remember(parent, name, stat))
     }
 
     /// Unties `ino` from its name: the next lookup of the name makes a new inode, while the
     /// kernel goes on using `ino` for the files it has open. For opens the kernel cannot serve
     /// on `ino` as it is tied now (see the passthrough rules in `fuse`).
     pub fn detach_name(&self, ino: u64) {
-        let mut t = self.inodes.lock().unwrap();
-        let Some(i) = t.by_ino.get(&ino) else {
-            return;
-        };
-        let name_key = (i.parent, i.name.clone());
-        if t.by_name.get(&name_key) == Some(&ino) {
-            t.by_name.remove(&name_key);
-        }
+        self.inodes.lock().unwrap().detach(ino);
     }
 
     pub fn forget(&self, ino: u64, nlookup: u64) {
-        if ino == ROOT_INO {
-            return;
-        }
-        let mut t = self.inodes.lock().unwrap();
-        let Some(i) = t.by_ino.get_mut(&ino) else {
-            return;
+        let usage = {
+            let mut t = self.inodes.lock().unwrap();
+            t.forget(ino, nlookup);
+            t.usage()
         };
-        i.lookups = i.lookups.saturating_sub(nlookup);
-        if i.lookups == 0 {
-            let i = t.by_ino.remove(&ino).unwrap();
-            let name_key = (i.parent, i.name);
-            if t.by_name.get(&name_key) == Some(&ino) {
-                t.by_name.remove(&name_key);
-            }
-        }
+        crate::metrics::inode_table(usage.0, usage.1);
     }
 
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
@@ -426,13 +380,11 @@ impl Fs {
             return Ok(self.attr(ino, &stat));
         }
         let (key, stat, fresh) = {
-            let t = self.inodes.lock().unwrap();
-            let i = t.by_ino.get(&ino).ok_or(FsError::NotFound)?;
-            (
-                i.key.clone(),
-                i.stat.clone(),
-                i.checked.elapsed() < self.cfg.metadata_ttl,
-            )
+            let mut t = self.inodes.lock().unwrap();
+            t.touch(ino);
+            let i = t.get(ino).ok_or(FsError::NotFound)?;
+            let (stat, fresh) = (i.stat.unpack(), i.checked.elapsed() < self.cfg.metadata_ttl);
+            (t.key(ino).ok_or(FsError::NotFound)?, stat, fresh)
         };
         // The bucket root has no key of its own to ask about.
         if fresh
@@ -445,18 +397,29 @@ impl Fs {
             Some(s) if s.kind == stat.kind || (s.kind != Kind::Dir && stat.kind != Kind::Dir) => s,
             _ => return Err(FsError::NotFound),
         };
-        let mut t = self.inodes.lock().unwrap();
-        if let Some(i) = t.by_ino.get_mut(&ino) {
+        self.update_inode(ino, |i| {
             i.stat = stat.clone();
             i.checked = Instant::now();
-        }
+        });
         Ok(self.attr(ino, &stat))
     }
 
-    fn add_handle(&self, h: Handle) -> u64 {
+    /// Adds the handle `h` of the inode `ino`, which is not dropped while a handle is open.
+    fn add_handle(&self, ino: u64, h: Handle) -> u64 {
+        self.inodes.lock().unwrap().opened(ino);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(fh, h);
         fh
+    }
+
+    /// Removes the handle `fh`, and returns it.
+    fn remove_handle(&self, fh: u64) -> Option<Handle> {
+        let h = self.handles.lock().unwrap().remove(&fh)?;
+        let ino = match &h {
+            Handle::Read(_, ino) | Handle::Write(_, ino) | Handle::Dir(_, ino) => *ino,
+        };
+        self.inodes.lock().unwrap().closed(ino);
+        Some(h)
     }
 
     /// Opens a file for reading, pinned to the version current now.
@@ -478,11 +441,13 @@ impl Fs {
             .unwrap_or_else(|| Version(String::new()));
         let keep_cache = {
             let mut t = self.inodes.lock().unwrap();
-            let i = t.by_ino.get_mut(&ino).ok_or(FsError::NotFound)?;
-            let keep = i.cached_version.as_ref() == Some(&version) && i.stat.size == stat.size;
-            i.cached_version = Some(version.clone());
-            i.stat = stat.clone();
-            i.checked = Instant::now();
+            let i = t.get(ino).ok_or(FsError::NotFound)?;
+            let keep = i.cached_version.as_ref() == Some(&version) && i.stat.size() == stat.size;
+            t.update(ino, |i| {
+                i.cached_version = Some(version.clone());
+                i.stat = stat.clone();
+                i.checked = Instant::now();
+            });
             keep
         };
         let backing = match self.read.tiers.disk() {
@@ -515,7 +480,7 @@ impl Fs {
         let pinned = version.0.clone();
         self.small_files.opened(&key, &pinned, stat.size).await;
         let reader = Reader::new(self.read.clone(), key, version, stat.size);
-        let fh = self.add_handle(Handle::Read(Arc::new(reader)));
+        let fh = self.add_handle(ino, Handle::Read(Arc::new(reader), ino));
         Ok(Opened {
             fh,
             keep_cache,
@@ -529,7 +494,7 @@ impl Fs {
     /// process, finds on disk what this handle read.
     pub(crate) async fn settle_read(&self, fh: u64) {
         let reader = match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::Read(r)) => r.clone(),
+            Some(Handle::Read(r, _)) => r.clone(),
             _ => return,
         };
         if self.read.tiers.disk().is_some() {
@@ -543,7 +508,7 @@ impl Fs {
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
         let handle = match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::Read(r)) => Ok(r.clone()),
+            Some(Handle::Read(r, _)) => Ok(r.clone()),
             Some(Handle::Write(w, _)) => Err(w.clone()),
             _ => return Err(FsError::BadHandle),
         };
@@ -598,7 +563,7 @@ impl Fs {
     /// writer's, or none came) commits them now; the result can only be logged. A handle whose
     /// commit failed before (`close` said `EIO`) commits nothing, ever.
     pub async fn release(&self, fh: u64) {
-        let handle = self.handles.lock().unwrap().remove(&fh);
+        let handle = self.remove_handle(fh);
         if let Some(Handle::Write(w, ino)) = handle {
             match self.commit_handle(&w, ino).await {
                 Ok(()) => {}
@@ -626,22 +591,23 @@ impl Fs {
     pub(super) fn expire_dir(&self, ino: u64) {
         let ttl = self.cfg.metadata_ttl + std::time::Duration::from_millis(1);
         let mut t = self.inodes.lock().unwrap();
-        if let Some(i) = t.by_ino.get_mut(&ino)
+        if let Some(key) = t.key(ino)
             && let Some(old) = Instant::now().checked_sub(ttl)
         {
-            i.checked = old;
-            self.meta.invalidate(i.key.trim_end_matches('/'));
+            t.update(ino, |i| i.checked = old);
+            self.meta.invalidate(key.trim_end_matches('/'));
         }
     }
 
     fn inode_stat(&self, ino: u64) -> FsResult<Stat> {
         let t = self.inodes.lock().unwrap();
-        Ok(t.by_ino.get(&ino).ok_or(FsError::NotFound)?.stat.clone())
+        Ok(t.get(ino).ok_or(FsError::NotFound)?.stat.unpack())
     }
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
         let stream = self.meta.open_dir(&self.dir_key(ino)?);
-        Ok(self.add_handle(Handle::Dir(Arc::new(tokio::sync::Mutex::new(stream)), ino)))
+        let stream = Arc::new(tokio::sync::Mutex::new(stream));
+        Ok(self.add_handle(ino, Handle::Dir(stream, ino)))
     }
 
     /// Up to `max` entries of the open directory `fh` (without `.` and `..`) from the entry at
@@ -659,9 +625,7 @@ impl Fs {
             .into_iter()
             .map(|e| DirEntryOut {
                 ino: t
-                    .by_name
-                    .get(&(ino, e.name.clone()))
-                    .copied()
+                    .by_name(ino, &e.name)
                     .unwrap_or_else(|| synthetic_ino(&dir_key, &e.name)),
                 kind: e.stat.kind,
                 name: e.name,
@@ -682,11 +646,11 @@ impl Fs {
     /// The parent inode of a directory (for `..`).
     pub fn parent_of(&self, ino: u64) -> u64 {
         let t = self.inodes.lock().unwrap();
-        t.by_ino.get(&ino).map(|i| i.parent).unwrap_or(ROOT_INO)
+        t.get(ino).map(|i| i.parent).unwrap_or(ROOT_INO)
     }
 
     pub fn releasedir(&self, fh: u64) {
-        self.handles.lock().unwrap().remove(&fh);
+        self.remove_handle(fh);
     }
 }
 
@@ -740,6 +704,7 @@ mod tests {
             locks: crate::lock::LockConfig::default(),
             small_file_prefetch: 0,
             small_file_get: 0,
+            max_inode_bytes: u64::MAX,
         }
     }
 

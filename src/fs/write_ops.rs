@@ -81,19 +81,14 @@ impl Fs {
         parent: u64,
         name: &str,
     ) -> Option<(Arc<WriteHandle>, u64)> {
-        let ino = *self
-            .inodes
-            .lock()
-            .unwrap()
-            .by_name
-            .get(&(parent, name.to_string()))?;
+        let ino = self.inodes.lock().unwrap().by_name(parent, name)?;
         let w = self.writing.lock().unwrap().get(&ino).cloned()?;
         Some((w, ino))
     }
 
     fn register_writer(&self, ino: u64, handle: Arc<WriteHandle>) -> u64 {
         self.writing.lock().unwrap().insert(ino, handle.clone());
-        self.add_handle(Handle::Write(handle, ino))
+        self.add_handle(ino, Handle::Write(handle, ino))
     }
 
     /// How a handle of `key` starts, from what the store holds now (a fresh `HEAD`, never a
@@ -171,7 +166,7 @@ impl Fs {
             mtime: SystemTime::now(),
             user: Some(Default::default()),
         });
-        let attr = self.remember(parent, name, path_key, stat);
+        let attr = self.remember(parent, name, stat);
         let fh = self.register_writer(attr.ino, Arc::new(handle));
         Ok((attr, fh))
     }
@@ -281,10 +276,8 @@ impl Fs {
         }
     }
 
-    pub(super) fn update_inode(&self, ino: u64, f: impl FnOnce(&mut super::Inode)) {
-        if let Some(i) = self.inodes.lock().unwrap().by_ino.get_mut(&ino) {
-            f(i);
-        }
+    pub(super) fn update_inode(&self, ino: u64, f: impl FnOnce(&mut super::InodeEdit)) {
+        self.inodes.lock().unwrap().update(ino, f);
     }
 
     /// `setattr`: a size change truncates (through the open handle if there is one); mode,
@@ -356,11 +349,7 @@ impl Fs {
     /// Drops the (parent, name) -> inode link after the name went away; the inode itself lives
     /// until the kernel forgets it.
     fn forget_name(&self, parent: u64, name: &str) {
-        self.inodes
-            .lock()
-            .unwrap()
-            .by_name
-            .remove(&(parent, name.to_string()));
+        self.inodes.lock().unwrap().untie_name(parent, name);
         self.expire_dir(parent);
     }
 
@@ -385,7 +374,7 @@ impl Fs {
             user: Some(user.clone()),
             ..Stat::dir()
         };
-        Ok(self.remember(parent, name, marker, stat))
+        Ok(self.remember(parent, name, stat))
     }
 
     pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
@@ -488,7 +477,7 @@ impl Fs {
             }
             self.meta.invalidate(&src);
             self.meta.invalidate(&dst);
-            self.move_inode(parent, name, new_parent, new_name, &src, &dst);
+            self.move_inode(parent, name, new_parent, new_name);
             self.expire_dir(parent);
             self.expire_dir(new_parent);
             Ok(())
@@ -511,7 +500,7 @@ impl Fs {
         let t = self.inodes.lock().unwrap();
         writing
             .into_iter()
-            .filter(|(ino, _)| t.by_ino.get(ino).is_some_and(|i| i.key.starts_with(dir)))
+            .filter(|(ino, _)| t.key(*ino).is_some_and(|k| k.starts_with(dir)))
             .map(|(ino, w)| (w, ino))
             .collect()
     }
@@ -604,34 +593,11 @@ impl Fs {
         Ok(moved)
     }
 
-    /// Re-points the inode of (parent, name) at its new place, and the keys of everything below
-    /// it for a directory.
-    fn move_inode(
-        &self,
-        parent: u64,
-        name: &str,
-        new_parent: u64,
-        new_name: &str,
-        src: &str,
-        dst: &str,
-    ) {
+    /// Re-points the inode of (parent, name) at its new place; everything below a directory
+    /// follows (keys are made from parents).
+    fn move_inode(&self, parent: u64, name: &str, new_parent: u64, new_name: &str) {
         let mut t = self.inodes.lock().unwrap();
-        t.by_name.remove(&(new_parent, new_name.to_string()));
-        if let Some(ino) = t.by_name.remove(&(parent, name.to_string())) {
-            t.by_name.insert((new_parent, new_name.to_string()), ino);
-            if let Some(i) = t.by_ino.get_mut(&ino) {
-                i.parent = new_parent;
-                i.name = new_name.to_string();
-            }
-        }
-        let (src_dir, dst_dir) = (format!("{src}/"), format!("{dst}/"));
-        for i in t.by_ino.values_mut() {
-            if i.key == src {
-                i.key = dst.to_string();
-            } else if let Some(rest) = i.key.strip_prefix(&src_dir) {
-                i.key = format!("{dst_dir}{rest}");
-            }
-        }
+        t.rename(parent, name, new_parent, new_name);
     }
 }
 

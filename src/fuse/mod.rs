@@ -40,6 +40,10 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+mod notify;
+
+pub use notify::drop_entries_through;
+
 use crate::fs::{Attr, AttrChange, Caller, Fs, FsError, OpenMode, ROOT_INO};
 use crate::meta::Kind;
 use crate::metrics;

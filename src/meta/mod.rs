@@ -45,6 +45,7 @@
 //! answering at once, and the first answer that comes back ends the outage.
 
 mod listing;
+mod packed;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -57,6 +58,7 @@ use crate::store::attrs::FileAttrs;
 use crate::store::{DynStore, ObjectMeta, StoreError, StoreResult, UserMeta, Version};
 
 pub use listing::{DirStream, LIST_PAGE, STREAM_BYTES, STREAMS_BYTES};
+pub use packed::PackedStat;
 
 /// Cap of the attribute cache, in bytes of keys and answers: 32 MiB holds about 200k paths.
 pub const META_CACHE_BYTES: u64 = 32 << 20;
@@ -80,11 +82,25 @@ fn weight(name: &str, stat: Option<&Stat>) -> u64 {
     (name.len() + version + user + std::mem::size_of::<Known>() + 32) as u64
 }
 
-/// What the store last said about a path, and when.
+/// What the store last said about a path, and when. Packed: the cache holds up to 200k of them.
 #[derive(Clone, Debug)]
 struct Known {
-    stat: Option<Stat>,
+    stat: Option<PackedStat>,
     seen: Instant,
+}
+
+/// Bytes a moka entry costs besides its key and value (its node, the key's `Arc`, its places in
+/// the eviction queues), as measured with moka 0.12.
+const CACHE_ENTRY_OVERHEAD: usize = 160;
+
+impl Known {
+    /// Bytes this entry of `key` holds in the attribute cache.
+    fn weight(&self, key: &str) -> u32 {
+        let heap = key.len() + self.stat.as_ref().map_or(0, PackedStat::heap_bytes);
+        (heap + std::mem::size_of::<(String, Known)>() + CACHE_ENTRY_OVERHEAD)
+            .try_into()
+            .unwrap_or(u32::MAX)
+    }
 }
 
 /// The name reserved at the bucket root for bucketfs' own objects.
@@ -360,9 +376,7 @@ impl Meta {
     ) -> Arc<Meta> {
         let cache = moka::sync::Cache::builder()
             .max_capacity(META_CACHE_BYTES)
-            .weigher(|k: &String, v: &Known| {
-                weight(k, v.stat.as_ref()).try_into().unwrap_or(u32::MAX)
-            })
+            .weigher(|k: &String, v: &Known| v.weight(k))
             .build();
         let listings = moka::sync::Cache::builder()
             .max_capacity(LISTINGS_BYTES)
@@ -427,7 +441,7 @@ impl Meta {
 
     fn remember(&self, path_key: String, stat: Option<Stat>) {
         let known = Known {
-            stat,
+            stat: stat.as_ref().map(PackedStat::pack),
             seen: Instant::now(),
         };
         self.cache.insert(path_key, known);
@@ -550,7 +564,7 @@ impl Meta {
                     None => self.negative_ttl,
                 }
         {
-            return Ok(k.stat.clone());
+            return Ok(k.stat.as_ref().map(PackedStat::unpack));
         }
         // The answer is kept before the flight ends, so no question comes between the two and
         // asks the store again.
@@ -560,7 +574,7 @@ impl Meta {
             Ok(stat)
         });
         let last_seen = match known {
-            Some(k) => Some(k.stat),
+            Some(k) => Some(k.stat.as_ref().map(PackedStat::unpack)),
             None => self.in_last_listing(path_key).map(Some),
         };
         let stat = match last_seen {
