@@ -117,8 +117,8 @@ async fn get_part(
     Ok((got, sum))
 }
 
-async fn download(args: &Args, client: Client) -> Result<String, Error> {
-    let started = Instant::now();
+/// The object's size and ETag (every GET is pinned to it).
+async fn head(args: &Args, client: &Client) -> Result<(u64, Arc<str>), Error> {
     let head = client
         .head_object()
         .bucket(&args.bucket)
@@ -127,7 +127,12 @@ async fn download(args: &Args, client: Client) -> Result<String, Error> {
         .await
         .map_err(|e| format!("HEAD {}: {}", args.key, DisplayErrorContext(e)))?;
     let size = head.content_length().unwrap_or(0).max(0) as u64;
-    let etag: Arc<str> = head.e_tag().unwrap_or("*").into();
+    Ok((size, head.e_tag().unwrap_or("*").into()))
+}
+
+async fn download(args: &Args, client: Client) -> Result<String, Error> {
+    let started = Instant::now();
+    let (size, etag) = head(args, &client).await?;
     let file = match &args.output {
         Some(path) => {
             let f = std::fs::File::create(path)?;
@@ -180,15 +185,7 @@ async fn download(args: &Args, client: Client) -> Result<String, Error> {
 
 async fn random_reads(args: &Args, client: Client) -> Result<String, Error> {
     let started = Instant::now();
-    let head = client
-        .head_object()
-        .bucket(&args.bucket)
-        .key(&args.key)
-        .send()
-        .await
-        .map_err(|e| format!("HEAD {}: {}", args.key, DisplayErrorContext(e)))?;
-    let size = head.content_length().unwrap_or(0).max(0) as u64;
-    let etag: Arc<str> = head.e_tag().unwrap_or("*").into();
+    let (size, etag) = head(args, &client).await?;
     let bucket: Arc<str> = args.bucket.as_str().into();
     let key: Arc<str> = args.key.as_str().into();
     let (mut bytes, mut sum) = (0u64, 0u64);

@@ -340,6 +340,22 @@ impl FuseAdapter {
         });
     }
 
+    /// [`Self::answer`] for a request about a name, which is decoded first (see [`named`]).
+    fn answer_named<R: Answer, T, W>(
+        &self,
+        op: &'static str,
+        name: &OsStr,
+        reply: R,
+        work: impl FnOnce(Arc<Fs>, String) -> W,
+        ok: impl FnOnce(R, T) + Send + 'static,
+    ) where
+        W: Future<Output = Result<T, FsError>> + Send + 'static,
+    {
+        if let Some((name, reply)) = named(name, reply) {
+            self.answer(op, reply, |fs| work(fs, name), ok);
+        }
+    }
+
     /// Runs `work` as the task of request `op`: `ok` answers its result, an error is answered
     /// with its errno.
     fn answer<R: Answer, T, W>(
@@ -499,11 +515,8 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some((name, reply)) = named(name, reply) else {
-            return;
-        };
-        let work = |fs: Arc<Fs>| async move { fs.lookup(parent.0, &name).await };
-        self.answer("lookup", reply, work, entry(self.ttl));
+        let work = move |fs: Arc<Fs>, name: String| async move { fs.lookup(parent.0, &name).await };
+        self.answer_named("lookup", name, reply, work, entry(self.ttl));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -599,18 +612,15 @@ impl Filesystem for FuseAdapter {
         let ttl = self.ttl;
         let who = caller(req);
         let passthrough = self.passthrough.clone();
-        let Some((name, reply)) = named(name, reply) else {
-            return;
-        };
         let mode = OpenMode {
             write: true,
             ..OpenMode::from_flags(flags)
         };
-        let work = move |fs: Arc<Fs>| async move {
+        let work = move |fs: Arc<Fs>, name: String| async move {
             fs.create_as(parent.0, &name, mode, perm & !umask, who)
                 .await
         };
-        self.answer("create", reply, work, move |reply, (a, fh)| {
+        self.answer_named("create", name, reply, work, move |reply, (a, fh)| {
             passthrough.opened_for_write(a.ino, fh);
             let attr = file_attr(&a);
             reply.created(&ttl, &attr, Generation(0), FileHandle(fh), WRITE_OPEN)
@@ -685,11 +695,8 @@ impl Filesystem for FuseAdapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some((name, reply)) = named(name, reply) else {
-            return;
-        };
-        let work = |fs: Arc<Fs>| async move { fs.unlink(parent.0, &name).await };
-        self.answer("unlink", reply, work, done);
+        let work = move |fs: Arc<Fs>, name: String| async move { fs.unlink(parent.0, &name).await };
+        self.answer_named("unlink", name, reply, work, done);
     }
 
     fn mkdir(
@@ -702,13 +709,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let who = caller(req);
-        let Some((name, reply)) = named(name, reply) else {
-            return;
-        };
-        let work = move |fs: Arc<Fs>| async move {
+        let work = move |fs: Arc<Fs>, name: String| async move {
             fs.mkdir_as(parent.0, &name, mode & !umask, who).await
         };
-        self.answer("mkdir", reply, work, entry(self.ttl));
+        self.answer_named("mkdir", name, reply, work, entry(self.ttl));
     }
 
     fn mknod(
@@ -722,13 +726,11 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let who = caller(req);
-        let Some((name, reply)) = named(name, reply) else {
-            return;
-        };
         let mode = (mode & libc::S_IFMT) | (mode & !umask & 0o7777);
-        let work =
-            move |fs: Arc<Fs>| async move { fs.mknod(parent.0, &name, mode, rdev, who).await };
-        self.answer("mknod", reply, work, entry(self.ttl));
+        let work = move |fs: Arc<Fs>, name: String| async move {
+            fs.mknod(parent.0, &name, mode, rdev, who).await
+        };
+        self.answer_named("mknod", name, reply, work, entry(self.ttl));
     }
 
     fn symlink(
@@ -741,13 +743,11 @@ impl Filesystem for FuseAdapter {
     ) {
         use std::os::unix::ffi::OsStrExt;
         let who = caller(req);
-        let Some((name, reply)) = named(link_name, reply) else {
-            return;
-        };
         let target = target.as_os_str().as_bytes().to_vec();
-        let work =
-            move |fs: Arc<Fs>| async move { fs.symlink(parent.0, &name, &target, who).await };
-        self.answer("symlink", reply, work, entry(self.ttl));
+        let work = move |fs: Arc<Fs>, name: String| async move {
+            fs.symlink(parent.0, &name, &target, who).await
+        };
+        self.answer_named("symlink", link_name, reply, work, entry(self.ttl));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -769,11 +769,8 @@ impl Filesystem for FuseAdapter {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some((name, reply)) = named(name, reply) else {
-            return;
-        };
-        let work = |fs: Arc<Fs>| async move { fs.rmdir(parent.0, &name).await };
-        self.answer("rmdir", reply, work, done);
+        let work = move |fs: Arc<Fs>, name: String| async move { fs.rmdir(parent.0, &name).await };
+        self.answer_named("rmdir", name, reply, work, done);
     }
 
     fn rename(
