@@ -431,7 +431,14 @@ fn a_stopped_filler_is_taken_over() {
     let filler = mount_cached(&b, &proxy, cache.path(), &[]);
     let reader = mount_cached(&b, &proxy, cache.path(), &[]);
     let path = filler.path("model.bin");
-    let filling = std::thread::spawn(move || read_all(&path));
+    // The filler's file is read by a child process: a descriptor of a stopped daemon's file in
+    // this process would be inherited by every process the other tests start meanwhile, whose
+    // exec then waits on the close (a FUSE flush) until the daemon is continued.
+    let filling = std::thread::spawn(move || {
+        let out = Command::new("cat").arg(&path).output().unwrap();
+        assert!(out.status.success(), "cat {}: {:?}", path.display(), out);
+        out.stdout
+    });
     // Stop it once it is well into filling (prefetching: many claims held at once).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let filled = || -> u64 { data_files(cache.path()).iter().map(|p| allocated(p)).sum() };
