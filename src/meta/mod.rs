@@ -439,6 +439,15 @@ impl Meta {
         }
     }
 
+    /// What `known` says, if it is younger than the TTL of its kind of answer.
+    fn fresh(&self, known: &Known) -> Option<Option<Stat>> {
+        let ttl = match known.stat {
+            Some(_) => self.ttl,
+            None => self.negative_ttl,
+        };
+        (known.seen.elapsed() < ttl).then(|| known.stat.as_ref().map(PackedStat::unpack))
+    }
+
     fn remember(&self, path_key: String, stat: Option<Stat>) {
         let known = Known {
             stat: stat.as_ref().map(PackedStat::pack),
@@ -557,18 +566,16 @@ impl Meta {
     /// What `path_key` (a full key without trailing slash) is: a directory, a file, or nothing.
     pub async fn resolve(self: &Arc<Self>, path_key: &str) -> StoreResult<Option<Stat>> {
         let known = self.cache.get(path_key);
-        if let Some(k) = &known
-            && k.seen.elapsed()
-                < match k.stat {
-                    Some(_) => self.ttl,
-                    None => self.negative_ttl,
-                }
-        {
-            return Ok(k.stat.as_ref().map(PackedStat::unpack));
+        if let Some(fresh) = known.as_ref().and_then(|k| self.fresh(k)) {
+            return Ok(fresh);
         }
         // The answer is kept before the flight ends, so no question comes between the two and
-        // asks the store again.
+        // asks the store again; and a flight that starts just after another ended (this asker
+        // found the cache empty while that one was on its way) finds its answer there.
         let asked = self.resolve_flights.share(path_key, || async {
+            if let Some(fresh) = self.cache.get(path_key).and_then(|k| self.fresh(&k)) {
+                return Ok(fresh);
+            }
             let stat = self.resolve_uncached(path_key).await?;
             self.remember(path_key.to_string(), stat.clone());
             Ok(stat)
