@@ -64,6 +64,9 @@ pub struct DirStream {
     progress: Option<Progress>,
     /// The kept listing being served instead of the store's, during an outage.
     served: Option<Arc<Listing>>,
+    /// The count of the directory's changes when the listing started (see `super::Changes`):
+    /// a listing older than a change of the directory keeps nothing of what it saw.
+    since: u64,
 }
 
 /// How far a listing from the store has come.
@@ -103,6 +106,7 @@ impl DirStream {
             bytes: 0,
             progress: None,
             served: None,
+            since: 0,
         }
     }
 
@@ -180,6 +184,11 @@ impl DirStream {
     async fn fetch_page(&mut self) -> StoreResult<()> {
         let meta = self.meta.clone();
         let first = self.progress.is_none();
+        if first {
+            self.since = meta.changes.seen(&self.dir_key);
+        }
+        // Entries this page settles come after these.
+        let before = self.entries.len();
         let token = self.progress.as_ref().and_then(|p| p.next.clone());
         let page = meta.list_page_size();
         let asked = meta.store.list(&self.dir_key, Some("/"), token, page);
@@ -217,6 +226,14 @@ impl DirStream {
             self.keep_complete();
         }
         self.progress = Some(progress);
+        if meta.changes.seen(&self.dir_key) != self.since {
+            // What this page's entries told (`push`) is older than a change: forgotten.
+            for e in self.entries.range(before..) {
+                meta.cache
+                    .invalidate(&format!("{}{}", self.dir_key, e.name));
+            }
+            meta.listings.invalidate(&self.dir_key);
+        }
         Ok(())
     }
 

@@ -35,6 +35,15 @@
 //! notices when it is stale. A listing with attributes (GCS, `file://`) refreshes the entries of
 //! every child it saw, so `ls -l` costs one LIST, not one HEAD per file.
 
+//! ## Changes this mount makes
+//! A change through this mount (a write's commit, a rename, an unlink, a `chmod`) forgets what
+//! is known of the path and of its directory's listing. A question about them already on its
+//! way may come back after that with the store as it was before: its answer goes to whoever
+//! asked, but it is not kept, or the mount would show the old version of a file it just wrote
+//! for a whole TTL. [`Changes`] tells: a count of changes per stripe of keys, read when the
+//! question is sent and again after its answer is kept (a stripe shared by another key only
+//! costs that answer its place in the cache).
+
 //! ## During an outage
 //! Answers stay in the cache past their TTL (up to [`META_CACHE_BYTES`], counted in bytes, least
 //! recently used first out), and so does each directory's last complete listing (up to
@@ -80,6 +89,35 @@ fn weight(name: &str, stat: Option<&Stat>) -> u64 {
         .and_then(|s| s.user.as_ref())
         .map_or(0, |u| u.iter().map(|(k, v)| k.len() + v.len() + 16).sum());
     (name.len() + version + user + std::mem::size_of::<Known>() + 32) as u64
+}
+
+/// Stripes of [`Changes`]: 8 KiB of counters.
+const CHANGE_STRIPES: usize = 1024;
+
+/// Changes this mount made, counted per stripe of keys (see the module docs).
+struct Changes(Box<[AtomicU64]>);
+
+impl Changes {
+    fn new() -> Changes {
+        Changes((0..CHANGE_STRIPES).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn stripe(&self, key: &str) -> &AtomicU64 {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+        &self.0[h as usize % CHANGE_STRIPES]
+    }
+
+    /// The count of `key`'s stripe, to compare with later.
+    fn seen(&self, key: &str) -> u64 {
+        self.stripe(key).load(Ordering::SeqCst)
+    }
+
+    /// Counts a change of `key`, before what is known of it is forgotten: an answer kept after
+    /// this is then found out by [`Changes::seen`], one kept before is forgotten.
+    fn count(&self, key: &str) {
+        self.stripe(key).fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// What the store last said about a path, and when. Packed: the cache holds up to 200k of them.
@@ -353,6 +391,8 @@ pub struct Meta {
     at_bucket_root: bool,
     /// Where write-lock objects live (full key ending with `/`): hidden wherever it is.
     lock_prefix: String,
+    /// Changes this mount made, so that answers older than them are not kept.
+    changes: Changes,
 }
 
 impl Meta {
@@ -408,6 +448,7 @@ impl Meta {
                 .build(),
             at_bucket_root,
             lock_prefix: lock_prefix.to_string(),
+            changes: Changes::new(),
         })
     }
 
@@ -430,13 +471,12 @@ impl Meta {
 
     /// Forgets what is known about `path_key`, e.g. after this mount changed it.
     pub fn invalidate(&self, path_key: &str) {
+        let (dir, _) = split_key(path_key);
+        self.changes.count(path_key);
+        self.changes.count(dir);
         self.cache.invalidate(path_key);
         self.resolve_flights.forget(path_key);
-        if let Some(i) = path_key.rfind('/') {
-            self.listings.invalidate(&path_key[..=i]);
-        } else {
-            self.listings.invalidate("");
-        }
+        self.listings.invalidate(dir);
     }
 
     /// What `known` says, if it is younger than the TTL of its kind of answer.
@@ -576,8 +616,12 @@ impl Meta {
             if let Some(fresh) = self.cache.get(path_key).and_then(|k| self.fresh(&k)) {
                 return Ok(fresh);
             }
+            let since = self.changes.seen(path_key);
             let stat = self.resolve_uncached(path_key).await?;
             self.remember(path_key.to_string(), stat.clone());
+            if self.changes.seen(path_key) != since {
+                self.cache.invalidate(path_key);
+            }
             Ok(stat)
         });
         let last_seen = match known {
@@ -884,6 +928,40 @@ mod tests {
             .unwrap();
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(meta.resolve("a/f").await.unwrap().unwrap().size, 3);
+    }
+
+    /// A file this mount changes while a question about it (a HEAD, as on S3, or the LIST of
+    /// its directory, as on GCS) is on its way, answered as the store was before the change: the
+    /// next question is not answered from that.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_older_than_a_change_is_not_kept() {
+        use crate::store::mem::Fault;
+        for (op, bare) in [(Op::Head, true), (Op::List, false)] {
+            let s = store_with(&["d/f", "d/g"]).await;
+            s.list_without_metadata(bare);
+            let meta = Meta::new(s.clone(), Duration::from_secs(60), true, LOCKS);
+            if op == Op::Head {
+                // The directory listed first, so the question about the file is its HEAD.
+                assert_eq!(meta.list_dir("d/").await.unwrap().len(), 2);
+            }
+            s.inject(op, Fault::LateAnswer(Duration::from_secs(1)), 1);
+            let asking = tokio::spawn({
+                let meta = meta.clone();
+                async move { meta.resolve("d/f").await }
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let new = s
+                .put("d/f", Bytes::from_static(b"new!"), Precondition::None)
+                .await
+                .unwrap();
+            meta.invalidate("d/f");
+            // The HEAD's asker gets the old answer; the lookup that listed finds its listing
+            // overtaken and asks again.
+            let first = asking.await.unwrap().unwrap().unwrap();
+            assert_eq!(first.size, if op == Op::Head { 1 } else { 4 }, "{op:?}");
+            let now = meta.resolve("d/f").await.unwrap().unwrap();
+            assert_eq!((now.size, now.version), (4, Some(new)), "{op:?}");
+        }
     }
 
     /// The listing of `dir` as one page of everything would show it (the rules applied to the

@@ -49,9 +49,34 @@ pub enum Fault {
     Delay(Duration),
     /// Never answer (until the caller gives up).
     Hang,
-    /// The call takes effect, but its answer is lost: the caller gets this error (`put` and
-    /// `complete_upload` only; elsewhere the call just succeeds).
+    /// The call takes effect, but its answer is lost: the caller gets this error (`head`, the
+    /// GETs, `list`, `put` and `complete_upload`; elsewhere the call just succeeds).
     AnswerLost(StoreError),
+    /// The call takes effect (a read sees the store as it is now), but its answer arrives only
+    /// after this long: what a change made meanwhile looks like to a slow reader (the same calls
+    /// as [`Fault::AnswerLost`]; elsewhere the call just answers).
+    LateAnswer(Duration),
+}
+
+/// How a call that took effect answers.
+enum Answer {
+    Now,
+    Lost(StoreError),
+    Late(Duration),
+}
+
+impl Answer {
+    /// The call's answer `out`, as the fault wants it delivered.
+    async fn give<T>(self, out: StoreResult<T>) -> StoreResult<T> {
+        match self {
+            Answer::Now => out,
+            Answer::Lost(e) => out.and(Err(e)),
+            Answer::Late(d) => {
+                tokio::time::sleep(d).await;
+                out
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -141,8 +166,9 @@ impl MemStore {
         self.state.lock().unwrap().uploads.len()
     }
 
-    /// Applies the next scripted fault of `op`; `Ok(Some(e))` means: do the call, answer `e`.
-    async fn enter(&self, op: Op) -> StoreResult<Option<StoreError>> {
+    /// Applies the next scripted fault of `op` before the call: `Ok` says how the call, done
+    /// now, answers.
+    async fn enter(&self, op: Op) -> StoreResult<Answer> {
         let fault = {
             let mut st = self.state.lock().unwrap();
             *st.calls.entry(op).or_default() += 1;
@@ -157,15 +183,39 @@ impl MemStore {
             fault
         };
         match fault {
-            None => Ok(None),
+            None => Ok(Answer::Now),
             Some(Fault::Error(e)) => Err(e),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
-                Ok(None)
+                Ok(Answer::Now)
             }
             Some(Fault::Hang) => std::future::pending().await,
-            Some(Fault::AnswerLost(e)) => Ok(Some(e)),
+            Some(Fault::AnswerLost(e)) => Ok(Answer::Lost(e)),
+            Some(Fault::LateAnswer(d)) => Ok(Answer::Late(d)),
         }
+    }
+
+    /// The bytes of `range` of `key`, at `if_version` if given (a ranged GET, done now).
+    fn read_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_version: Option<&Version>,
+    ) -> StoreResult<Bytes> {
+        let mut st = self.state.lock().unwrap();
+        let o = st
+            .objects
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        if let Some(v) = if_version
+            && Self::version_of(o.version) != *v
+        {
+            return Err(StoreError::PreconditionFailed(key.to_string()));
+        }
+        let range = rules::within(key, range, o.data.len() as u64)?;
+        let data = o.data.slice(range.start as usize..range.end as usize);
+        st.ranges.push(range);
+        Ok(data)
     }
 
     fn version_of(v: u64) -> Version {
@@ -231,12 +281,15 @@ impl ObjectStore for MemStore {
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.enter(Op::Head).await?;
-        let st = self.state.lock().unwrap();
-        st.objects
-            .get(key)
-            .map(|o| Self::meta(key, o))
-            .ok_or_else(|| StoreError::NotFound(key.to_string()))
+        let answer = self.enter(Op::Head).await?;
+        let out = {
+            let st = self.state.lock().unwrap();
+            st.objects
+                .get(key)
+                .map(|o| Self::meta(key, o))
+                .ok_or_else(|| StoreError::NotFound(key.to_string()))
+        };
+        answer.give(out).await
     }
 
     async fn head_timed(&self, key: &str) -> StoreResult<(ObjectMeta, SystemTime)> {
@@ -250,21 +303,9 @@ impl ObjectStore for MemStore {
         range: Range<u64>,
         if_version: Option<&Version>,
     ) -> StoreResult<Bytes> {
-        self.enter(Op::GetRange).await?;
-        let mut st = self.state.lock().unwrap();
-        let o = st
-            .objects
-            .get(key)
-            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
-        if let Some(v) = if_version
-            && Self::version_of(o.version) != *v
-        {
-            return Err(StoreError::PreconditionFailed(key.to_string()));
-        }
-        let range = rules::within(key, range, o.data.len() as u64)?;
-        let data = o.data.slice(range.start as usize..range.end as usize);
-        st.ranges.push(range);
-        Ok(data)
+        let answer = self.enter(Op::GetRange).await?;
+        let out = self.read_range(key, range, if_version);
+        answer.give(out).await
     }
 
     fn get_carries_meta(&self) -> bool {
@@ -275,14 +316,18 @@ impl ObjectStore for MemStore {
         if !self.get_carries_meta() {
             return super::head_then_get(self, key, max).await;
         }
-        self.enter(Op::GetRange).await?;
-        let st = self.state.lock().unwrap();
-        let o = st
-            .objects
-            .get(key)
-            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
-        let small = !o.data.is_empty() && o.data.len() as u64 <= max;
-        Ok((Self::meta(key, o), small.then(|| o.data.clone())))
+        let answer = self.enter(Op::GetRange).await?;
+        let out = {
+            let st = self.state.lock().unwrap();
+            st.objects
+                .get(key)
+                .map(|o| {
+                    let small = !o.data.is_empty() && o.data.len() as u64 <= max;
+                    (Self::meta(key, o), small.then(|| o.data.clone()))
+                })
+                .ok_or_else(|| StoreError::NotFound(key.to_string()))
+        };
+        answer.give(out).await
     }
 
     async fn list(
@@ -292,26 +337,29 @@ impl ObjectStore for MemStore {
         page: Option<String>,
         max_keys: usize,
     ) -> StoreResult<ListPage> {
-        self.enter(Op::List).await?;
-        let st = self.state.lock().unwrap();
-        // The page starts after the token, and after every key a rolled-up token stands for:
-        // each key is walked once over a whole listing, not once per page.
-        let from = match &page {
-            Some(token) if token.as_str() > prefix => match delimiter {
-                Some(d) if token.ends_with(d) => Bound::Included(after_prefix(token)),
-                _ => Bound::Excluded(token.clone()),
-            },
-            _ => Bound::Included(prefix.to_string()),
+        let answer = self.enter(Op::List).await?;
+        let out = {
+            let st = self.state.lock().unwrap();
+            // The page starts after the token, and after every key a rolled-up token stands for:
+            // each key is walked once over a whole listing, not once per page.
+            let from = match &page {
+                Some(token) if token.as_str() > prefix => match delimiter {
+                    Some(d) if token.ends_with(d) => Bound::Included(after_prefix(token)),
+                    _ => Bound::Excluded(token.clone()),
+                },
+                _ => Bound::Included(prefix.to_string()),
+            };
+            let all = st
+                .objects
+                .range((from, Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, o)| ObjectMeta {
+                    user: (!st.bare_listings).then(|| o.user.clone()),
+                    ..Self::meta(k, o)
+                });
+            page_of(all, prefix, delimiter, page, max_keys)
         };
-        let all = st
-            .objects
-            .range((from, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, o)| ObjectMeta {
-                user: (!st.bare_listings).then(|| o.user.clone()),
-                ..Self::meta(k, o)
-            });
-        Ok(page_of(all, prefix, delimiter, page, max_keys))
+        answer.give(Ok(out)).await
     }
 
     async fn put_with(
@@ -321,12 +369,14 @@ impl ObjectStore for MemStore {
         pre: Precondition,
         meta: &UserMeta,
     ) -> StoreResult<Version> {
-        let lost = self.enter(Op::Put).await?;
+        let answer = self.enter(Op::Put).await?;
         Self::check_key(key)?;
-        let mut st = self.state.lock().unwrap();
-        Self::check(&st, key, &pre)?;
-        let version = self.store(&mut st, key, body, meta.clone());
-        lost.map_or(Ok(version), Err)
+        let version = {
+            let mut st = self.state.lock().unwrap();
+            Self::check(&st, key, &pre)?;
+            self.store(&mut st, key, body, meta.clone())
+        };
+        answer.give(Ok(version)).await
     }
 
     async fn start_upload_with(&self, key: &str, meta: &UserMeta) -> StoreResult<Upload> {
@@ -363,22 +413,24 @@ impl ObjectStore for MemStore {
         parts: Vec<Part>,
         pre: Precondition,
     ) -> StoreResult<Version> {
-        let lost = self.enter(Op::CompleteUpload).await?;
-        let mut st = self.state.lock().unwrap();
-        Self::check(&st, &upload.key, &pre)?;
-        let (_, stored) = st
-            .uploads
-            .remove(&upload.id)
-            .ok_or_else(|| StoreError::NotFound(format!("upload {}", upload.id)))?;
-        let mut body = BytesMut::new();
-        for p in &parts {
-            let data = stored
-                .get(&p.number)
-                .ok_or_else(|| StoreError::Invalid(format!("part {} missing", p.number)))?;
-            body.extend_from_slice(data);
-        }
-        let version = self.store(&mut st, &upload.key, body.freeze(), upload.meta.clone());
-        lost.map_or(Ok(version), Err)
+        let answer = self.enter(Op::CompleteUpload).await?;
+        let version = {
+            let mut st = self.state.lock().unwrap();
+            Self::check(&st, &upload.key, &pre)?;
+            let (_, stored) = st
+                .uploads
+                .remove(&upload.id)
+                .ok_or_else(|| StoreError::NotFound(format!("upload {}", upload.id)))?;
+            let mut body = BytesMut::new();
+            for p in &parts {
+                let data = stored
+                    .get(&p.number)
+                    .ok_or_else(|| StoreError::Invalid(format!("part {} missing", p.number)))?;
+                body.extend_from_slice(data);
+            }
+            self.store(&mut st, &upload.key, body.freeze(), upload.meta.clone())
+        };
+        answer.give(Ok(version)).await
     }
 
     async fn abort_upload(&self, upload: &Upload) -> StoreResult<()> {
