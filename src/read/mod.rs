@@ -13,7 +13,11 @@
 //!
 //! ## Sequential reads and the prefetch window
 //! A read that starts near where the previous one ended (within one part, since the kernel sends
-//! readahead requests concurrently and slightly out of order) continues a *stream*. From the
+//! readahead requests concurrently and slightly out of order) continues a *stream*. So does a read
+//! further ahead that falls inside the window's fetches: the kernel asks for a whole readahead
+//! window (`--read-ahead`, 16 MiB by default, two parts) at once, and one of its requests may
+//! reach the planner before those in between; the stream's end stays where it was until they
+//! come, and the window is neither dropped nor pushed further by it. From the
 //! second read of a stream on, the reader keeps fetches running ahead of the application: parts
 //! of `part_size` bytes, aligned to part boundaries, each one ranged GET, up to `window` bytes
 //! past the current read. The window starts at one part and doubles every time the stream enters a

@@ -95,7 +95,10 @@ impl Reader {
             .retain(|f| f.purpose != Purpose::Sweep || f.served < f.end - f.start);
 
         if !sweeping && sequential {
-            self.grow_window(&mut s, end);
+            // From the run's end: a read planned ahead of it (see `follow_run`) does not push
+            // the window further.
+            let run_end = s.run.last_end;
+            self.grow_window(&mut s, run_end);
         }
         while s.fetches.len() > MAX_FETCHES {
             s.fetches.pop_front();

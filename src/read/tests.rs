@@ -97,6 +97,33 @@ async fn window_grows_on_sequential_reads_and_resets_on_seek() {
 }
 
 #[tokio::test]
+async fn a_readahead_request_planned_before_its_neighbours_does_not_reset_the_window() {
+    // The kernel asks for a 16 MiB readahead window as 16 concurrent 1 MiB requests; here the
+    // last of each window after the first is planned first, 15 MiB (almost four parts) past the
+    // last read, inside the prefetch window (8 parts).
+    let obj = data(96 << 20, 9);
+    let s = setup(&[("m", obj.clone())], cfg(4 * MIB, 8, 128 * MIB)).await;
+    let r = reader(&s, "m").await;
+    let mut windows = Vec::new();
+    for group in 0..6u64 {
+        let base = group * 16;
+        let first = if group == 0 { base } else { base + 15 };
+        let order = std::iter::once(first).chain((base..base + 16).filter(|&i| i != first));
+        for i in order {
+            let got = r.read(i * MIB, MIB).await.unwrap();
+            assert_eq!(got, obj.slice((i * MIB) as usize..((i + 1) * MIB) as usize));
+            windows.push(r.window());
+        }
+    }
+    let full = windows.iter().position(|&w| w == 32 * MIB).unwrap();
+    assert!(
+        windows[full..].iter().all(|&w| w == 32 * MIB),
+        "the window was reset: {windows:?}"
+    );
+    assert_fetched_once(s.mem.ranges_read(), obj.len() as u64);
+}
+
+#[tokio::test]
 async fn seeking_back_into_the_window_does_not_refetch() {
     let obj = data(32 << 20, 2);
     let s = setup(&[("m", obj.clone())], cfg(4 * MIB, 4, 64 * MIB)).await;

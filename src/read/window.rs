@@ -38,10 +38,25 @@ impl Reader {
         sweeping: bool,
     ) -> bool {
         let part = self.ctx.cfg.part_size;
+        let run = &s.run;
+        let near = offset + part >= run.last_end && offset <= run.last_end + part;
+        // Further ahead, but inside the window's fetches: the kernel's readahead (`--read-ahead`,
+        // 16 MiB by default) asks for that much at once, in concurrent requests that reach the
+        // planner in an order of their own, so one of them may come more than a part before the
+        // ones between. It is the run going on, not a seek: the window is kept, and the run's
+        // end stays where it was, so those in between still follow the run.
+        let ahead = !near
+            && run.reads > 0
+            && offset > run.last_end
+            && s.fetches
+                .iter()
+                .any(|f| f.purpose == Purpose::Window && f.covers(offset));
         let run = &mut s.run;
-        let sequential =
-            (run.reads > 0 && offset + part >= run.last_end && offset <= run.last_end + part)
-                || (run.reads == 0 && offset == 0);
+        let sequential = (run.reads > 0 && near) || ahead || (run.reads == 0 && offset == 0);
+        if ahead {
+            run.reads += 1;
+            return true;
+        }
         if sequential {
             // Entering a new part grows the window.
             if run.reads > 0 && end.div_ceil(part) > run.last_end.div_ceil(part) {
