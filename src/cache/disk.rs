@@ -55,9 +55,10 @@
 //! object (not one per claimed block), for as long as any claim on it is held (the
 //! `bucketfs_cache_files_open` gauge). OFD locks of one open file description do not exclude
 //! each other, so claims inside the process are kept apart by a table of the blocks it is
-//! filling. Other descriptors are short-lived: a block lookup opens the meta and data files (and,
-//! while waiting on another process, a probe of the data file) and closes them before the next
-//! block. So a streaming handle, whatever the number of blocks its parallel GETs claim, holds at
+//! filling. Other descriptors are short-lived: the lookup of a fetch's blocks opens the meta and
+//! data files once for all of them (a cold read looks up every block of a file, and opening the
+//! files per block cost more syscalls than the fill itself) and closes them before it returns;
+//! a wait on another process opens a probe of the data file. So a streaming handle, whatever the number of blocks its parallel GETs claim, holds at
 //! most 1 + 3 x (fetches in flight, at most `--read-concurrency` + a few demand reads)
 //! descriptors of the cache at once, and 1 while its GETs run.
 //!
@@ -82,6 +83,7 @@
 //! the filesystem is full (`ENOSPC`, `EDQUOT`) even below `--cache-max-size` — other data filled
 //! it — the process first evicts its least recently used objects to make room.
 
+use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -251,6 +253,16 @@ impl Drop for ClaimFile {
     fn drop(&mut self) {
         metrics::cache_file_closed();
     }
+}
+
+/// What [`DiskCache::look_up`] found for one block.
+pub enum Found {
+    /// The block, verified.
+    Block(Bytes),
+    /// Not cached; claimed for filling, by this caller or by another.
+    Claim(Claim),
+    /// Not cached, and not to be filled (writes are off or failed).
+    Nothing,
 }
 
 /// A claim on filling one block.
@@ -555,7 +567,58 @@ impl DiskCache {
             return None;
         }
         let obj = self.object(&ObjectId::of(key), size, true)?;
-        let block = (obj.data.clone(), key.index);
+        self.claim_in(&obj, key.index)
+    }
+
+    /// Looks up blocks of one object version (every key in `keys` is of it) as [`Self::get`],
+    /// then [`Self::claim`] and `get` again (filled between the look and the claim?) do for
+    /// each, with the object's header checked and its files opened once for all of them, not
+    /// once per block: a cold read asks for every block of a file.
+    pub fn look_up(&self, keys: &[BlockKey], size: u64) -> Vec<Found> {
+        let Some(first) = keys.first() else {
+            return Vec::new();
+        };
+        let id = ObjectId::of(first);
+        let mut obj = self.object(&id, size, false);
+        let mut meta = obj.as_ref().and_then(|o| File::open(&o.meta).ok());
+        let data = OnceCell::new();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            debug_assert!(
+                k.key == first.key && k.version == first.version && k.store == first.store
+            );
+            let read = |obj: &Option<CachedObject>, meta: &Option<File>| match (obj, meta) {
+                (Some(o), Some(m)) => o.read_block_in(m, &data, k.index),
+                _ => None,
+            };
+            if let Some(b) = read(&obj, &meta) {
+                out.push(Found::Block(b));
+                continue;
+            }
+            if !self.writable() {
+                out.push(Found::Nothing);
+                continue;
+            }
+            if obj.is_none() {
+                obj = self.object(&id, size, true);
+                meta = obj.as_ref().and_then(|o| File::open(&o.meta).ok());
+            }
+            let claim = obj.as_ref().and_then(|o| self.claim_in(o, k.index));
+            out.push(match claim {
+                Some(Claim::Mine(guard)) => match read(&obj, &meta) {
+                    Some(b) => Found::Block(b),
+                    None => Found::Claim(Claim::Mine(guard)),
+                },
+                Some(theirs) => Found::Claim(theirs),
+                None => Found::Nothing,
+            });
+        }
+        out
+    }
+
+    /// [`Self::claim`] of block `index` of `obj`, whose header was checked.
+    fn claim_in(&self, obj: &CachedObject, index: u64) -> Option<Claim> {
+        let block = (obj.data.clone(), index);
         if !self.claims.filling.lock().unwrap().insert(block.clone()) {
             return Some(Claim::Theirs); // another handle of this process fills it
         }
@@ -566,7 +629,7 @@ impl DiskCache {
             locked: None,
         };
         let file = self.claim_file(&obj.data)?;
-        let start = key.index * BLOCK_SIZE;
+        let start = index * BLOCK_SIZE;
         match ofd_lock(&file.0, libc::F_WRLCK, libc::F_OFD_SETLK, start, BLOCK_SIZE) {
             Ok(true) => {
                 guard.locked = Some(file);
@@ -880,15 +943,26 @@ impl CachedObject {
     }
 
     fn read_block(&self, index: u64) -> Option<Bytes> {
+        let meta = File::open(&self.meta).ok()?;
+        self.read_block_in(&meta, &OnceCell::new(), index)
+    }
+
+    /// [`Self::read_block`] with the object's files open: `meta`, and `data` opened at the first
+    /// block that needs it (kept for the next ones).
+    fn read_block_in(
+        &self,
+        meta: &File,
+        data: &OnceCell<Option<File>>,
+        index: u64,
+    ) -> Option<Bytes> {
         if index >= self.blocks() {
             return None;
         }
-        let meta = File::open(&self.meta).ok()?;
-        let (len, sum) = self.entry(&meta, index)?;
+        let (len, sum) = self.entry(meta, index)?;
         if len as u64 != self.expected_len(index) {
             return None;
         }
-        let f = File::open(&self.data).ok()?;
+        let f = data.get_or_init(|| File::open(&self.data).ok()).as_ref()?;
         let mut buf = vec![0u8; len as usize];
         let ok = f.read_exact_at(&mut buf, index * BLOCK_SIZE).is_ok() && xxh3_64(&buf) == sum;
         if !ok {
@@ -1096,6 +1170,47 @@ pub(crate) mod tests {
         let f = OpenOptions::new().write(true).open(&data).unwrap();
         f.write_all_at(&[9u8; 100], 4096).unwrap();
         assert!(c.get(&key(0), size).is_none());
+    }
+
+    /// A batch lookup answers for each block what `get`, then `claim`, would: cached blocks
+    /// (verified: a corrupt one is a miss, claimed for filling), claims of this caller, blocks
+    /// another filler holds; and nothing to fill while writes are off.
+    #[test]
+    fn a_batch_lookup_finds_claims_and_waits_per_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
+        let size = 4 * BLOCK_SIZE;
+        let keys: Vec<BlockKey> = (0..4).map(key).collect();
+        // Nothing cached yet: every block is this caller's to fill.
+        let all = c.look_up(&keys, size);
+        assert!(
+            all.iter()
+                .all(|f| matches!(f, Found::Claim(Claim::Mine(_))))
+        );
+        drop(all);
+        c.put(&key(0), size, &vec![1u8; BLOCK_SIZE as usize]);
+        c.put(&key(1), size, &vec![2u8; BLOCK_SIZE as usize]);
+        let (data, _) = c.paths(&ObjectId::of(&key(0)));
+        OpenOptions::new()
+            .write(true)
+            .open(&data)
+            .unwrap()
+            .write_all_at(b"x", BLOCK_SIZE + 7)
+            .unwrap();
+        let held = c.claim(&key(3), size).unwrap();
+        let found = c.look_up(&keys, size);
+        assert!(matches!(&found[0], Found::Block(b) if b.iter().all(|&x| x == 1)));
+        assert!(
+            matches!(found[1], Found::Claim(Claim::Mine(_))),
+            "corrupt: a miss"
+        );
+        assert!(matches!(found[2], Found::Claim(Claim::Mine(_))));
+        assert!(matches!(found[3], Found::Claim(Claim::Theirs)), "held");
+        drop((found, held));
+        c.writes.lock().unwrap().off_until = Some(Instant::now() + Duration::from_secs(60));
+        let off = c.look_up(&keys, size);
+        assert!(matches!(off[0], Found::Block(_)));
+        assert!(off[1..].iter().all(|f| matches!(f, Found::Nothing)));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::disk::{CLAIM_WAIT, Claim, DiskCache, FillGuard};
+use super::disk::{CLAIM_WAIT, Claim, DiskCache, FillGuard, Found};
 use super::write_behind::{QUEUE_BYTES, WriteBehind};
 use super::{BLOCK_SIZE, BlockCache, BlockKey};
 use crate::metrics::{self, Tier};
@@ -345,10 +345,20 @@ async fn disk_lookup(
         // of claims costs the reader one CLAIM_WAIT, not one per block.
         let deadline = std::time::Instant::now() + CLAIM_WAIT;
         let mut said = false;
+        // Every block at once first: most are found or claimed by this caller.
+        let first = disk.look_up(&wanted, size);
         wanted
             .into_iter()
-            .map(|k| {
-                // A few rounds: found, claimed, or waited for and looked at again.
+            .zip(first)
+            .map(|(k, found)| {
+                match found {
+                    Found::Block(b) => return (k, BlockSource::Have(b)),
+                    Found::Claim(Claim::Mine(guard)) => return (k, BlockSource::Fetch(Some(guard))),
+                    Found::Nothing => return (k, BlockSource::Fetch(None)),
+                    Found::Claim(Claim::Theirs) => {}
+                }
+                // Being filled by another: a few rounds of waiting for it and looking again,
+                // until found, claimed, or taken over.
                 for _ in 0..3 {
                     if let Some(b) = disk.get(&k, size) {
                         return (k, BlockSource::Have(b));
