@@ -228,7 +228,7 @@ pub struct MountArgs {
 
     /// Global memory budget for read and upload buffers and the in-memory block cache, held
     /// whatever the number of open files; when it is used up, reads slow down but never fail.
-    /// Default: 160MiB, or in a container with a memory limit, half of (limit - 64MiB).
+    /// Default: 192MiB, or in a container with a memory limit, half of (limit - 64MiB).
     #[arg(long, env = "BUCKETFS_MAX_MEMORY", value_parser = parse_size, help_heading = "Reading")]
     pub max_memory: Option<u64>,
     /// Bytes per ranged GET when reading ahead (a multiple of 1MiB).

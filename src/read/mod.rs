@@ -87,8 +87,7 @@ pub struct ReadConfig {
     /// part must take much longer than that to transfer (8 MiB at ~100 MB/s per connection is
     /// ~80 ms) for latency to stop mattering; larger parts only raise memory per request.
     pub part_size: u64,
-    /// Most prefetch GETs in flight per stream. 8 parts of 8 MiB keep a 25 ms-latency link busy
-    /// at over 2 GB/s (bandwidth-delay product ~ 64 MiB), and fit the default memory budget.
+    /// Most prefetch GETs in flight per stream (see [`crate::config::READ_CONCURRENCY`]).
     pub concurrency: usize,
     /// The global budget for prefetch buffers and the memory tier (see [`crate::memory`]).
     pub max_memory: u64,
