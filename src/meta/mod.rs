@@ -414,8 +414,13 @@ impl Meta {
         at_bucket_root: bool,
         lock_prefix: &str,
     ) -> Arc<Meta> {
+        // Least recently used out, with no admission filter: moka's default (TinyLFU) refuses a
+        // new entry while the cache is full of entries asked for more often, so past its cap
+        // every entry a listing brings in (`ls -l` of a large directory) was refused and its
+        // lookup asked the store again.
         let cache = moka::sync::Cache::builder()
             .max_capacity(META_CACHE_BYTES)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .weigher(|k: &String, v: &Known| v.weight(k))
             .build();
         let listings = moka::sync::Cache::builder()
