@@ -574,6 +574,11 @@ impl DiskCache {
     /// then [`Self::claim`] and `get` again (filled between the look and the claim?) do for
     /// each, with the object's header checked and its files opened once for all of them, not
     /// once per block: a cold read asks for every block of a file.
+    ///
+    /// It stops after the first block that another filler holds (the answer is shorter than
+    /// `keys` then): claims are taken in block order, and a caller waiting for one block must
+    /// hold no claim on the blocks after it, or two fetches of overlapping ranges could each
+    /// wait for a block the other holds until the claim wait runs out.
     pub fn look_up(&self, keys: &[BlockKey], size: u64) -> Vec<Found> {
         let Some(first) = keys.first() else {
             return Vec::new();
@@ -609,7 +614,10 @@ impl DiskCache {
                     Some(b) => Found::Block(b),
                     None => Found::Claim(Claim::Mine(guard)),
                 },
-                Some(theirs) => Found::Claim(theirs),
+                Some(theirs) => {
+                    out.push(Found::Claim(theirs));
+                    break;
+                }
                 None => Found::Nothing,
             });
         }
@@ -1206,6 +1214,12 @@ pub(crate) mod tests {
         );
         assert!(matches!(found[2], Found::Claim(Claim::Mine(_))));
         assert!(matches!(found[3], Found::Claim(Claim::Theirs)), "held");
+        drop((found, held));
+        // Nothing claimed past a block another holds.
+        let held = c.claim(&key(1), size).unwrap();
+        let found = c.look_up(&keys, size);
+        assert_eq!(found.len(), 2, "stops at the held block");
+        assert!(matches!(found[1], Found::Claim(Claim::Theirs)));
         drop((found, held));
         c.writes.lock().unwrap().off_until = Some(Instant::now() + Duration::from_secs(60));
         let off = c.look_up(&keys, size);

@@ -345,20 +345,22 @@ async fn disk_lookup(
         // of claims costs the reader one CLAIM_WAIT, not one per block.
         let deadline = std::time::Instant::now() + CLAIM_WAIT;
         let mut said = false;
-        // Every block at once first: most are found or claimed by this caller.
-        let first = disk.look_up(&wanted, size);
+        // Every block at once first, up to the first one another filler holds; that one and
+        // the blocks after it one by one, in order (see `DiskCache::look_up`).
+        let mut first = disk.look_up(&wanted, size).into_iter();
         wanted
             .into_iter()
-            .zip(first)
-            .map(|(k, found)| {
-                match found {
-                    Found::Block(b) => return (k, BlockSource::Have(b)),
-                    Found::Claim(Claim::Mine(guard)) => return (k, BlockSource::Fetch(Some(guard))),
-                    Found::Nothing => return (k, BlockSource::Fetch(None)),
-                    Found::Claim(Claim::Theirs) => {}
+            .map(|k| {
+                match first.next() {
+                    Some(Found::Block(b)) => return (k, BlockSource::Have(b)),
+                    Some(Found::Claim(Claim::Mine(guard))) => {
+                        return (k, BlockSource::Fetch(Some(guard)));
+                    }
+                    Some(Found::Nothing) => return (k, BlockSource::Fetch(None)),
+                    Some(Found::Claim(Claim::Theirs)) | None => {}
                 }
-                // Being filled by another: a few rounds of waiting for it and looking again,
-                // until found, claimed, or taken over.
+                // Being filled by another, or after such a block: a few rounds of looking,
+                // claiming, or waiting and looking again, until found, claimed, or taken over.
                 for _ in 0..3 {
                     if let Some(b) = disk.get(&k, size) {
                         return (k, BlockSource::Have(b));
@@ -424,6 +426,50 @@ mod tests {
             .lines()
             .find_map(|l| l.strip_prefix("bucketfs_cache_write_dropped_blocks_total "))
             .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    /// A lookup waiting for a block another fetch holds holds no claim on the blocks after it,
+    /// so a fetch of an overlapping range that needs them is not kept waiting in turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_lookup_holds_no_claim_past_the_block_it_waits_for() {
+        let size = 4 * MIB;
+        let mem = Arc::new(MemStore::new("b"));
+        let obj = Bytes::from(vec![3u8; size as usize]);
+        mem.put("m", obj, Precondition::None).await.unwrap();
+        let version = mem.head("m").await.unwrap().version;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
+        let tiers = Arc::new(TieredCache::new(
+            mem.clone() as DynStore,
+            Arc::new(MemoryCache::new(0)),
+            Some(disk.clone()),
+        ));
+        let block = |index| BlockKey {
+            store: tiers.store_id.clone(),
+            key: "m".into(),
+            version: version.0.as_str().into(),
+            index,
+        };
+        let held = disk.claim(&block(1), size).unwrap();
+        assert!(matches!(held, Claim::Mine(_)));
+        let waiter = {
+            let (tiers, version) = (tiers.clone(), version.clone());
+            tokio::spawn(async move {
+                let lookup = tiers.look_up(&"m".into(), &version, size, 0, size).await;
+                tiers.fetch_missing(lookup).await.unwrap().concat()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            matches!(disk.claim(&block(2), size), Some(Claim::Mine(_))),
+            "block 2 is free while the lookup waits for block 1"
+        );
+        drop(held);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("no wait for the claim wait to run out")
+            .unwrap();
+        assert!(got.iter().all(|&b| b == 3) && got.len() == size as usize);
     }
 
     /// A disk writer that does not keep up (stopped here) never holds up a cold read: every read
