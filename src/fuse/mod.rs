@@ -52,6 +52,14 @@ use crate::metrics;
 /// (32 bytes) a 4 KiB reply holds, so a batch is seldom cut short by much.
 const READDIR_BATCH: usize = 128;
 
+/// Most entries in one `readdir` reply, however large the kernel's buffer (glibc sizes it by the
+/// directory's `st_blksize`, 1 MiB here, which holds about 25k entries): each entry's attributes
+/// were seen when its listing page came, and `ls -l` looks the entries up only after it got
+/// them, so a reply of 25k took longer to look up than `--metadata-ttl` (5 s) on a busy machine,
+/// and the last of them were asked of the store again. One listing page per reply keeps the
+/// lookups close behind the listing.
+const READDIR_REPLY_MAX: u64 = crate::meta::LIST_PAGE as u64;
+
 pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: tokio::runtime::Handle,
@@ -822,8 +830,8 @@ impl Filesystem for FuseAdapter {
             };
             // Offsets: 1 is ".", 2 is "..", 3 + i is entry i; each entry carries the offset of
             // the one after it, as the kernel expects. Entries come in batches from the offset
-            // asked for until the reply is full: a call costs what it returns. Offset 0 is the
-            // first call or `rewinddir`: the directory as it is now.
+            // asked for until the reply is full or holds `READDIR_REPLY_MAX`: a call costs what
+            // it returns. Offset 0 is the first call or `rewinddir`: the directory as it is now.
             if offset == 0
                 && let Err(e) = fs.rewinddir(fh.0).await
             {
@@ -839,7 +847,11 @@ impl Filesystem for FuseAdapter {
                 }
             }
             loop {
-                let batch = match fs.readdir(fh.0, next - 2, READDIR_BATCH).await {
+                let room = READDIR_REPLY_MAX.saturating_sub(next - offset) as usize;
+                if room == 0 {
+                    break;
+                }
+                let batch = match fs.readdir(fh.0, next - 2, READDIR_BATCH.min(room)).await {
                     Ok(b) => b,
                     // What was added stays good; the kernel asks again from the next offset.
                     Err(_) if next > offset => break,
