@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::Read;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
@@ -509,69 +509,4 @@ fn a_full_cache_disk_evicts_and_recovers() {
     let cached: u64 = data_files(cache.path()).iter().map(|p| allocated(p)).sum();
     assert!(cached >= 4 * MIB as u64, "f2 cached: {cached} bytes");
     assert!(m.log().contains("can be written again"), "{}", m.log());
-}
-
-/// Pages of the first `len` bytes of `f` in the page cache now.
-fn resident_pages(f: &std::fs::File, len: usize) -> usize {
-    use std::os::fd::AsRawFd;
-    let page = 4096;
-    let mut vec = vec![0u8; len.div_ceil(page)];
-    // SAFETY: a read-only shared mapping of an open file, unmapped before returning; mincore
-    // writes one byte per page of it into `vec`, which holds that many.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED);
-        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
-        libc::munmap(p, len);
-    }
-    vec.iter().filter(|&&b| b & 1 != 0).count()
-}
-
-/// A cold read fills the cache past the page cache (whole blocks go straight to the disk,
-/// `O_DIRECT`): the node's page cache gets no second copy of what the application read, and the
-/// cache file is whole and right (the next mount reads it without asking the bucket).
-#[test]
-fn a_cold_fill_writes_past_the_page_cache() {
-    let b = Backend::s3();
-    let data = pattern(8 * MIB, 5);
-    b.put_large("m.bin", &data);
-    let proxy = Proxy::start(&common::s3_endpoint());
-    let cache = tempfile::tempdir().unwrap();
-    {
-        let m = mount_cached(&b, &proxy, cache.path(), &[]);
-        assert!(read_all(&m.path("m.bin")) == data);
-    }
-    let files = data_files(cache.path());
-    assert_eq!(files.len(), 1, "{files:?}");
-    let f = std::fs::File::open(&files[0]).unwrap();
-    // The filesystem of the cache may refuse O_DIRECT (then it is written through the page
-    // cache, as it must be).
-    let probe = cache.path().join("probe");
-    std::fs::write(&probe, b"").unwrap();
-    let direct = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&probe)
-        .is_ok();
-    let resident = resident_pages(&f, data.len());
-    if direct {
-        assert_eq!(resident, 0, "pages of the cache file in the page cache");
-    } else {
-        eprintln!("the cache's filesystem refuses O_DIRECT: {resident} pages resident");
-    }
-    let fetched = proxy.bytes_down();
-    let m = mount_cached(&b, &proxy, cache.path(), &[]);
-    assert!(read_all(&m.path("m.bin")) == data);
-    let again = proxy.bytes_down() - fetched;
-    assert!(
-        again < MIB as u64,
-        "read from the cache, yet fetched {again} bytes"
-    );
 }

@@ -18,17 +18,6 @@
 //! does not match torn bytes (a miss): nothing reads as valid but wrong. Every read verifies the
 //! checksum; a bad block is dropped and fetched again, never returned.
 //!
-//! ## Writing past the page cache
-//! A cold read that fills the cache writes every byte it reads. Through the page cache that is a
-//! second copy of each block in the daemon (into page-cache pages), dirty pages for the kernel to
-//! track and write back, and memory the node's page cache gives to bytes the memory tier already
-//! holds: together more CPU than the rest of a cold read. So a whole block whose buffer, offset
-//! and length are page-aligned (the stores build blocks so) is written with `O_DIRECT`: the disk
-//! reads it from the block's own memory. Anything else (the short last block of an object, a
-//! buffer not aligned, a filesystem that refuses `O_DIRECT`) is written through the page cache as
-//! before. Either way the order is the same, data then entry, and the checksum is of the bytes
-//! handed to the write, so what a crash leaves is a miss, never a wrong block.
-//!
 //! ## Seals: handing a file to the kernel unverified
 //! FUSE passthrough lets the kernel read a fully cached object's data file itself, so those reads
 //! are never checksummed. A data file is handed over only if it is provably the bytes that were
@@ -89,7 +78,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -224,7 +213,6 @@ pub struct DiskCache {
     writes: Mutex<WriteState>,
     written_since_check: AtomicU64,
     claims: Arc<ClaimTable>,
-    direct: DirectWrites,
 }
 
 /// Whether the tier's writes are on, and when to try again if not.
@@ -325,60 +313,6 @@ fn ofd_lock(file: &File, kind: i32, cmd: i32, start: u64, len: u64) -> io::Resul
     }
 }
 
-/// Memory, offset and length alignment a direct write is given: a page, which is at least the
-/// logical block size of the disks a cache lives on (512 or 4096 bytes). A block whose buffer is
-/// not aligned (or the short last block of an object) is written through the page cache.
-const DIRECT_ALIGN: usize = 4096;
-
-/// Writes of block bytes with `O_DIRECT` (see "Writing past the page cache" in the module docs).
-#[derive(Debug)]
-struct DirectWrites {
-    /// Cleared for good once the filesystem refuses them (some network and FUSE filesystems).
-    supported: AtomicBool,
-    /// Blocks written so.
-    blocks: AtomicU64,
-}
-
-impl DirectWrites {
-    /// Writes `data` at `at` of `path` straight to the disk if it can; whether it did. `false`
-    /// (nothing written) when the bytes are not aligned for it or the filesystem refuses it:
-    /// the caller writes them through the page cache instead. Other errors are the write's.
-    fn write(&self, path: &Path, at: u64, data: &[u8]) -> io::Result<bool> {
-        let aligned = !data.is_empty()
-            && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
-            && data.len().is_multiple_of(DIRECT_ALIGN)
-            && at.is_multiple_of(DIRECT_ALIGN as u64);
-        if !aligned || !self.supported.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        let refused = |e: &io::Error| {
-            // EINVAL: no O_DIRECT on this filesystem, or another alignment than a page.
-            let no = e.raw_os_error() == Some(libc::EINVAL);
-            if no && self.supported.swap(false, Ordering::Relaxed) {
-                tracing::debug!(error = %e, "the disk cache's filesystem refuses direct writes; writing through the page cache");
-            }
-            no
-        };
-        let f = match OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
-            Ok(f) => f,
-            Err(e) if refused(&e) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        match f.write_all_at(data, at) {
-            Ok(()) => {
-                self.blocks.fetch_add(1, Ordering::Relaxed);
-                Ok(true)
-            }
-            Err(e) if refused(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-}
-
 fn entry_check(index: u64, len: u32, sum: u64) -> u32 {
     let mut buf = [0u8; 20];
     buf[..8].copy_from_slice(&index.to_le_bytes());
@@ -447,10 +381,6 @@ impl DiskCache {
             }),
             written_since_check: AtomicU64::new(0),
             claims: Arc::default(),
-            direct: DirectWrites {
-                supported: AtomicBool::new(true),
-                blocks: AtomicU64::new(0),
-            },
         })
     }
 
@@ -692,23 +622,15 @@ impl DiskCache {
         })
     }
 
-    /// Stores a block (the caller holds its claim), its bytes straight to the disk when they
-    /// are aligned for it (see "Writing past the page cache" in the module docs).
+    /// Stores a block (the caller holds its claim).
     pub fn put(&self, key: &BlockKey, size: u64, data: &[u8]) {
-        self.put_with(key, size, data, true);
-    }
-
-    /// [`Self::put`], through the page cache unless `direct`: a write-behind queue that falls
-    /// behind has the page cache absorb its backlog.
-    pub fn put_with(&self, key: &BlockKey, size: u64, data: &[u8], direct: bool) {
         if !self.writable() {
             return;
         }
         let Some(obj) = self.object(&ObjectId::of(key), size, true) else {
             return;
         };
-        let direct = direct.then_some(&self.direct);
-        if let Err(e) = obj.write_block(key.index, data, direct) {
+        if let Err(e) = obj.write_block(key.index, data) {
             self.write_failed(&e, &obj.meta);
             return;
         }
@@ -720,11 +642,6 @@ impl DiskCache {
             self.written_since_check.store(0, Ordering::Relaxed);
             self.evict();
         }
-    }
-
-    /// Blocks this cache wrote straight to the disk, past the page cache.
-    pub fn direct_writes(&self) -> u64 {
-        self.direct.blocks.load(Ordering::Relaxed)
     }
 
     /// Records a use of the object (for LRU eviction).
@@ -991,26 +908,12 @@ impl CachedObject {
         let _ = fs::set_permissions(&self.data, fs::Permissions::from_mode(0o600));
     }
 
-    /// Writes block `index`: its bytes (straight to the disk if `direct` allows, see "Writing
-    /// past the page cache" in the module docs), then its entry.
-    fn write_block(
-        &self,
-        index: u64,
-        data: &[u8],
-        direct: Option<&DirectWrites>,
-    ) -> io::Result<()> {
+    fn write_block(&self, index: u64, data: &[u8]) -> io::Result<()> {
         if data.len() as u64 != self.expected_len(index) {
             return Ok(()); // not a whole block: never cache partial blocks
         }
-        let at = index * BLOCK_SIZE;
-        let written = match direct {
-            Some(d) => d.write(&self.data, at, data)?,
-            None => false,
-        };
-        if !written {
-            let f = OpenOptions::new().write(true).open(&self.data)?;
-            f.write_all_at(data, at)?;
-        }
+        let f = OpenOptions::new().write(true).open(&self.data)?;
+        f.write_all_at(data, index * BLOCK_SIZE)?;
         let sum = xxh3_64(data);
         let len = data.len() as u32;
         let mut e = [0u8; ENTRY as usize];
@@ -1086,11 +989,11 @@ impl CachedObject {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use std::sync::Arc;
 
-    pub(crate) fn key(index: u64) -> BlockKey {
+    fn key(index: u64) -> BlockKey {
         BlockKey {
             store: Arc::from("mem://b"),
             key: Arc::from("k"),
@@ -1122,62 +1025,6 @@ pub(crate) mod tests {
         // Truncate the data file: a miss.
         f.set_len(3).unwrap();
         assert!(c.get(&key(1), size).is_none());
-    }
-
-    /// `len` bytes of `fill` starting on a page boundary (as the stores build blocks), or one
-    /// byte past it.
-    pub(crate) fn block_at(len: usize, fill: u8, aligned: bool) -> Bytes {
-        let buf = Bytes::from(vec![fill; len + 2 * DIRECT_ALIGN]);
-        let skip = buf.as_ptr().align_offset(DIRECT_ALIGN) + usize::from(!aligned);
-        buf.slice(skip..skip + len)
-    }
-
-    /// Whether the filesystem of `dir` takes `O_DIRECT` (not every one a test runs on does).
-    pub(crate) fn takes_direct(dir: &Path) -> bool {
-        let p = dir.join("probe");
-        fs::write(&p, b"").unwrap();
-        let ok = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&p)
-            .is_ok();
-        fs::remove_file(&p).unwrap();
-        ok
-    }
-
-    /// Whole, page-aligned blocks go straight to the disk; an unaligned buffer and the short
-    /// last block go through the page cache; every one reads back as written, and a block torn
-    /// after its write is still a miss.
-    #[test]
-    fn aligned_blocks_are_written_past_the_page_cache() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
-        let direct = takes_direct(dir.path());
-        let size = 2 * BLOCK_SIZE + 3 * DIRECT_ALIGN as u64 + 100;
-        let b0 = block_at(BLOCK_SIZE as usize, 1, true);
-        c.put(&key(0), size, &b0);
-        assert_eq!(c.direct_writes(), u64::from(direct), "aligned: direct");
-        c.put(&key(1), size, &block_at(BLOCK_SIZE as usize, 2, false));
-        c.put(&key(2), size, &block_at(3 * DIRECT_ALIGN + 100, 3, true));
-        // Aligned, but a caller that asks for the page cache gets it.
-        let mut other = key(0);
-        other.key = Arc::from("other");
-        c.put_with(
-            &other,
-            BLOCK_SIZE,
-            &block_at(BLOCK_SIZE as usize, 4, true),
-            false,
-        );
-        assert_eq!(c.direct_writes(), u64::from(direct), "the rest: buffered");
-        assert_eq!(c.get(&key(0), size).unwrap(), b0);
-        assert!(c.get(&key(1), size).unwrap().iter().all(|&b| b == 2));
-        assert_eq!(c.get(&key(2), size).unwrap().len(), 3 * DIRECT_ALIGN + 100);
-        assert!(c.get(&other, BLOCK_SIZE).unwrap().iter().all(|&b| b == 4));
-        // What a crash after the entry but during a later rewrite would leave: a miss.
-        let (data, _) = c.paths(&ObjectId::of(&key(0)));
-        let f = OpenOptions::new().write(true).open(&data).unwrap();
-        f.write_all_at(&[9u8; 100], 4096).unwrap();
-        assert!(c.get(&key(0), size).is_none());
     }
 
     /// A batch lookup answers for each block what `get`, then `claim`, would: cached blocks

@@ -18,14 +18,6 @@
 //! so a crash with blocks still queued leaves them missing, never wrong; seals are written only
 //! by a verification of the whole file, after `fdatasync`.
 //!
-//! ## Past the page cache, unless behind
-//! Blocks are written straight to the disk (`O_DIRECT`, see "Writing past the page cache" in
-//! [`super::disk`]), which costs the daemon almost no CPU: no copy into the page cache, no dirty
-//! pages for the kernel to track and write back. Such a write waits for the disk, one block at a
-//! time; when the queue holds more than half its bytes (a disk that does not keep up with the
-//! store, for a moment or for good), blocks go through the page cache instead, which takes them
-//! at memory speed, so the queue drains before it drops anything.
-//!
 //! ## When the disk is up to date
 //! [`WriteBehind::settle`] waits until the queued blocks of one object are written: the read
 //! path calls it when a handle is closed and before an open looks for a complete file, so that a
@@ -187,11 +179,8 @@ impl Shared {
                 && let Some(q) = st.queue.pop_front()
             {
                 st.writing = Some(q.key.clone());
-                // Past the page cache while the disk keeps up; a backlog of more than half the
-                // queue goes through it, which takes writes in at memory speed.
-                let direct = st.bytes <= self.limit / 2;
                 drop(st);
-                self.disk.put_with(&q.key, q.size, &q.data, direct);
+                self.disk.put(&q.key, q.size, &q.data);
                 let len = q.data.len() as u64;
                 drop(q); // the claim goes once the block is on disk
                 st = self.state.lock().unwrap();
@@ -205,41 +194,6 @@ impl Shared {
                 return;
             }
             st = self.changed.wait(st).unwrap();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cache::BLOCK_SIZE;
-    use crate::cache::disk::Claim;
-    use crate::cache::disk::tests::{block_at, key, takes_direct};
-
-    /// A backlog of more than half the queue goes through the page cache, the rest straight to
-    /// the disk; every block is written.
-    #[test]
-    fn a_backlog_is_written_through_the_page_cache() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
-        let writer = WriteBehind::new(disk.clone(), 4 * BLOCK_SIZE);
-        let size = 4 * BLOCK_SIZE;
-        writer.pause(true);
-        for i in 0..4 {
-            let Some(Claim::Mine(claim)) = disk.claim(&key(i), size) else {
-                panic!("block {i} claimed");
-            };
-            let data = block_at(BLOCK_SIZE as usize, i as u8, true);
-            assert!(writer.offer(key(i), size, data, claim));
-        }
-        writer.pause(false);
-        writer.flush();
-        // Queued 4 MiB, 3 MiB (more than half of 4): the page cache; 2 MiB, 1 MiB: direct.
-        let direct = if takes_direct(dir.path()) { 2 } else { 0 };
-        assert_eq!(disk.direct_writes(), direct);
-        for i in 0..4 {
-            let b = disk.get(&key(i), size).expect("written");
-            assert!(b.iter().all(|&x| x == i as u8), "block {i}");
         }
     }
 }

@@ -359,28 +359,13 @@ impl BlockBuilder {
         BlockBuilder {
             block,
             left: total,
-            current: Self::buffer(Self::reserve(block, total)),
+            current: BytesMut::with_capacity(Self::reserve(block, total)),
             blocks: Vec::with_capacity(total.div_ceil(block).min(1024) as usize),
         }
     }
 
     fn reserve(block: u64, left: u64) -> usize {
         block.min(left).min(Self::MAX_RESERVE) as usize
-    }
-
-    /// A buffer for `cap` bytes; from 64 KiB on, starting on a page boundary, so that the disk
-    /// cache can write the block straight from it (`O_DIRECT`, which needs aligned memory) instead
-    /// of copying it into the page cache. It costs at most a page more per block.
-    fn buffer(cap: usize) -> BytesMut {
-        const PAGE: usize = 4096;
-        if cap < 16 * PAGE {
-            return BytesMut::with_capacity(cap);
-        }
-        let mut b = BytesMut::with_capacity(cap + PAGE - 1);
-        let skip = b.as_ptr().align_offset(PAGE);
-        b.resize(skip, 0);
-        bytes::Buf::advance(&mut b, skip);
-        b
     }
 
     pub(crate) fn push(&mut self, mut chunk: Bytes) {
@@ -390,7 +375,7 @@ impl BlockBuilder {
                 .extend_from_slice(&chunk.split_to(room as usize));
             self.left = self.left.saturating_sub(room);
             if self.current.len() as u64 == self.block {
-                let next = Self::buffer(Self::reserve(self.block, self.left).max(1));
+                let next = BytesMut::with_capacity(Self::reserve(self.block, self.left).max(1));
                 self.blocks
                     .push(std::mem::replace(&mut self.current, next).freeze());
             }
@@ -519,25 +504,5 @@ mod tests {
             }
         }
         assert!(BlockBuilder::new(10, 0).finish().is_empty());
-    }
-
-    /// Large blocks start on a page boundary (what the disk cache's direct writes need), with
-    /// their bytes unchanged; a small last block need not.
-    #[test]
-    fn large_blocks_are_page_aligned() {
-        let block = 1 << 20;
-        let data: Vec<u8> = (0..3 * block + 5000).map(|i| (i % 251) as u8).collect();
-        let mut b = BlockBuilder::new(block as u64, data.len() as u64);
-        for c in data.chunks(65_537) {
-            b.push(Bytes::copy_from_slice(c));
-        }
-        let blocks = b.finish();
-        assert_eq!(blocks.len(), 4);
-        for (got, want) in blocks.iter().zip(data.chunks(block)) {
-            assert_eq!(&got[..], want);
-        }
-        for b in &blocks[..3] {
-            assert_eq!(b.as_ptr() as usize % 4096, 0);
-        }
     }
 }
