@@ -260,23 +260,23 @@ impl Mounted {
         }
     }
 
-    /// The daemon's pid here: the child's, or for a wrapped daemon the wrapper's only child.
-    pub fn daemon_pid(&self) -> i32 {
+    /// The daemon's pid here: the child's, or for a wrapped daemon the wrapper's only child
+    /// (`None` if it did not start within 10 s).
+    fn daemon_pid(&self) -> Option<i32> {
         let pid = self.child.id();
         if !self.wrapped {
-            return pid as i32;
+            return Some(pid as i32);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
                 .unwrap_or_default();
             if let Some(first) = children.split_whitespace().next() {
-                return first.parse().unwrap();
+                return first.parse().ok();
             }
-            assert!(
-                Instant::now() < deadline,
-                "the wrapped daemon did not start"
-            );
+            if Instant::now() > deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -302,8 +302,15 @@ impl Mounted {
 
     /// Sends `signal` to the daemon.
     pub fn signal(&self, signal: i32) {
-        // SAFETY: signalling our own child (or the daemon a wrapper of ours started).
-        unsafe { libc::kill(self.daemon_pid(), signal) };
+        match self.daemon_pid() {
+            // SAFETY: signalling our own child (or the daemon a wrapper of ours started).
+            Some(pid) => unsafe {
+                libc::kill(pid, signal);
+            },
+            // Not a second panic while unwinding (see `Drop`).
+            None if std::thread::panicking() => {}
+            None => panic!("the wrapped daemon did not start"),
+        }
     }
 
     /// The exit status, if the daemon exits within `timeout`.
@@ -328,16 +335,25 @@ impl Mounted {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Sends SIGTERM and waits for the exit status. A daemon that has not exited after 30 s is
+    /// killed, and the test fails (unless it is failing already: a second panic while unwinding
+    /// would abort the whole test binary, and every other test's daemon and mount would stay).
     pub fn stop(&mut self) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
-        match self.wait_exit(Duration::from_secs(30)) {
-            Some(s) => s,
-            None => {
-                let _ = self.child.kill();
-                panic!("bucketfs did not exit after SIGTERM:\n{}", self.log());
-            }
+        if let Some(s) = self.wait_exit(Duration::from_secs(30)) {
+            return s;
         }
+        self.signal(libc::SIGKILL);
+        let _ = self.child.kill();
+        let status = self
+            .child
+            .wait()
+            .expect("the wrapper or daemon is our child");
+        if !std::thread::panicking() {
+            panic!("bucketfs did not exit after SIGTERM:\n{}", self.log());
+        }
+        eprintln!("bucketfs did not exit after SIGTERM; killed");
+        status
     }
 }
 
