@@ -538,18 +538,19 @@ impl DiskCache {
                 obj = self.object(&id, size, true);
                 meta = obj.as_ref().and_then(|o| File::open(&o.meta).ok());
             }
-            let claim = obj.as_ref().and_then(|o| self.claim_in(o, k.index));
-            out.push(match claim {
+            let found = match obj.as_ref().and_then(|o| self.claim_in(o, k.index)) {
                 Some(Claim::Mine(guard)) => match read(&obj, &meta) {
                     Some(b) => Found::Block(b),
                     None => Found::Claim(Claim::Mine(guard)),
                 },
-                Some(theirs) => {
-                    out.push(Found::Claim(theirs));
-                    break;
-                }
+                Some(Claim::Theirs) => Found::Claim(Claim::Theirs),
                 None => Found::Nothing,
-            });
+            };
+            let theirs = matches!(found, Found::Claim(Claim::Theirs));
+            out.push(found);
+            if theirs {
+                break;
+            }
         }
         out
     }
