@@ -582,6 +582,19 @@ impl DiskCache {
     /// Waits until whoever fills block `index` is done (or died), or until `deadline`; the
     /// caller then looks again. Returns `false` if the claim was still held at the deadline.
     pub fn wait(&self, key: &BlockKey, size: u64, deadline: Instant) -> bool {
+        self.wait_or(key, size, deadline, &|| false)
+    }
+
+    /// [`Self::wait`], that also ends (returning `true`) as soon as `done` says the caller has
+    /// what it waits for another way: a block this process fetched is in its memory long before
+    /// it is on disk and the claim goes.
+    pub fn wait_or(
+        &self,
+        key: &BlockKey,
+        size: u64,
+        deadline: Instant,
+        done: &dyn Fn() -> bool,
+    ) -> bool {
         let Some(obj) = self.object(&ObjectId::of(key), size, false) else {
             return true;
         };
@@ -597,7 +610,7 @@ impl DiskCache {
             let theirs = !ours
                 && !ofd_lock(&probe, libc::F_WRLCK, libc::F_OFD_GETLK, start, BLOCK_SIZE)
                     .unwrap_or(true);
-            if !ours && !theirs {
+            if (!ours && !theirs) || done() {
                 return true;
             }
             let now = Instant::now();

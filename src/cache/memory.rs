@@ -47,6 +47,10 @@ impl BlockCache for MemoryCache {
         found
     }
 
+    fn peek(&self, key: &BlockKey) -> Option<Bytes> {
+        self.blocks.get(key)
+    }
+
     async fn put(&self, key: &BlockKey, data: Bytes) {
         self.blocks.insert(key.clone(), data);
         // Applying the pending insert and evictions costs little next to the 1 MiB block.

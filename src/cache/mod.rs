@@ -38,6 +38,9 @@ pub struct BlockKey {
 pub trait BlockCache: Send + Sync {
     /// The block's bytes, if cached.
     async fn get(&self, key: &BlockKey) -> Option<Bytes>;
+    /// The same without waiting and without counting a lookup, for a caller off the async
+    /// workers that looks again while it waits on a claim (see [`tiered`]).
+    fn peek(&self, key: &BlockKey) -> Option<Bytes>;
     /// Offers a block to the cache, which may keep it or not.
     async fn put(&self, key: &BlockKey, data: Bytes);
 }

@@ -4,7 +4,8 @@
 //! This is one policy in one place, so the read path asks for a range of blocks and does not
 //! know the tiers: [`TieredCache::look_up`] finds what the caches hold and claims, in the disk
 //! tier, the blocks this process will fill (waiting, boundedly, for blocks another process is
-//! filling right now: cross-process single-flight, see [`super::disk`]); then
+//! filling right now: cross-process single-flight, see [`super::disk`]; a block another fetch of
+//! this process is filling is taken from memory as soon as that fetch has it); then
 //! [`TieredCache::fetch_missing`] fetches the rest with one ranged GET per run of missing
 //! blocks. The two steps are apart so that a caller can take memory for the fetch only after the
 //! wait: a reader waiting on another process's fill holds no memory.
@@ -28,7 +29,7 @@ pub struct TieredCache {
     /// The node-shared disk tier, if `--cache-dir` is set and usable.
     disk: Option<Arc<DiskCache>>,
     /// The disk tier's write-behind queue, with the disk tier.
-    writer: Option<WriteBehind>,
+    writer: Option<Arc<WriteBehind>>,
 }
 
 /// What [`TieredCache::look_up`] found for a range: blocks in hand, and blocks to fetch (with
@@ -58,7 +59,9 @@ impl TieredCache {
             store_id: store.describe().into(),
             store,
             memory,
-            writer: disk.clone().map(|d| WriteBehind::new(d, queue_bytes)),
+            writer: disk
+                .clone()
+                .map(|d| Arc::new(WriteBehind::new(d, queue_bytes))),
             disk,
         }
     }
@@ -339,8 +342,17 @@ async fn disk_lookup(
     if wanted.is_empty() {
         return;
     }
-    let disk = disk.clone();
+    let (disk, memory, writer) = (disk.clone(), tiers.memory.clone(), tiers.writer.clone());
     let found = tokio::task::spawn_blocking(move || {
+        // A block claimed by another fetch of this process is in its hands as soon as that
+        // fetch has it (the memory tier, or the write-behind queue when the tier let it go),
+        // long before it is on disk and the claim goes: taken from there, it is neither waited
+        // for until written nor read back from the disk and verified again.
+        let in_hand = |k: &BlockKey| {
+            memory
+                .peek(k)
+                .or_else(|| writer.as_ref().and_then(|w| w.queued(k)))
+        };
         // One bound for the whole lookup, not per block: a stopped filler holding a part's worth
         // of claims costs the reader one CLAIM_WAIT, not one per block.
         let deadline = std::time::Instant::now() + CLAIM_WAIT;
@@ -352,30 +364,37 @@ async fn disk_lookup(
             .into_iter()
             .map(|k| {
                 match first.next() {
-                    Some(Found::Block(b)) => return (k, BlockSource::Have(b)),
+                    Some(Found::Block(b)) => return (k, BlockSource::Have(b), Tier::Disk),
                     Some(Found::Claim(Claim::Mine(guard))) => {
-                        return (k, BlockSource::Fetch(Some(guard)));
+                        return (k, BlockSource::Fetch(Some(guard)), Tier::Disk);
                     }
-                    Some(Found::Nothing) => return (k, BlockSource::Fetch(None)),
+                    Some(Found::Nothing) => return (k, BlockSource::Fetch(None), Tier::Disk),
                     Some(Found::Claim(Claim::Theirs)) | None => {}
                 }
                 // Being filled by another, or after such a block: a few rounds of looking,
                 // claiming, or waiting and looking again, until found, claimed, or taken over.
                 for _ in 0..3 {
+                    if let Some(b) = in_hand(&k) {
+                        return (k, BlockSource::Have(b), Tier::Memory);
+                    }
                     if let Some(b) = disk.get(&k, size) {
-                        return (k, BlockSource::Have(b));
+                        return (k, BlockSource::Have(b), Tier::Disk);
                     }
                     match disk.claim(&k, size) {
-                        None => return (k, BlockSource::Fetch(None)),
+                        None => return (k, BlockSource::Fetch(None), Tier::Disk),
                         Some(Claim::Mine(guard)) => {
                             // Filled between our look and our claim?
-                            if let Some(b) = disk.get(&k, size) {
-                                return (k, BlockSource::Have(b));
+                            if let Some(b) = in_hand(&k) {
+                                return (k, BlockSource::Have(b), Tier::Memory);
                             }
-                            return (k, BlockSource::Fetch(Some(guard)));
+                            if let Some(b) = disk.get(&k, size) {
+                                return (k, BlockSource::Have(b), Tier::Disk);
+                            }
+                            return (k, BlockSource::Fetch(Some(guard)), Tier::Disk);
                         }
                         Some(Claim::Theirs) => {
-                            if !disk.wait(&k, size, deadline) {
+                            let done = || in_hand(&k).is_some();
+                            if !disk.wait_or(&k, size, deadline, &done) {
                                 if !std::mem::replace(&mut said, true) {
                                     tracing::info!(
                                     key = %k.key,
@@ -385,24 +404,25 @@ async fn disk_lookup(
                                     );
                                 }
                                 metrics::claim_taken_over();
-                                return (k.clone(), BlockSource::Fetch(disk.take_over(&k, size)));
+                                let guard = disk.take_over(&k, size);
+                                return (k, BlockSource::Fetch(guard), Tier::Disk);
                             }
                         }
                     }
                 }
-                (k, BlockSource::Fetch(None))
+                (k, BlockSource::Fetch(None), Tier::Disk)
             })
             .collect::<Vec<_>>()
     })
     .await
     .unwrap_or_default();
-    for (k, src) in found {
+    for (k, src, tier) in found {
         let hit = match &src {
             BlockSource::Have(b) => Some(b.len() as u64),
             BlockSource::Fetch(_) => None,
         };
-        metrics::cache_lookup(Tier::Disk, hit);
-        if let BlockSource::Have(b) = &src {
+        metrics::cache_lookup(tier, hit);
+        if let (BlockSource::Have(b), Tier::Disk) = (&src, tier) {
             tiers.memory.put(&k, b.clone()).await;
         }
         sources[(k.index - first) as usize] = src;
@@ -470,6 +490,68 @@ mod tests {
             .expect("no wait for the claim wait to run out")
             .unwrap();
         assert!(got.iter().all(|&b| b == 3) && got.len() == size as usize);
+    }
+
+    /// A fetch that needs blocks another fetch of this process is bringing in takes them from
+    /// that fetch's hands once it has them: from the memory tier, or, when the tier keeps
+    /// nothing, from the write-behind queue. It neither waits for them to be on disk (the writer
+    /// is stopped here, so their claims stay held: a wait would run until the claim wait is out
+    /// and then fetch them again) nor asks the store twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocks_this_process_is_fetching_are_taken_from_its_hands_not_waited_for() {
+        use crate::store::mem::{Fault, Op};
+        let size = 4 * MIB;
+        let obj = Bytes::from((0..size).map(|i| (i * 5 % 251) as u8).collect::<Vec<u8>>());
+        for tier in [0, 64 * MIB] {
+            let mem = Arc::new(MemStore::new("b"));
+            mem.put("m", obj.clone(), Precondition::None).await.unwrap();
+            let version = mem.head("m").await.unwrap().version;
+            let dir = tempfile::tempdir().unwrap();
+            let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
+            let tiers = Arc::new(TieredCache::new(
+                mem.clone() as DynStore,
+                Arc::new(MemoryCache::new(tier)),
+                Some(disk.clone()),
+            ));
+            let writer = tiers.writer.clone().unwrap();
+            writer.pause(true);
+            mem.inject(Op::GetRange, Fault::Delay(Duration::from_millis(300)), 1);
+            let read = |tiers: Arc<TieredCache>, version: Version| async move {
+                let lookup = tiers.look_up(&"m".into(), &version, size, 0, size).await;
+                tiers.fetch_missing(lookup).await.unwrap().concat()
+            };
+            let first = tokio::spawn(read(tiers.clone(), version.clone()));
+            // The second lookup comes while the first fetch's GET runs, with its claims held.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let second = tokio::spawn(read(tiers.clone(), version.clone()));
+            let wait = CLAIM_WAIT / 2;
+            let (a, b) = tokio::time::timeout(wait, async {
+                (first.await.unwrap(), second.await.unwrap())
+            })
+            .await
+            .unwrap_or_else(|_| panic!("tier {tier}: the second read waited for the disk"));
+            assert!(
+                a == obj[..] && b == obj[..],
+                "tier {tier}: the object's bytes"
+            );
+            assert_eq!(mem.calls(Op::GetRange), 1, "tier {tier}: one GET");
+            let block = BlockKey {
+                store: tiers.store_id.clone(),
+                key: "m".into(),
+                version: version.0.as_str().into(),
+                index: 0,
+            };
+            assert!(
+                matches!(disk.claim(&block, size), Some(Claim::Theirs)),
+                "tier {tier}: the queued block keeps its claim"
+            );
+            writer.pause(false);
+            tiers.flush();
+            assert!(
+                disk.get(&block, size).is_some(),
+                "tier {tier}: then on disk"
+            );
+        }
     }
 
     /// A disk writer that does not keep up (stopped here) never holds up a cold read: every read

@@ -12,11 +12,15 @@
 //!
 //! ## The claim travels with the block
 //! A queued block keeps its fill claim (see [`super::disk`]) until it is written, so another
-//! process wanting it waits for it (bounded by the claim wait) instead of fetching it too. A
-//! dropped block releases its claim at once: a waiter in another process then finds neither the
-//! block nor a claim, and fetches it itself. Blocks are written as before (data, then entry),
-//! so a crash with blocks still queued leaves them missing, never wrong; seals are written only
-//! by a verification of the whole file, after `fdatasync`.
+//! process wanting it waits for it (bounded by the claim wait) instead of fetching it too. A fetch
+//! of this process that finds it claimed takes its bytes from the memory tier or from the queue
+//! ([`WriteBehind::queued`]) instead: it neither waits for the disk nor reads the block back from
+//! there and verifies it again (which cost a cold read with the cache on a read and a checksum
+//! of most blocks a second time, since the prefetch window and the reads it runs ahead of ask for
+//! overlapping ranges). A dropped block releases its claim at once: a waiter in another process
+//! then finds neither the block nor a claim, and fetches it itself. Blocks are written as before
+//! (data, then entry), so a crash with blocks still queued leaves them missing, never wrong;
+//! seals are written only by a verification of the whole file, after `fdatasync`.
 //!
 //! ## When the disk is up to date
 //! [`WriteBehind::settle`] waits until the queued blocks of one object are written: the read
@@ -60,8 +64,8 @@ struct State {
     queue: VecDeque<Queued>,
     /// Bytes queued, with the block being written.
     bytes: u64,
-    /// The block being written now.
-    writing: Option<BlockKey>,
+    /// The block being written now, with its bytes.
+    writing: Option<(BlockKey, Bytes)>,
     /// The writer stops taking blocks (a test's stand-in for a disk that does not keep up).
     paused: bool,
     /// The owner is gone: write what is queued, then stop.
@@ -133,11 +137,30 @@ impl WriteBehind {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 
+    /// The bytes of `block` if it is queued or being written: a lookup in this process that
+    /// finds the block claimed takes them from here instead of waiting for the disk and reading
+    /// them back from it.
+    pub fn queued(&self, block: &BlockKey) -> Option<Bytes> {
+        let st = self.shared.state.lock().unwrap();
+        if let Some((k, data)) = &st.writing
+            && k == block
+        {
+            return Some(data.clone());
+        }
+        st.queue
+            .iter()
+            .find(|q| q.key == *block)
+            .map(|q| q.data.clone())
+    }
+
     /// Waits until no block of the object of `block` is queued or being written.
     pub fn settle(&self, block: &BlockKey) {
         self.wait_until(|st| {
             !st.queue.iter().any(|q| same_object(&q.key, block))
-                && !st.writing.as_ref().is_some_and(|w| same_object(w, block))
+                && !st
+                    .writing
+                    .as_ref()
+                    .is_some_and(|(w, _)| same_object(w, block))
         });
     }
 
@@ -178,7 +201,7 @@ impl Shared {
             if !st.paused
                 && let Some(q) = st.queue.pop_front()
             {
-                st.writing = Some(q.key.clone());
+                st.writing = Some((q.key.clone(), q.data.clone()));
                 drop(st);
                 self.disk.put(&q.key, q.size, &q.data);
                 let len = q.data.len() as u64;
