@@ -48,6 +48,7 @@
 //! | `bucketfs_inodes` | | inodes the daemon keeps for the kernel |
 //! | `bucketfs_inode_bytes` | | what they cost, as counted against `--max-inode-memory` |
 //! | `bucketfs_inodes_dropped_total` | | entries the kernel was asked to drop because the inode table was over its cap |
+//! | `bucketfs_block_buffers_total` | `from` | 1 MiB buffers fetched blocks were cut into: used before (`pool`) or newly allocated (`new`) |
 
 use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
@@ -136,6 +137,7 @@ struct Metrics {
     inodes: Gauge,
     inode_bytes: Gauge,
     inodes_dropped: Counter,
+    block_buffers: Family<Labels<1>, Counter>,
 }
 
 impl Metrics {
@@ -186,6 +188,7 @@ impl Metrics {
             inodes: Gauge::default(),
             inode_bytes: Gauge::default(),
             inodes_dropped: Counter::default(),
+            block_buffers: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -403,6 +406,11 @@ impl Metrics {
             "inodes_dropped",
             "Entries the kernel was asked to drop because the inode table was over its cap",
             m.inodes_dropped.clone(),
+        );
+        r.register(
+            "block_buffers",
+            "1 MiB buffers fetched blocks were cut into, by where they came from (pool, new)",
+            m.block_buffers.clone(),
         );
         let info: Family<Labels<1>, Gauge> = Family::default();
         info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -744,6 +752,12 @@ pub fn inode_table(count: usize, bytes: u64) {
 /// The kernel was asked to drop `n` entries (the inode table was over its cap).
 pub fn inodes_dropped(n: usize) {
     METRICS.inodes_dropped.inc_by(n as u64);
+}
+
+/// A fetched block is cut into a buffer used before (`reused`) or a new one.
+pub fn block_buffer(reused: bool) {
+    let from = if reused { "pool" } else { "new" };
+    METRICS.block_buffers.get_or_create(&[("from", from)]).inc();
 }
 
 #[cfg(test)]

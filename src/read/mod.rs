@@ -80,6 +80,9 @@ use crate::store::{DynStore, StoreError, Version};
 use plan::ReadState;
 use sweep::Sweep;
 
+// Fetched blocks are cut into buffers used again only if they have the store's pooled size.
+const _: () = assert!(BLOCK_SIZE == crate::store::POOLED_BLOCK as u64);
+
 /// Read tuning, with the reasons for the defaults.
 #[derive(Clone, Debug)]
 pub struct ReadConfig {

@@ -17,6 +17,7 @@
 //!   [`decorate::Decorated`] store, which implements the trait once around a small hook.
 
 pub mod attrs;
+mod block_pool;
 pub mod decorate;
 pub mod gcs;
 pub mod local;
@@ -34,6 +35,10 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+
+/// The size of the blocks whose buffers are used again (see [`block_pool`]).
+pub(crate) use block_pool::BLOCK as POOLED_BLOCK;
+use block_pool::BlockPool;
 
 /// Longest object key S3 and GCS accept, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -341,12 +346,55 @@ pub(crate) async fn range_in_one_block<S: ObjectStore + ?Sized>(
 
 /// Cuts a response body into blocks of `block` bytes (the last may be shorter) as its chunks
 /// arrive, copying each byte once: the `get_blocks` of backends that stream their responses.
+/// Whole blocks of the cache's size are cut into buffers of the [`BlockPool`].
 pub(crate) struct BlockBuilder {
     block: u64,
     /// Bytes the body may still bring (the length of the range asked for).
     left: u64,
-    current: BytesMut,
+    current: Filling,
     blocks: Vec<Bytes>,
+    pool: &'static BlockPool,
+}
+
+/// The block being filled.
+enum Filling {
+    /// A whole block of [`block_pool::BLOCK`] bytes.
+    Pooled(block_pool::PooledBuf),
+    /// Any other: a block of another size, or the last one of a body.
+    Sized(BytesMut),
+}
+
+impl Filling {
+    fn new(block: u64, left: u64, pool: &'static BlockPool) -> Filling {
+        if block == block_pool::BLOCK as u64 && left >= block {
+            Filling::Pooled(pool.take())
+        } else {
+            Filling::Sized(BytesMut::with_capacity(
+                BlockBuilder::reserve(block, left).max(1),
+            ))
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Filling::Pooled(b) => b.len(),
+            Filling::Sized(b) => b.len(),
+        }
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        match self {
+            Filling::Pooled(b) => b.extend(bytes),
+            Filling::Sized(b) => b.extend_from_slice(bytes),
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            Filling::Pooled(b) => b.freeze(),
+            Filling::Sized(b) => b.freeze(),
+        }
+    }
 }
 
 impl BlockBuilder {
@@ -355,12 +403,17 @@ impl BlockBuilder {
 
     /// For a body of at most `total` bytes.
     pub(crate) fn new(block: u64, total: u64) -> BlockBuilder {
+        Self::with_pool(block, total, BlockPool::global())
+    }
+
+    fn with_pool(block: u64, total: u64, pool: &'static BlockPool) -> BlockBuilder {
         let block = block.max(1);
         BlockBuilder {
             block,
             left: total,
-            current: BytesMut::with_capacity(Self::reserve(block, total)),
+            current: Filling::new(block, total, pool),
             blocks: Vec::with_capacity(total.div_ceil(block).min(1024) as usize),
+            pool,
         }
     }
 
@@ -371,11 +424,10 @@ impl BlockBuilder {
     pub(crate) fn push(&mut self, mut chunk: Bytes) {
         while !chunk.is_empty() {
             let room = (self.block - self.current.len() as u64).min(chunk.len() as u64);
-            self.current
-                .extend_from_slice(&chunk.split_to(room as usize));
+            self.current.extend(&chunk.split_to(room as usize));
             self.left = self.left.saturating_sub(room);
             if self.current.len() as u64 == self.block {
-                let next = BytesMut::with_capacity(Self::reserve(self.block, self.left).max(1));
+                let next = Filling::new(self.block, self.left, self.pool);
                 self.blocks
                     .push(std::mem::replace(&mut self.current, next).freeze());
             }
@@ -383,7 +435,7 @@ impl BlockBuilder {
     }
 
     pub(crate) fn finish(mut self) -> Vec<Bytes> {
-        if !self.current.is_empty() {
+        if self.current.len() > 0 {
             self.blocks.push(self.current.freeze());
         }
         self.blocks
@@ -504,5 +556,44 @@ mod tests {
             }
         }
         assert!(BlockBuilder::new(10, 0).finish().is_empty());
+    }
+
+    #[test]
+    fn whole_blocks_are_cut_into_reused_buffers_and_a_tail_is_not() {
+        let pool: &'static BlockPool = Box::leak(Box::new(BlockPool::new()));
+        let block = POOLED_BLOCK as u64;
+        let data: Vec<u8> = (0..=255u8).cycle().take(2 * POOLED_BLOCK + 10).collect();
+        let cut = || {
+            let mut b = BlockBuilder::with_pool(block, data.len() as u64, pool);
+            for c in data.chunks(65_000) {
+                b.push(Bytes::copy_from_slice(c));
+            }
+            b.finish()
+        };
+        let blocks = cut();
+        let lens: Vec<usize> = blocks.iter().map(|b| b.len()).collect();
+        assert_eq!(lens, [POOLED_BLOCK, POOLED_BLOCK, 10]);
+        assert_eq!(blocks.concat(), data);
+        let at: Vec<*const u8> = blocks[..2].iter().map(|b| b.as_ptr()).collect();
+        drop(blocks);
+        assert_eq!(
+            pool.idle(),
+            2,
+            "the two whole blocks' buffers, not the tail's"
+        );
+        let again = cut();
+        assert_eq!(again.concat(), data);
+        assert_eq!(pool.idle(), 0);
+        let mut reused: Vec<*const u8> = again[..2].iter().map(|b| b.as_ptr()).collect();
+        reused.sort();
+        let mut at = at;
+        at.sort();
+        assert_eq!(reused, at, "cut into the same memory again");
+        // A block size other than the pooled one takes nothing from the pool.
+        drop(again);
+        let mut other = BlockBuilder::with_pool(block / 2, data.len() as u64, pool);
+        other.push(Bytes::copy_from_slice(&data));
+        assert_eq!(other.finish().len(), 5);
+        assert_eq!(pool.idle(), 2);
     }
 }
