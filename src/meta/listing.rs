@@ -229,8 +229,7 @@ impl DirStream {
         if meta.changes.seen(&self.dir_key) != self.since {
             // What this page's entries told (`push`) is older than a change: forgotten.
             for e in self.entries.range(before..) {
-                meta.cache
-                    .invalidate(&format!("{}{}", self.dir_key, e.name));
+                meta.forget_listed(&format!("{}{}", self.dir_key, e.name));
             }
             meta.listings.invalidate(&self.dir_key);
         }
@@ -309,7 +308,7 @@ impl DirStream {
     fn push(&mut self, e: DirEntry) {
         if e.stat.user.is_some() {
             self.meta
-                .remember(format!("{}{}", self.dir_key, e.name), Some(e.stat.clone()));
+                .remember_listed(&format!("{}{}", self.dir_key, e.name), &e.stat);
         }
         let w = weight(&e.name, Some(&e.stat));
         self.bytes += w;
