@@ -30,6 +30,40 @@ pub struct TieredCache {
     disk: Option<Arc<DiskCache>>,
     /// The disk tier's write-behind queue, with the disk tier.
     writer: Option<Arc<WriteBehind>>,
+    /// Told whenever fetched blocks are in the memory tier and the queue: lookups waiting on
+    /// this process's claims look again then.
+    landed: Arc<Landed>,
+}
+
+/// Wakes lookups waiting on a claim of this process when the blocks of a fetch have landed
+/// (see [`disk_lookup`]), instead of their looking again only every few milliseconds.
+#[derive(Default)]
+struct Landed {
+    fetches: std::sync::Mutex<u64>,
+    changed: std::sync::Condvar,
+}
+
+impl Landed {
+    fn tell(&self) {
+        *self.fetches.lock().unwrap() += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `d` until `has()`, looking again whenever a fetch lands. Whether it has.
+    fn wait_for(&self, d: std::time::Duration, has: impl Fn() -> bool) -> bool {
+        let end = std::time::Instant::now() + d;
+        let mut fetches = self.fetches.lock().unwrap();
+        loop {
+            if has() {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= end {
+                return false;
+            }
+            fetches = self.changed.wait_timeout(fetches, end - now).unwrap().0;
+        }
+    }
 }
 
 /// What [`TieredCache::look_up`] found for a range: blocks in hand, and blocks to fetch (with
@@ -63,6 +97,7 @@ impl TieredCache {
                 .clone()
                 .map(|d| Arc::new(WriteBehind::new(d, queue_bytes))),
             disk,
+            landed: Arc::default(),
         }
     }
 
@@ -304,6 +339,7 @@ impl BlockRange {
                     let disk = disk.clone();
                     // The claims (guards) are released once the blocks are on disk.
                     let _ = tokio::task::spawn_blocking(move || {
+                        let mut disk = disk.writer();
                         for (k, b, _guard) in to_disk {
                             disk.put(&k, size, &b);
                         }
@@ -312,6 +348,7 @@ impl BlockRange {
                 }
                 (None, _, _) => {}
             }
+            tiers.landed.tell();
         }
         Ok(sources
             .into_iter()
@@ -343,6 +380,7 @@ async fn disk_lookup(
         return;
     }
     let (disk, memory, writer) = (disk.clone(), tiers.memory.clone(), tiers.writer.clone());
+    let landed = tiers.landed.clone();
     let found = tokio::task::spawn_blocking(move || {
         // A block claimed by another fetch of this process is in its hands as soon as that
         // fetch has it (the memory tier, or the write-behind queue when the tier let it go),
@@ -393,8 +431,8 @@ async fn disk_lookup(
                             return (k, BlockSource::Fetch(Some(guard)), Tier::Disk);
                         }
                         Some(Claim::Theirs) => {
-                            let done = || in_hand(&k).is_some();
-                            if !disk.wait_or(&k, size, deadline, &done) {
+                            let pause = |d| landed.wait_for(d, || in_hand(&k).is_some());
+                            if !disk.wait_or(&k, size, deadline, &pause) {
                                 if !std::mem::replace(&mut said, true) {
                                     tracing::info!(
                                     key = %k.key,
@@ -448,22 +486,38 @@ mod tests {
             .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 
-    /// A lookup waiting for a block another fetch holds holds no claim on the blocks after it,
-    /// so a fetch of an overlapping range that needs them is not kept waiting in turn.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_waiting_lookup_holds_no_claim_past_the_block_it_waits_for() {
-        let size = 4 * MIB;
+    /// A store holding `obj` as "m", and tiers in front of it with a memory tier of `tier`
+    /// bytes and a disk tier in a fresh directory (kept alive by the returned guard).
+    async fn tiers_over(
+        obj: Bytes,
+        tier: u64,
+    ) -> (
+        Arc<MemStore>,
+        Version,
+        tempfile::TempDir,
+        Arc<DiskCache>,
+        Arc<TieredCache>,
+    ) {
         let mem = Arc::new(MemStore::new("b"));
-        let obj = Bytes::from(vec![3u8; size as usize]);
         mem.put("m", obj, Precondition::None).await.unwrap();
         let version = mem.head("m").await.unwrap().version;
         let dir = tempfile::tempdir().unwrap();
         let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
         let tiers = Arc::new(TieredCache::new(
             mem.clone() as DynStore,
-            Arc::new(MemoryCache::new(0)),
+            Arc::new(MemoryCache::new(tier)),
             Some(disk.clone()),
         ));
+        (mem, version, dir, disk, tiers)
+    }
+
+    /// A lookup waiting for a block another fetch holds holds no claim on the blocks after it,
+    /// so a fetch of an overlapping range that needs them is not kept waiting in turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_lookup_holds_no_claim_past_the_block_it_waits_for() {
+        let size = 4 * MIB;
+        let obj = Bytes::from(vec![3u8; size as usize]);
+        let (_mem, version, _dir, disk, tiers) = tiers_over(obj, 0).await;
         let block = |index| BlockKey {
             store: tiers.store_id.clone(),
             key: "m".into(),
@@ -503,16 +557,7 @@ mod tests {
         let size = 4 * MIB;
         let obj = Bytes::from((0..size).map(|i| (i * 5 % 251) as u8).collect::<Vec<u8>>());
         for tier in [0, 64 * MIB] {
-            let mem = Arc::new(MemStore::new("b"));
-            mem.put("m", obj.clone(), Precondition::None).await.unwrap();
-            let version = mem.head("m").await.unwrap().version;
-            let dir = tempfile::tempdir().unwrap();
-            let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
-            let tiers = Arc::new(TieredCache::new(
-                mem.clone() as DynStore,
-                Arc::new(MemoryCache::new(tier)),
-                Some(disk.clone()),
-            ));
+            let (mem, version, _dir, disk, tiers) = tiers_over(obj.clone(), tier).await;
             let writer = tiers.writer.clone().unwrap();
             writer.pause(true);
             mem.inject(Op::GetRange, Fault::Delay(Duration::from_millis(300)), 1);
@@ -552,6 +597,39 @@ mod tests {
                 "tier {tier}: then on disk"
             );
         }
+    }
+
+    /// The disk writer keeps the files of the object it writes open only while it has blocks
+    /// to write: idle, it holds no descriptor in the cache, so an object evicted later frees its
+    /// space at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_disk_writer_holds_no_cache_file_open() {
+        let size = 8 * MIB;
+        let obj = Bytes::from(vec![4u8; size as usize]);
+        let (_mem, version, dir, disk, tiers) = tiers_over(obj, 0).await;
+        let lookup = tiers.look_up(&"m".into(), &version, size, 0, size).await;
+        tiers.fetch_missing(lookup).await.unwrap();
+        tiers.flush();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let open_in_cache = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|p| p.starts_with(&root))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while open_in_cache() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(open_in_cache(), 0, "descriptors left open in the cache");
+        let id = ObjectId {
+            store: &tiers.store_id,
+            key: "m",
+            version: &version.0,
+        };
+        assert!(disk.complete_file(&id, size).is_some(), "all written");
     }
 
     /// A disk writer that does not keep up (stopped here) never holds up a cold read: every read

@@ -196,6 +196,8 @@ impl Drop for WriteBehind {
 
 impl Shared {
     fn run(&self) {
+        // Keeps the files of the object being written open from one block to the next.
+        let mut disk = self.disk.writer();
         let mut st = self.state.lock().unwrap();
         loop {
             if !st.paused
@@ -203,7 +205,7 @@ impl Shared {
             {
                 st.writing = Some((q.key.clone(), q.data.clone()));
                 drop(st);
-                self.disk.put(&q.key, q.size, &q.data);
+                disk.put(&q.key, q.size, &q.data);
                 let len = q.data.len() as u64;
                 drop(q); // the claim goes once the block is on disk
                 st = self.state.lock().unwrap();
@@ -216,6 +218,9 @@ impl Shared {
             if st.closed && st.queue.is_empty() {
                 return;
             }
+            // Nothing to write: no file is held open while idle (an evicted object's space is
+            // freed only once its files are closed).
+            disk.close();
             st = self.changed.wait(st).unwrap();
         }
     }
