@@ -661,4 +661,39 @@ mod tests {
         let fetched = settled(|| mem.calls(Op::GetRange) - gets, want).await;
         assert_eq!(fetched, want, "the prefetch has a budget of its own");
     }
+
+    #[tokio::test]
+    async fn the_prefetch_of_opens_does_not_hold_up_a_stat_walk() {
+        use super::IN_FLIGHT;
+        // Files over --small-file-get in both directories (a HEAD each): b/ is read with `cat`,
+        // a/ walked with `stat`.
+        let mem = dir_of("a", 300, 2000).await;
+        for i in 0..20 {
+            let body = Bytes::from(vec![b'y'; 2000]);
+            mem.put(&format!("b/f{i:02}"), body, Precondition::None)
+                .await
+                .unwrap();
+        }
+        let fs = fs_over(&mem, 4096);
+        let a = fs.lookup(ROOT_INO, "a").await.unwrap().ino;
+        let b = fs.lookup(ROOT_INO, "b").await.unwrap().ino;
+        let (got, _) = cat(&fs, b, "f00").await;
+        assert_eq!(got.len(), 2000);
+        // The prefetch's GETs never come back: as many as it may have on their way hang.
+        let gets = mem.calls(Op::GetRange);
+        mem.inject(Op::GetRange, crate::store::mem::Fault::Hang, IN_FLIGHT);
+        let attr = fs.lookup(b, "f01").await.unwrap();
+        let o = fs.open(attr.ino, OpenMode::READ).await.unwrap();
+        fs.release(o.fh).await;
+        let hung = IN_FLIGHT as u64;
+        let fetching = settled(|| mem.calls(Op::GetRange) - gets, hung).await;
+        assert_eq!(fetching, hung, "IN_FLIGHT prefetch GETs on their way");
+        // Meanwhile `ls -l a`: after 64 names in order, the walk has asked 128.
+        let heads = settled(|| mem.calls(Op::Head), 0).await;
+        for i in 0..64 {
+            fs.lookup(a, &format!("g{i:03}")).await.unwrap();
+        }
+        let asked = settled(|| mem.calls(Op::Head) - heads, 128).await;
+        assert_eq!(asked, 128, "the walk has a budget of its own");
+    }
 }
