@@ -180,8 +180,13 @@ pub fn serve(
         };
         if let Some(r) = ended_externally {
             return match r {
-                Ok(Err(e)) => Err(format!("FUSE session failed: {e}")),
-                Ok(Ok(())) | Err(_) => lost,
+                // The kernel ends the connection of a filesystem gone from every namespace (the
+                // last file of a lazy unmount closed) by aborting it: a reader thread blocked in
+                // `read` then gets ECONNABORTED where the library expects ENODEV. The same end.
+                Ok(Err(e)) if e.raw_os_error() != Some(libc::ECONNABORTED) => {
+                    Err(format!("FUSE session failed: {e}"))
+                }
+                Ok(_) | Err(_) => lost,
             };
         }
         unmount(&mut unmounter, mountpoint);

@@ -225,7 +225,7 @@ fn mount_returns_once_the_mount_answers_and_umount_ends_the_daemon_after_its_upl
             .trim_matches('/')
             .replace('/', "-")
     );
-    let log = std::fs::read_to_string(cache.join("logs").join(log_name)).unwrap();
+    let log = std::fs::read_to_string(cache.join("logs").join(&log_name)).unwrap();
     assert!(log.contains("the mount answers"), "{log}");
 
     // A file written and closed, and one still being written when the mount is detached.
@@ -237,10 +237,12 @@ fn mount_returns_once_the_mount_answers_and_umount_ends_the_daemon_after_its_upl
     assert!(!is_mounted(&place.mnt));
     open.write_all(&big[1 << 20..]).unwrap();
     drop(open);
+    let status = wait_exit(pid, Duration::from_secs(30));
+    let log = std::fs::read_to_string(cache.join("logs").join(&log_name)).unwrap_or_default();
     assert_eq!(
-        wait_exit(pid, Duration::from_secs(30)),
+        status,
         Some(0),
-        "the daemon exits 0 once the unmounted filesystem is released"
+        "the daemon exits 0 once the unmounted filesystem is released; its log:\n{log}"
     );
     assert_eq!(rt.block_on(s3_object(&bucket, "closed.bin")), big);
     assert_eq!(rt.block_on(s3_object(&bucket, "open.bin")), big);
