@@ -490,8 +490,7 @@ impl Meta {
         let (dir, _) = split_key(path_key);
         self.changes.count(path_key);
         self.changes.count(dir);
-        self.cache.invalidate(path_key);
-        self.listed.remove(path_key);
+        self.forget_listed(path_key);
         self.resolve_flights.forget(path_key);
         self.listings.invalidate(dir);
     }
@@ -530,7 +529,8 @@ impl Meta {
         }
     }
 
-    /// Forgets what the listing of an entry said of it (a change overtook the listing).
+    /// Forgets what the attribute cache and the recent listings say of `path_key` (a change
+    /// overtook a listing; [`Meta::invalidate`] also counts the change).
     fn forget_listed(&self, path_key: &str) {
         self.cache.invalidate(path_key);
         self.listed.remove(path_key);
