@@ -553,13 +553,15 @@ mod tests {
     async fn dir_of(dir: &str, n: usize, size: usize) -> std::sync::Arc<MemStore> {
         let mem = std::sync::Arc::new(MemStore::new("b"));
         mem.list_without_metadata(true);
-        for i in 0..n {
-            let body = Bytes::from(vec![b'x'; size]);
-            mem.put(&format!("{dir}/g{i:03}"), body, Precondition::None)
-                .await
-                .unwrap();
-        }
+        let files = (0..n).map(|i| (format!("{dir}/g{i:03}"), Bytes::from(vec![b'x'; size])));
+        put_all(&mem, files).await;
         mem
+    }
+
+    async fn put_all(mem: &MemStore, files: impl IntoIterator<Item = (String, Bytes)>) {
+        for (key, body) in files {
+            mem.put(&key, body, Precondition::None).await.unwrap();
+        }
     }
 
     /// `count()` once it reached `want` (or a second went by) and nothing more came.
@@ -621,12 +623,8 @@ mod tests {
         use super::{AHEAD, LOOKUPS_IN_FLIGHT};
         // Files over --small-file-get in a/ (a HEAD each), small ones in b/.
         let mem = dir_of("a", 300, 2000).await;
-        for i in 0..20 {
-            let body = Bytes::from(format!("file {i:02}"));
-            mem.put(&format!("b/f{i:02}"), body, Precondition::None)
-                .await
-                .unwrap();
-        }
+        let files = (0..20).map(|i| (format!("b/f{i:02}"), Bytes::from(format!("file {i:02}"))));
+        put_all(&mem, files).await;
         let fs = fs_over(&mem, 1024);
         let a = fs.lookup(ROOT_INO, "a").await.unwrap().ino;
         let b = fs.lookup(ROOT_INO, "b").await.unwrap().ino;
@@ -668,12 +666,8 @@ mod tests {
         // Files over --small-file-get in both directories (a HEAD each): b/ is read with `cat`,
         // a/ walked with `stat`.
         let mem = dir_of("a", 300, 2000).await;
-        for i in 0..20 {
-            let body = Bytes::from(vec![b'y'; 2000]);
-            mem.put(&format!("b/f{i:02}"), body, Precondition::None)
-                .await
-                .unwrap();
-        }
+        let files = (0..20).map(|i| (format!("b/f{i:02}"), Bytes::from(vec![b'y'; 2000])));
+        put_all(&mem, files).await;
         let fs = fs_over(&mem, 4096);
         let a = fs.lookup(ROOT_INO, "a").await.unwrap().ino;
         let b = fs.lookup(ROOT_INO, "b").await.unwrap().ino;
