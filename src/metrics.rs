@@ -47,6 +47,7 @@
 //! | `bucketfs_small_file_prefetch_total` | `result` | small files fetched ahead of their open (`fetched`), opens that found them (`hit`), and small files read whole by the GET that asked their attributes (`read_at_lookup`) |
 //! | `bucketfs_inodes` | | inodes the daemon keeps for the kernel |
 //! | `bucketfs_inode_bytes` | | what they cost, as counted against `--max-inode-memory` |
+//! | `bucketfs_inode_bytes_dropping` | | of those, the bytes of inodes the kernel was asked to drop and has not forgotten yet |
 //! | `bucketfs_inodes_dropped_total` | | entries the kernel was asked to drop because the inode table was over its cap |
 //! | `bucketfs_block_buffers_total` | `from` | 1 MiB buffers fetched blocks were cut into: used before (`pool`) or newly allocated (`new`) |
 
@@ -136,6 +137,7 @@ struct Metrics {
     small_file_prefetch: Family<Labels<1>, Counter>,
     inodes: Gauge,
     inode_bytes: Gauge,
+    inode_bytes_dropping: Gauge,
     inodes_dropped: Counter,
     block_buffers: Family<Labels<1>, Counter>,
 }
@@ -187,6 +189,7 @@ impl Metrics {
             small_file_prefetch: Family::default(),
             inodes: Gauge::default(),
             inode_bytes: Gauge::default(),
+            inode_bytes_dropping: Gauge::default(),
             inodes_dropped: Counter::default(),
             block_buffers: Family::default(),
         };
@@ -401,6 +404,11 @@ impl Metrics {
             "inode_bytes",
             "Bytes of the inode table, as counted against --max-inode-memory",
             m.inode_bytes.clone(),
+        );
+        r.register(
+            "inode_bytes_dropping",
+            "Bytes of the inode table the kernel was asked to drop and has not forgotten yet",
+            m.inode_bytes_dropping.clone(),
         );
         r.register(
             "inodes_dropped",
@@ -743,10 +751,11 @@ pub fn small_file_prefetch(result: &'static str) {
         .inc();
 }
 
-/// The inode table holds `count` inodes costing `bytes`.
-pub fn inode_table(count: usize, bytes: u64) {
+/// The inode table holds `count` inodes costing `bytes`, `dropping` of them asked to be dropped.
+pub fn inode_table(count: usize, bytes: u64, dropping: u64) {
     METRICS.inodes.set(count as i64);
     METRICS.inode_bytes.set(bytes as i64);
+    METRICS.inode_bytes_dropping.set(dropping as i64);
 }
 
 /// The kernel was asked to drop `n` entries (the inode table was over its cap).

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use common::backend::Backend;
-use common::{free_addr, metric};
+use common::{free_addr, http_get, metric, sample};
 
 /// With `d1/` before them and `f01000.d/` among them, 1996 files put `s` and `s-1` at the end of
 /// the second page of 1000 keys and `s/`, which shadows `s`, first on the third.
@@ -198,6 +198,13 @@ fn inodes_bounded_by_their_cap(b: Backend) {
     // Open all along: never dropped, and still readable at the end.
     let mut open = std::fs::File::open(m.path("many/f00000")).unwrap();
     let bytes = "bucketfs_inode_bytes";
+    // What the table holds besides the inodes it asked the kernel to drop: the cap bounds it
+    // (over it by the inodes of one scrape's forgets at most). The dropped ones leave as fast as
+    // the kernel answers, which on a loaded machine is well after the listing moved on.
+    let held = |http: &str| {
+        let metrics = http_get(http, "/metrics").1;
+        sample(&metrics, bytes) - sample(&metrics, "bucketfs_inode_bytes_dropping")
+    };
     let mut peak = 0.0f64;
     // `ls -l`: readdir, and a stat of every entry in readdir order.
     let stat_all = |peak: &mut f64| {
@@ -210,7 +217,7 @@ fn inodes_bounded_by_their_cap(b: Backend) {
             assert!(md.is_file(), "{name}");
             assert_eq!(md.len(), size_of_file(i), "{name}");
             if n % 100 == 0 {
-                *peak = peak.max(metric(&http, bytes));
+                *peak = peak.max(held(&http));
             }
             seen += 1;
         }
@@ -220,14 +227,12 @@ fn inodes_bounded_by_their_cap(b: Backend) {
     let dropped = metric(&http, "bucketfs_inodes_dropped_total");
     // Without the cap the table would hold every entry: 3000 inodes, about 1.8 MB.
     assert!(dropped > 0.0, "the kernel was asked to drop entries");
-    // The kernel's FORGETs come as it releases the inodes; a few may still be on their way
-    // when a sample is taken.
     assert!(
-        peak <= 1.5 * INODE_CAP as f64,
-        "inode table {peak} bytes, cap {INODE_CAP}"
+        peak <= 1.05 * INODE_CAP as f64,
+        "inode table {peak} bytes besides those being dropped, cap {INODE_CAP}"
     );
     let mut settled = f64::MAX;
-    for _ in 0..50 {
+    for _ in 0..100 {
         settled = metric(&http, bytes);
         if settled <= INODE_CAP as f64 {
             break;
@@ -246,8 +251,8 @@ fn inodes_bounded_by_their_cap(b: Backend) {
     // Every entry still stats right: dropped names are looked up again.
     stat_all(&mut peak);
     assert!(
-        peak <= 1.5 * INODE_CAP as f64,
-        "{peak} bytes, cap {INODE_CAP}"
+        peak <= 1.05 * INODE_CAP as f64,
+        "{peak} bytes besides those being dropped, cap {INODE_CAP}"
     );
     use std::io::Read;
     let mut body = Vec::new();

@@ -212,6 +212,12 @@ impl InodeTable {
         (self.by_ino.len(), self.bytes)
     }
 
+    /// Bytes of the inodes the kernel was asked to drop and has not forgotten yet: what the
+    /// table may hold over its cap besides open files and directories.
+    pub fn dropping_bytes(&self) -> u64 {
+        self.dropping_bytes
+    }
+
     /// The object key of `ino`: its parent's key and its name, with a `/` for a directory.
     pub fn key(&self, ino: u64) -> Option<String> {
         let mut names = Vec::new();

@@ -297,21 +297,28 @@ impl Fs {
     /// Records that the kernel now holds a reference to (parent, name) with `stat`; over the
     /// table's cap, asks the kernel to drop the least recently used entries.
     fn remember(&self, parent: u64, name: &str, stat: Stat) -> Attr {
-        let (ino, to_drop, usage) = {
+        let (ino, to_drop) = {
             let mut t = self.inodes.lock().unwrap();
             let ino = t.remember(parent, name, &stat);
             let to_drop = match self.dropper.get() {
                 Some(_) => t.shed(),
                 None => Vec::new(),
             };
-            (ino, to_drop, t.usage())
+            Self::report_inodes(&t);
+            (ino, to_drop)
         };
-        crate::metrics::inode_table(usage.0, usage.1);
         if !to_drop.is_empty() {
             crate::metrics::inodes_dropped(to_drop.len());
             (self.dropper.get().expect("checked"))(to_drop);
         }
         self.attr(ino, &stat)
+    }
+
+    /// Sets the inode table's gauges, under its lock: set after it, two updates could leave the
+    /// bytes of one and the dropping bytes of the other.
+    fn report_inodes(t: &InodeTable) {
+        let (count, bytes) = t.usage();
+        crate::metrics::inode_table(count, bytes, t.dropping_bytes());
     }
 
     /// Sets how the kernel is asked to drop entries (once; see `inodes`).
@@ -362,12 +369,9 @@ impl Fs {
     }
 
     pub fn forget(&self, ino: u64, nlookup: u64) {
-        let usage = {
-            let mut t = self.inodes.lock().unwrap();
-            t.forget(ino, nlookup);
-            t.usage()
-        };
-        crate::metrics::inode_table(usage.0, usage.1);
+        let mut t = self.inodes.lock().unwrap();
+        t.forget(ino, nlookup);
+        Self::report_inodes(&t);
     }
 
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {

@@ -400,8 +400,13 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 /// The value of one sample (`name` or `name{labels}`, as the daemon prints it) from `/metrics`
 /// at `addr`; 0 if the daemon has not reported it yet.
 pub fn metric(addr: &str, series: &str) -> f64 {
-    http_get(addr, "/metrics")
-        .1
+    sample(&http_get(addr, "/metrics").1, series)
+}
+
+/// The value of one sample in the text of one `/metrics` answer, as [`metric`] reads it: for
+/// samples that must come from the same moment.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0.0, |v| v.trim().parse().unwrap())
