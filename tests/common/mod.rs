@@ -281,9 +281,11 @@ impl Mounted {
         }
     }
 
-    /// Waits until the mount shows in the mount table (30 s at most).
+    /// Waits until the mount shows in the mount table (60 s at most: on a loaded CI machine a
+    /// daemon was seen to take over 30 s to its first log line; if it takes longer, the
+    /// failure shows where its threads wait).
     pub fn wait_until_mounted(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !is_mounted(&self.dir) {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!(
@@ -293,8 +295,9 @@ impl Mounted {
             }
             assert!(
                 Instant::now() < deadline,
-                "mount did not come up:\n{}",
-                self.log()
+                "mount did not come up:\n{}\n{}",
+                self.log(),
+                self.daemon_pid().map_or_else(String::new, process_report)
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -343,6 +346,7 @@ impl Mounted {
         if let Some(s) = self.wait_exit(Duration::from_secs(30)) {
             return s;
         }
+        let report = self.daemon_pid().map_or_else(String::new, process_report);
         self.signal(libc::SIGKILL);
         let _ = self.child.kill();
         let status = self
@@ -350,9 +354,12 @@ impl Mounted {
             .wait()
             .expect("the wrapper or daemon is our child");
         if !std::thread::panicking() {
-            panic!("bucketfs did not exit after SIGTERM:\n{}", self.log());
+            panic!(
+                "bucketfs did not exit after SIGTERM:\n{}\n{report}",
+                self.log()
+            );
         }
-        eprintln!("bucketfs did not exit after SIGTERM; killed");
+        eprintln!("bucketfs did not exit after SIGTERM; killed\n{report}");
         status
     }
 }
@@ -370,6 +377,42 @@ impl Drop for Mounted {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
     }
+}
+
+/// What process `pid` and the machine are doing, for a test that waited on it in vain: each
+/// thread's state, where in the kernel it sleeps and its kernel stack, then the load and the
+/// dirty page cache (a daemon that never got to its first log line is stuck in the kernel).
+pub fn process_report(pid: i32) -> String {
+    let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
+    let mut out = format!("process {pid}:\n");
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for tid in tasks {
+        let task = format!("/proc/{pid}/task/{}", tid.to_string_lossy());
+        let state = read(format!("{task}/status"))
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or_default()
+            .to_string();
+        out += &format!(
+            "  {} {} {state} wchan={}\n{}",
+            tid.to_string_lossy(),
+            read(format!("{task}/comm")).trim(),
+            read(format!("{task}/wchan")),
+            read(format!("{task}/stack"))
+        );
+    }
+    let meminfo = read("/proc/meminfo".into());
+    let dirty: Vec<&str> = meminfo
+        .lines()
+        .filter(|l| l.starts_with("Dirty:") || l.starts_with("Writeback:"))
+        .collect();
+    out + &format!(
+        "load {}{}\n",
+        read("/proc/loadavg".into()),
+        dirty.join(", ")
+    )
 }
 
 /// A free loopback address for `--http-addr`.
