@@ -514,6 +514,39 @@ def make_random_file(path, size):
 
 # --- measurements ------------------------------------------------------------------------------
 
+def machine_cpu():
+    """(busy, stolen) CPU seconds of the whole machine since boot, from /proc/stat: busy is every
+    process and the kernel (user, nice, system, irq, softirq); stolen is what the hypervisor
+    gave other machines."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+class MachineCpu:
+    """The CPU the whole machine spent during a measurement. On a machine where the object
+    server, the delay proxy and the reader share few CPUs, a read can be bound by all of them
+    together: then a reader that needs more CPU per byte (a FUSE mount: the kernel's copy into
+    the page cache, the application's copy out) is slower than the direct baseline by the ratio
+    of the two runs' machine CPU per byte, whatever the reader does with its own."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+        self.cpu0 = machine_cpu()
+
+    def record(self, res):
+        wall = time.monotonic() - self.start
+        busy, stolen = (b - a for a, b in zip(self.cpu0, machine_cpu()))
+        res["machine_cpu_s"] = round(busy, 3)
+        res["machine_steal_s"] = round(stolen, 3)
+        # The share of all CPUs busy: near 1, the machine's CPUs were the limit.
+        res["machine_cpu_busy"] = busy / (wall * (os.cpu_count() or 1)) if wall > 0 else None
+        if res.get("bytes"):
+            res["machine_cpu_s_per_gib"] = busy / (res["bytes"] / (1 << 30))
+
+
 def drop_caches(ctx, server=True):
     """Empties the page cache, then reads the S3 server's own files back in: every measurement
     starts cold on the client side while the server answers from memory, as a real store would
@@ -725,6 +758,7 @@ def measure(ctx, scenario, latency, run, endpoint, proxy, index):
     before = proxy.stats() if proxy else None
     mount = None
     try:
+        cpu = MachineCpu()
         if scenario in ("direct", "direct-list"):
             res = direct(ctx, endpoint, scenario == "direct-list")
         elif scenario == "direct-load":
@@ -737,6 +771,7 @@ def measure(ctx, scenario, latency, run, endpoint, proxy, index):
             kind, test = scenario.split("/")
             mount = Mount(ctx, kind, endpoint, index)
             mount.start()
+            cpu = MachineCpu()
             cpu0 = mount.cpu_seconds()
             res = on_mount(ctx, mount, test, run)
             cpu1 = mount.cpu_seconds()
@@ -749,6 +784,7 @@ def measure(ctx, scenario, latency, run, endpoint, proxy, index):
                 res["daemon_cpu_s"] = round(cpu1 - cpu0, 3)
                 if res.get("bytes"):
                     res["daemon_cpu_s_per_gib"] = (cpu1 - cpu0) / (res["bytes"] / (1 << 30))
+        cpu.record(res)
         if proxy:
             after = proxy.stats()
             res["fetched_bytes"] = after["response_bytes"] - before["response_bytes"]
@@ -785,6 +821,9 @@ def show(rec):
         parts.append(f"peak RSS {rec['peak_rss_kib'] / 1024:.0f} MiB")
     if rec.get("daemon_cpu_s") is not None:
         parts.append(f"daemon CPU {rec['daemon_cpu_s']:.2f} s")
+    if rec.get("machine_cpu_s_per_gib") is not None:
+        parts.append(f"machine CPU {rec['machine_cpu_s_per_gib']:.2f} s/GiB "
+                     f"({rec['machine_cpu_busy']:.0%} busy)")
     if rec.get("opens_by_io"):
         parts.append("opens " + ", ".join(f"{k} {v}" for k, v in sorted(rec["opens_by_io"].items())))
     if rec.get("fetched_per_model") is not None:
