@@ -171,11 +171,10 @@ def summarize(runs):
         # Random preads vs the same ranges as direct GETs one after another.
         row["ratio_random"] = ratio_to(row, "direct-random") if test == "random" else None
         # What the ratio to the baseline can be while the machine's CPUs are the limit: the
-        # baseline's machine CPU per GiB over this one's (see bench.MachineCpu). Only for plain
-        # reads (dd), which do what the baseline does with the bytes; a safetensors load also
-        # pays for the loader's own work, and random reads wait on round trips.
+        # baseline's machine CPU per GiB over this one's (see bench.MachineCpu; measured for
+        # the plain reads, dd, only).
         base_cpu = machine.get((row["baseline"], row["latency_ms"]))
-        mine = row["machine_cpu_s_per_gib"] if test == "seq" else None
+        mine = row["machine_cpu_s_per_gib"]
         row["cpu_ceiling"] = base_cpu / mine if base_cpu and mine else None
         nocache_cpu = machine.get(("bucketfs/" + test, row["latency_ms"]))
         row["cpu_ceiling_nocache"] = (nocache_cpu / mine if mount == "bucketfs+cache"
