@@ -175,7 +175,8 @@ def summarize(runs):
         # the plain reads, dd, only).
         base_cpu = machine.get((row["baseline"], row["latency_ms"]))
         mine = row["machine_cpu_s_per_gib"]
-        row["cpu_ceiling"] = base_cpu / mine if base_cpu and mine else None
+        row["cpu_ceiling"] = (base_cpu / mine if base_cpu and mine
+                              and row["baseline"] != row["scenario"] else None)
         nocache_cpu = machine.get(("bucketfs/" + test, row["latency_ms"]))
         row["cpu_ceiling_nocache"] = (nocache_cpu / mine if mount == "bucketfs+cache"
                                       and nocache_cpu and mine else None)
