@@ -514,17 +514,6 @@ def make_random_file(path, size):
 
 # --- measurements ------------------------------------------------------------------------------
 
-def machine_cpu():
-    """(busy, stolen) CPU seconds of the whole machine since boot, from /proc/stat: busy is every
-    process and the kernel (user, nice, system, irq, softirq); stolen is what the hypervisor
-    gave other machines."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq) / tick, steal / tick
-
-
 class MachineCpu:
     """The CPU the whole machine spent during a measurement. On a machine where the object
     server, the delay proxy and the reader share few CPUs, a read can be bound by all of them
@@ -534,11 +523,17 @@ class MachineCpu:
 
     def __init__(self):
         self.start = time.monotonic()
-        self.cpu0 = machine_cpu()
+        self.cpu0 = readers.machine_cpu()
 
     def record(self, res):
-        wall = time.monotonic() - self.start
-        busy, stolen = (b - a for a, b in zip(self.cpu0, machine_cpu()))
+        """Over the measurement's window, or over its timed part if the reader measured that
+        itself (readers.timed_cpu: the window would count the reader's checks)."""
+        if "machine_cpu_s" in res:
+            busy, stolen, wall = (res.pop(k) for k in
+                                  ("machine_cpu_s", "machine_steal_s", "machine_wall_s"))
+        else:
+            wall = time.monotonic() - self.start
+            busy, stolen = (b - a for a, b in zip(self.cpu0, readers.machine_cpu()))
         res["machine_cpu_s"] = round(busy, 3)
         res["machine_steal_s"] = round(stolen, 3)
         # The share of all CPUs busy: near 1, the machine's CPUs were the limit.
@@ -784,8 +779,9 @@ def measure(ctx, scenario, latency, run, endpoint, proxy, index):
                 res["daemon_cpu_s"] = round(cpu1 - cpu0, 3)
                 if res.get("bytes"):
                     res["daemon_cpu_s_per_gib"] = (cpu1 - cpu0) / (res["bytes"] / (1 << 30))
-        # The other tests check what they read before they exit, inside the window.
-        if scenario == "direct" or scenario.endswith("/seq"):
+        # The other tests check what they read before they exit, inside the window; the
+        # random reads and the safetensors load say what their timed part cost themselves.
+        if scenario == "direct" or scenario.endswith("/seq") or "machine_cpu_s" in res:
             cpu.record(res)
         if proxy:
             after = proxy.stats()

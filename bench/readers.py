@@ -22,6 +22,25 @@ import sys
 import time
 
 
+def machine_cpu():
+    """(busy, stolen) CPU seconds of the whole machine since boot, from /proc/stat: busy is every
+    process and the kernel (user, nice, system, irq, softirq); stolen is what the hypervisor
+    gave other machines. bench.py reads it around `dd` and the direct download; the readers
+    here around their timed part, so their checks after it do not count."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def timed_cpu(cpu0, seconds):
+    """The fields bench.py reads for the machine's CPU over a timed part that started at
+    `cpu0 = machine_cpu()` and took `seconds`."""
+    busy, stolen = (b - a for a, b in zip(cpu0, machine_cpu()))
+    return {"machine_cpu_s": busy, "machine_steal_s": stolen, "machine_wall_s": seconds}
+
+
 def random_offsets(size, read_size, count, seed):
     """The offsets of the random-read test (page-aligned, each read inside the file); the
     direct baseline of random reads (bench.py) GETs the same ranges."""
@@ -33,6 +52,7 @@ def random_offsets(size, read_size, count, seed):
 def cmd_random(a):
     offsets = random_offsets(os.stat(a.local).st_size, a.size, a.count, a.seed)
     blocks = []
+    cpu0 = machine_cpu()
     t0 = time.perf_counter()
     fd = os.open(a.path, os.O_RDONLY)
     try:
@@ -41,6 +61,7 @@ def cmd_random(a):
     finally:
         os.close(fd)
     seconds = time.perf_counter() - t0
+    cpu = timed_cpu(cpu0, seconds)
     total = sum(len(b) for b in blocks)
     with open(a.local, "rb") as f:
         for off, got in zip(offsets, blocks):
@@ -48,7 +69,7 @@ def cmd_random(a):
             if got != want:
                 sys.exit(f"random read at {off}: {len(got)} bytes differ from the uploaded data")
     print(json.dumps({"bytes": total, "seconds": seconds, "reads": a.count,
-                      "read_size": a.size, "verified": True}))
+                      "read_size": a.size, "verified": True, **cpu}))
 
 
 def cmd_safetensors(a):
@@ -56,9 +77,11 @@ def cmd_safetensors(a):
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
+    cpu0 = machine_cpu()
     t0 = time.perf_counter()
     tensors = load_file(a.path, backend=a.backend)
     seconds = time.perf_counter() - t0
+    cpu = timed_cpu(cpu0, seconds)
     loaded = sum(t.nbytes for t in tensors.values())
     with safe_open(a.local, framework="np") as f:
         names = set(f.keys())
@@ -72,7 +95,7 @@ def cmd_safetensors(a):
                 sys.exit(f"tensor {name} differs from the uploaded data")
     print(json.dumps({"bytes": os.stat(a.local).st_size, "tensor_bytes": loaded,
                       "tensors": len(tensors), "seconds": seconds, "backend": a.backend,
-                      "verified": True}))
+                      "verified": True, **cpu}))
 
 
 def cmd_list(a):
