@@ -106,8 +106,19 @@ async fn conditional_puts(s: DynStore, p: String) {
     assert_eq!(s.head(&key).await.unwrap().version, v2);
     // Replacing a missing object by version fails too.
     assert!(matches!(
-        s.put(&format!("{p}nothing"), b("x"), Precondition::IfVersion(v2))
-            .await,
+        s.put(
+            &format!("{p}nothing"),
+            b("x"),
+            Precondition::IfVersion(v2.clone())
+        )
+        .await,
+        Err(StoreError::PreconditionFailed(_))
+    ));
+    // And so does replacing, by its version, an object deleted since (a lock released while
+    // another replica takes it over).
+    s.delete(&key, Precondition::None).await.unwrap();
+    assert!(matches!(
+        s.put(&key, b("e"), Precondition::IfVersion(v2)).await,
         Err(StoreError::PreconditionFailed(_))
     ));
 }

@@ -227,13 +227,18 @@ impl LockSpace {
                         store_now,
                     }));
                 }
-                Err(e @ (StoreError::PreconditionFailed(_) | StoreError::NotFound(_))) => {
-                    last_error = Some(e);
-                }
+                // Replaced between the HEAD and the GET: look again.
+                Err(e @ StoreError::PreconditionFailed(_)) => last_error = Some(e),
+                // Deleted between the two (released): look again; if the last look ends so,
+                // there is no lock object.
+                Err(StoreError::NotFound(_)) => last_error = None,
                 Err(e) => return Err(e),
             }
         }
-        Err(last_error.unwrap_or_else(|| StoreError::Conflict(name.to_string())))
+        match last_error {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
     }
 
     /// Every lock object under the prefix, read.

@@ -69,6 +69,20 @@ async fn a_second_replica_is_refused_until_the_first_releases() {
     assert_eq!(again.token(), 0, "a fresh lock, not a takeover");
 }
 
+/// A lock object that goes between the HEAD and the GET of a look at it (released) is no lock
+/// object: the replica looks again, and meets the holder it finds then.
+#[tokio::test(start_paused = true)]
+async fn a_lock_gone_between_head_and_get_is_looked_at_again() {
+    let mem = Arc::new(MemStore::new("b"));
+    let (a, b) = two_replicas(&mem);
+    let held = a.acquire("k").await.unwrap();
+    let gone = StoreError::NotFound("k".into());
+    mem.inject(Op::GetRange, Fault::Error(gone), 4);
+    let holder = busy_holder(b.acquire("k").await);
+    assert!(holder.starts_with("a (pid"), "{holder}");
+    held.release().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_live_holder_renews_every_third_of_its_lease() {
     let mem = Arc::new(MemStore::new("b"));
