@@ -766,7 +766,7 @@ def measure(ctx, scenario, latency, run, endpoint, proxy, index):
             kind, test = scenario.split("/")
             mount = Mount(ctx, kind, endpoint, index)
             mount.start()
-            cpu = MachineCpu()
+            cpu = MachineCpu()  # again: the mount's start-up excluded, as for the daemon's CPU
             cpu0 = mount.cpu_seconds()
             res = on_mount(ctx, mount, test, run)
             cpu1 = mount.cpu_seconds()

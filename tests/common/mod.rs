@@ -381,7 +381,8 @@ impl Drop for Mounted {
 
 /// What process `pid` and the machine are doing, for a test that waited on it in vain: each
 /// thread's state, where in the kernel it sleeps and its kernel stack, then the load and the
-/// dirty page cache (a daemon that never got to its first log line is stuck in the kernel).
+/// dirty page cache (a daemon that has not written its first log line can only be waiting in
+/// the kernel or on the CPU).
 pub fn process_report(pid: i32) -> String {
     let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
     let mut out = format!("process {pid}:\n");
